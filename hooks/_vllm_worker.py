@@ -1,0 +1,264 @@
+"""Everything that touches vLLM worker internals lives here.
+
+`EigenwatchWorkerExtension` is mixed into vLLM's worker class through
+`worker_extension_cls`, so its methods are callable by name with
+`collective_rpc`. `eigenwatch_install` (called by the plugin right after the
+model is loaded) registers forward hooks on the chosen decoder layers and
+wraps the model runner's `execute_model` for per-step bookkeeping.
+
+Row attribution: the flattened batch holds each scheduled request's new rows
+contiguously, in `input_batch.req_ids` order, at
+`query_start_loc[i]:query_start_loc[i+1]`; rows past `num_actual_tokens` are
+padding. Prefix-cache hits are never computed, so never seen: frames carry
+them as `skipped_tokens` (the request's `num_computed_tokens` when the tap
+first sees it).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import torch
+
+from .config import TapConfig, request_opt, resolve_layers
+from .export import FrameExporter
+from .windows import FrameSeed, WindowTap, external_request_id
+
+log = logging.getLogger("eigenwatch.tap")
+
+
+def find_decoder_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
+    """The model's stack of blocks: the longest nn.ModuleList (model.layers for
+    Llama-likes, encoder.layer for BERT-likes)."""
+    best: tuple[str, torch.nn.ModuleList] | None = None
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.ModuleList) and len(mod) > 0:
+            if best is None or len(mod) > len(best[1]):
+                best = (name, mod)
+    if best is None:
+        raise RuntimeError(
+            f"eigenwatch: found no nn.ModuleList of blocks in {type(model).__name__}; "
+            "set EIGENWATCH_LAYERS only for models with a layer stack"
+        )
+    return best
+
+
+def residual_stream(output) -> torch.Tensor | None:
+    """A decoder layer's output as one [tokens, d] tensor. vLLM's Llama-style
+    layers return (hidden, residual) with the residual add deferred to the next
+    norm: the stream is their sum."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        hidden = output[0]
+        if len(output) > 1 and isinstance(output[1], torch.Tensor) and output[1].shape == hidden.shape:
+            return hidden + output[1]
+        return hidden
+    return None
+
+
+def _attention_metadata():
+    from vllm.forward_context import get_forward_context, is_forward_context_available
+
+    if not is_forward_context_available():
+        return None
+    meta = get_forward_context().attn_metadata
+    if isinstance(meta, list):  # micro-batched (DBO): not attributed yet
+        return None
+    if isinstance(meta, dict):
+        for m in meta.values():
+            if hasattr(m, "query_start_loc"):
+                return m
+        return None
+    return meta if hasattr(meta, "query_start_loc") else None
+
+
+class _VllmTap:
+    def __init__(self, worker, cfg: TapConfig):
+        self.worker = worker
+        self.runner = worker.model_runner
+        self.cfg = cfg
+        model_cfg = worker.vllm_config.model_config
+        self.model_name = cfg.model or str(model_cfg.served_model_name or model_cfg.model)
+        self.exporter = FrameExporter(cfg.sidecar, self.model_name, max_batches=cfg.queue_batches)
+        self.pending: list[FrameSeed] = []
+        self.windows = WindowTap(cfg.window, cfg.stride, cfg.max_requests, self.pending.append)
+        self.step = 0
+        self.layout: tuple[list[str], list[int]] | None = None
+        self.opted_out: set[str] = set()
+        self.hook_errors = 0
+        self._logged: set[str] = set()
+        self.active = True
+
+        model = self.runner.get_model() if hasattr(self.runner, "get_model") else self.runner.model
+        self.stack_name, stack = find_decoder_layers(model)
+        self.layers = resolve_layers(cfg.layers, len(stack))
+        self.handles = []
+        for idx in self.layers:
+            layer = stack[idx]
+            if type(layer).__name__ == "PPMissingLayer":  # lives on another PP rank
+                continue
+            self.handles.append(layer.register_forward_hook(self._make_hook(idx)))
+        self._original_execute = self.runner.execute_model
+        self.runner.execute_model = self._execute_model
+
+    # ---- hooks: never raise into vLLM ----------------------------------------------
+    def _log_once(self, key: str, msg: str, *args) -> None:
+        if key not in self._logged:
+            self._logged.add(key)
+            log.exception(msg, *args)
+
+    def _make_hook(self, layer_idx: int):
+        def hook(module, args, output):
+            if not self.active:
+                return None
+            try:
+                self._on_output(layer_idx, output)
+            except Exception:
+                self.hook_errors += 1
+                self._log_once(f"hook{layer_idx}", "eigenwatch: tap failed at layer %d (skipping; logged once)", layer_idx)
+            return None  # the host's output, untouched
+
+        return hook
+
+    def _current_layout(self) -> tuple[list[str], list[int]] | None:
+        if self.layout is not None:
+            return self.layout
+        meta = _attention_metadata()
+        if meta is None:  # profiling / dummy runs have no requests
+            return None
+        req_ids = list(self.runner.input_batch.req_ids)
+        qsl_buf = getattr(self.runner, "query_start_loc", None)
+        if qsl_buf is not None and hasattr(qsl_buf, "np"):
+            qsl = qsl_buf.np[: len(req_ids) + 1].tolist()
+        else:
+            qsl = meta.query_start_loc[: len(req_ids) + 1].cpu().tolist()
+        n_actual = int(getattr(meta, "num_actual_tokens", qsl[-1]))
+        qsl = [min(q, n_actual) for q in qsl]  # rows past num_actual_tokens are padding
+        for rid in req_ids:
+            if self.windows.tracked(rid) or rid in self.opted_out:
+                continue
+            state = self.runner.requests.get(rid)
+            params = getattr(state, "sampling_params", None) or getattr(state, "pooling_params", None)
+            extra = getattr(params, "extra_args", None) or getattr(params, "extra_kwargs", None)
+            if not request_opt(extra, self.cfg.default):
+                self.opted_out.add(rid)
+                continue
+            skipped = int(getattr(state, "num_computed_tokens", 0) or 0)
+            self.windows.begin(rid, skipped, external_request_id(rid))
+        self.layout = (req_ids, qsl)
+        return self.layout
+
+    def _on_output(self, layer_idx: int, output) -> None:
+        layout = self._current_layout()
+        if layout is None:
+            return
+        hidden = residual_stream(output)
+        if hidden is None:
+            return
+        req_ids, qsl = layout
+        for i, rid in enumerate(req_ids):
+            lo, hi = qsl[i], qsl[i + 1]
+            if hi > lo and self.windows.tracked(rid):
+                self.windows.add_rows(rid, layer_idx, hidden[lo:hi], self.step)
+
+    # ---- per step ---------------------------------------------------------------------
+    def _execute_model(self, scheduler_output, *args, **kwargs):
+        if self.active:
+            try:
+                self._before_step(scheduler_output)
+            except Exception:
+                self.hook_errors += 1
+                self._log_once("before", "eigenwatch: step bookkeeping failed (logged once)")
+        try:
+            return self._original_execute(scheduler_output, *args, **kwargs)
+        finally:
+            if self.active:
+                try:
+                    self._after_step()
+                except Exception:
+                    self.hook_errors += 1
+                    self._log_once("after", "eigenwatch: step flush failed (logged once)")
+
+    def _before_step(self, scheduler_output) -> None:
+        self.step += 1
+        self.layout = None
+        for rid in scheduler_output.finished_req_ids:
+            self.windows.finish(rid, self.step)
+            self.opted_out.discard(rid)
+        # A preempted request is recomputed from scratch later: its rows would
+        # be seen twice. Forget it; it starts over when it is resumed.
+        for rid in getattr(scheduler_output, "preempted_req_ids", None) or ():
+            self.windows.drop(rid)
+
+    def _after_step(self) -> None:
+        self.layout = None
+        c = self.exporter.counters
+        with self.exporter._lock:
+            c.hook_errors = self.hook_errors
+            c.rows_seen = self.windows.rows_seen
+            c.requests_untracked = self.windows.untracked
+            c.requests_opted_out = len(self.opted_out)
+        if self.pending:
+            batch, self.pending[:] = list(self.pending), []
+            self.exporter.submit(batch)
+
+    def uninstall(self) -> None:
+        self.active = False
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        self.runner.execute_model = self._original_execute
+        self.exporter.close(timeout=2.0)
+
+    def stats(self) -> dict:
+        out = self.exporter.stats()
+        out.update(
+            model=self.model_name,
+            layers=list(self.layers),
+            stack=self.stack_name,
+            tracked_requests=len(self.windows.requests),
+            step=self.step,
+        )
+        return out
+
+
+_install_lock = threading.Lock()
+
+
+class EigenwatchWorkerExtension:
+    """Mixed into vLLM's worker; every method is reachable by collective_rpc."""
+
+    def eigenwatch_install(self) -> dict:
+        with _install_lock:
+            existing = getattr(self, "_eigenwatch_tap", None)
+            if existing is not None:
+                return existing.stats()
+            try:
+                from vllm.distributed import get_tensor_model_parallel_rank
+
+                if get_tensor_model_parallel_rank() != 0:
+                    return {"installed": False, "reason": "TP rank != 0"}
+            except Exception:
+                pass  # not initialised: single process
+            try:
+                tap = _VllmTap(self, TapConfig.from_env())
+            except Exception as exc:
+                log.exception("eigenwatch: tap not installed")
+                return {"installed": False, "reason": str(exc)}
+            self._eigenwatch_tap = tap
+            log.info("eigenwatch: tapping %s layers %s -> %s", tap.stack_name, list(tap.layers), tap.cfg.sidecar)
+            return {"installed": True, **tap.stats()}
+
+    def eigenwatch_stats(self) -> dict:
+        tap = getattr(self, "_eigenwatch_tap", None)
+        return {"installed": False} if tap is None else {"installed": True, **tap.stats()}
+
+    def eigenwatch_uninstall(self) -> bool:
+        tap = getattr(self, "_eigenwatch_tap", None)
+        if tap is None:
+            return False
+        tap.uninstall()
+        self._eigenwatch_tap = None
+        return True

@@ -1,0 +1,114 @@
+"""Tap configuration: one dataclass, read from the environment (vLLM starts
+workers in fresh processes, so env vars are the one channel that reaches them)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+ENV_PREFIX = "EIGENWATCH_"
+
+
+def _env_int(name: str, default: int, lo: int, hi: int) -> int:
+    raw = os.environ.get(ENV_PREFIX + name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{ENV_PREFIX}{name}: expected an integer in [{lo}, {hi}], got {raw!r}") from None
+    if not lo <= value <= hi:
+        raise ValueError(f"{ENV_PREFIX}{name}: expected an integer in [{lo}, {hi}], got {value}")
+    return value
+
+
+def _env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
+    raw = os.environ.get(ENV_PREFIX + name, default).strip().lower()
+    if raw not in choices:
+        raise ValueError(f"{ENV_PREFIX}{name}: expected one of {', '.join(choices)}, got {raw!r}")
+    return raw
+
+
+def parse_layers(raw: str | None) -> tuple[int, ...] | None:
+    """'1,2,-1' -> (1, 2, -1); '' or None -> None (choose three spread over depth)."""
+    if raw is None or raw.strip() == "":
+        return None
+    try:
+        return tuple(int(x) for x in raw.replace(" ", "").split(",") if x)
+    except ValueError:
+        raise ValueError(
+            f"{ENV_PREFIX}LAYERS: expected comma-separated layer indices like '4,16,28' "
+            f"(negative counts from the end), got {raw!r}"
+        ) from None
+
+
+def default_layers(num_layers: int) -> tuple[int, ...]:
+    """Three layers spread over depth (fewer when the model is shallower)."""
+    picks = {num_layers // 4, num_layers // 2, (3 * num_layers) // 4}
+    return tuple(sorted(i for i in picks if 0 <= i < num_layers))
+
+
+def resolve_layers(requested: tuple[int, ...] | None, num_layers: int) -> tuple[int, ...]:
+    if requested is None:
+        return default_layers(num_layers)
+    out = []
+    for i in requested:
+        j = i + num_layers if i < 0 else i
+        if not 0 <= j < num_layers:
+            raise ValueError(
+                f"{ENV_PREFIX}LAYERS: layer {i} is out of range for a model with "
+                f"{num_layers} layers (accepted: {-num_layers}..{num_layers - 1})"
+            )
+        out.append(j)
+    return tuple(sorted(set(out)))
+
+
+@dataclass
+class TapConfig:
+    # Where the sidecar listens: "host:port" or "unix:///path".
+    sidecar: str = "127.0.0.1:50151"
+    layers: tuple[int, ...] | None = None
+    window: int = 32  # W rows per window
+    stride: int = 16  # a frame every `stride` tokens (and one at request end)
+    # Requests are monitored unless they opt out ("on"), or only when they opt
+    # in ("off"); per request: SamplingParams.extra_args["eigenwatch"] = "on"/"off".
+    default: str = "on"
+    model: str = ""  # the `model` label on frames; "" = the served model name
+    max_requests: int = 512  # monitored at once; more are counted, not tracked
+    queue_batches: int = 256  # step batches waiting for the exporter
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls) -> "TapConfig":
+        return cls(
+            sidecar=os.environ.get(ENV_PREFIX + "SIDECAR", cls.sidecar).strip(),
+            layers=parse_layers(os.environ.get(ENV_PREFIX + "LAYERS")),
+            window=_env_int("WINDOW", cls.window, 2, 1024),
+            stride=_env_int("STRIDE", cls.stride, 1, 1 << 20),
+            default=_env_choice("DEFAULT", cls.default, ("on", "off")),
+            model=os.environ.get(ENV_PREFIX + "MODEL_NAME", "").strip(),
+            max_requests=_env_int("MAX_REQUESTS", cls.max_requests, 1, 1 << 20),
+            queue_batches=_env_int("QUEUE_BATCHES", cls.queue_batches, 1, 1 << 20),
+        )
+
+
+def enabled() -> bool:
+    """The plugin acts only when asked to, and EIGENWATCH_DISABLE=1 always wins
+    (a kill switch operators can flip without touching the install)."""
+    if os.environ.get(ENV_PREFIX + "DISABLE", "").strip() in ("1", "true", "yes"):
+        return False
+    return os.environ.get(ENV_PREFIX + "ENABLE", "").strip() in ("1", "true", "yes")
+
+
+def request_opt(extra_args: dict | None, default: str) -> bool:
+    """Whether one request is monitored, from its extra_args (vllm_xargs)."""
+    value = (extra_args or {}).get("eigenwatch", default)
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("on", "1", "true", "yes"):
+        return True
+    if text in ("off", "0", "false", "no"):
+        return False
+    # A bad per-request value must not fail the request: fall back to the default.
+    return default == "on"

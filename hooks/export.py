@@ -1,0 +1,209 @@
+"""Frames out of the host process: a bounded queue drained by one background
+thread into the sidecar's Ingest client stream.
+
+The host (vLLM's engine thread) only calls `submit`, which never blocks and
+never raises: a full queue or an absent sidecar drops frames and counts them.
+The thread computes spectra (torch releases the GIL in linalg), reconnects
+with backoff when the sidecar goes away, and while it is away discards what
+piles up, so nothing stale is replayed and memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+
+from eigenwatch.kernels.descriptors import DESCRIPTOR_NAMES
+from eigenwatch.v1 import monitor_pb2, monitor_pb2_grpc
+
+from .windows import Frame, FrameSeed, finalize
+
+log = logging.getLogger("eigenwatch.tap")
+
+_CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", 16 << 20),
+    ("grpc.max_receive_message_length", 16 << 20),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
+]
+
+
+@dataclass
+class TapCounters:
+    frames_emitted: int = 0
+    frames_dropped: int = 0
+    frames_sent: int = 0
+    hook_errors: int = 0
+    rows_seen: int = 0
+    requests_untracked: int = 0
+    requests_opted_out: int = 0
+    reconnects: int = 0
+
+
+def frame_to_proto(frame: Frame) -> monitor_pb2.Frame:
+    return monitor_pb2.Frame(
+        request_id=frame.request_id,
+        engine_request_id=frame.engine_request_id,
+        model=frame.model,
+        layer=frame.layer,
+        step=frame.step,
+        token_count=frame.token_count,
+        skipped_tokens=frame.skipped_tokens,
+        window=frame.window,
+        dim=frame.dim,
+        eigenvalues=frame.eigenvalues.tolist(),
+        descriptors=frame.descriptors.tolist(),
+        final=frame.final,
+    )
+
+
+class FrameExporter:
+    def __init__(self, target: str, model: str, max_batches: int = 256, tap_id: str | None = None):
+        self.target = target
+        self.model = model
+        self.tap_id = tap_id or uuid.uuid4().hex[:12]
+        self.counters = TapCounters()
+        self._queue: queue.Queue[list[FrameSeed]] = queue.Queue(maxsize=max_batches)
+        self._stop = threading.Event()
+        self._connected = threading.Event()
+        self._lock = threading.Lock()  # counters touched by two threads
+        self._generation = 0  # bumped per stream, so a dead stream's generator exits
+        self._thread = threading.Thread(target=self._run, name="eigenwatch-export", daemon=True)
+        self._thread.start()
+
+    # ---- host side: never blocks, never raises -------------------------------------
+    def submit(self, seeds: list[FrameSeed]) -> None:
+        if not seeds:
+            return
+        with self._lock:
+            self.counters.frames_emitted += len(seeds)
+        try:
+            self._queue.put_nowait(seeds)
+        except queue.Full:
+            self._count_dropped(len(seeds))
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def stats(self) -> dict:
+        with self._lock:
+            out = dict(vars(self.counters))
+        out.update(tap_id=self.tap_id, connected=self.connected, queued_batches=self._queue.qsize(), target=self.target)
+        return out
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop after sending what is queued (up to `timeout` seconds)."""
+        deadline = time.monotonic() + timeout
+        while not self._queue.empty() and self.connected and time.monotonic() < deadline:
+            time.sleep(0.02)
+        self._stop.set()
+        self._thread.join(max(0.0, deadline - time.monotonic()) + 0.5)
+
+    # ---- exporter thread -------------------------------------------------------------
+    def _count_dropped(self, n: int) -> None:
+        with self._lock:
+            self.counters.frames_dropped += n
+
+    def _discard_queued(self) -> None:
+        while True:
+            try:
+                self._count_dropped(len(self._queue.get_nowait()))
+            except queue.Empty:
+                return
+
+    def _stats_proto(self) -> monitor_pb2.TapStats:
+        with self._lock:
+            c = self.counters
+            return monitor_pb2.TapStats(
+                tap_id=self.tap_id,
+                model=self.model,
+                frames_emitted=c.frames_emitted,
+                frames_dropped=c.frames_dropped,
+                frames_sent=c.frames_sent,
+                hook_errors=c.hook_errors,
+                rows_seen=c.rows_seen,
+                requests_untracked=c.requests_untracked,
+                requests_opted_out=c.requests_opted_out,
+            )
+
+    def _batch(self, seeds: list[FrameSeed]) -> monitor_pb2.FrameBatch:
+        frames = []
+        for seed in seeds:
+            try:
+                frame = finalize(seed, self.model)
+                if not np.all(np.isfinite(frame.descriptors)):
+                    raise ValueError("non-finite descriptor")
+                frames.append(frame_to_proto(frame))
+            except ValueError as exc:  # NaN activations, degenerate windows
+                self._count_dropped(1)
+                log.debug("eigenwatch: dropped a frame of %s layer %d: %s", seed.request_id, seed.layer, exc)
+        return monitor_pb2.FrameBatch(descriptor_names=DESCRIPTOR_NAMES, frames=frames, stats=self._stats_proto())
+
+    def _requests(self, generation: int):
+        # Runs on gRPC's sending thread. Idle streams still carry stats now and then.
+        last = time.monotonic()
+        while not self._stop.is_set() and generation == self._generation:
+            try:
+                seeds = self._queue.get(timeout=0.2)
+            except queue.Empty:
+                if time.monotonic() - last > 5.0:
+                    last = time.monotonic()
+                    yield monitor_pb2.FrameBatch(descriptor_names=DESCRIPTOR_NAMES, stats=self._stats_proto())
+                continue
+            try:
+                batch = self._batch(seeds)
+            except Exception:  # a bug here must cost frames, not the stream
+                self._count_dropped(len(seeds))
+                log.exception("eigenwatch: could not encode a frame batch (dropped)")
+                continue
+            with self._lock:
+                self.counters.frames_sent += len(batch.frames)
+            last = time.monotonic()
+            yield batch
+
+    def _run(self) -> None:
+        backoff = 0.2
+        outage_logged = False
+        while not self._stop.is_set():
+            channel = grpc.insecure_channel(self.target, options=_CHANNEL_OPTIONS)
+            try:
+                grpc.channel_ready_future(channel).result(timeout=1.0)
+            except grpc.FutureTimeoutError:
+                channel.close()
+                self._connected.clear()
+                self._discard_queued()
+                if not outage_logged:
+                    log.warning("eigenwatch: sidecar at %s unreachable; dropping frames until it is back", self.target)
+                    outage_logged = True
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            self._connected.set()
+            if outage_logged:
+                log.warning("eigenwatch: sidecar at %s is back", self.target)
+                outage_logged = False
+            backoff = 0.2
+            self._generation += 1
+            try:
+                stub = monitor_pb2_grpc.MonitorStub(channel)
+                stub.Ingest(self._requests(self._generation))
+            except grpc.RpcError as exc:
+                with self._lock:
+                    self.counters.reconnects += 1
+                log.warning("eigenwatch: Ingest stream to %s ended: %s", self.target, exc.code() if hasattr(exc, "code") else exc)
+            except Exception:  # never let the exporter thread die
+                log.exception("eigenwatch: exporter error; reconnecting")
+            finally:
+                self._generation += 1
+                self._connected.clear()
+                channel.close()

@@ -1,0 +1,185 @@
+"""Per-request sliding windows of hidden rows -> frames (engine-agnostic).
+
+Frames are emitted when a request's row count crosses a multiple of `stride`
+(the window is the W rows ending exactly there) and once at the end. So the
+frames of a request do not depend on how the engine chunked or batched it:
+the vLLM tap and the HF tap see the same frames for the same text.
+
+The hot path (inside the host's forward) only copies rows; eigenvalues are
+computed later by `finalize` (the exporter thread for vLLM, inline for HF).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from eigenwatch.kernels.descriptors import DESCRIPTOR_NAMES, describe
+from eigenwatch.kernels.spectra import window_eigenvalues
+
+# vLLM appends "-" + 8 hex chars to the client's request id (input_processor).
+_ENGINE_SUFFIX = re.compile(r"-[0-9a-f]{8}$")
+
+
+def external_request_id(engine_request_id: str) -> str:
+    return _ENGINE_SUFFIX.sub("", engine_request_id)
+
+
+@dataclass
+class FrameSeed:
+    """A window copied out of the forward pass, waiting for its spectrum."""
+
+    request_id: str
+    engine_request_id: str
+    layer: int
+    step: int
+    token_count: int
+    skipped_tokens: int
+    rows: torch.Tensor  # [W', d] float32, W' <= W, a private copy
+    final: bool
+
+
+@dataclass
+class Frame:
+    request_id: str
+    engine_request_id: str
+    model: str
+    layer: int
+    step: int
+    token_count: int
+    skipped_tokens: int
+    window: int
+    dim: int
+    eigenvalues: np.ndarray  # [W] descending
+    descriptors: np.ndarray  # [len(DESCRIPTOR_NAMES)]
+    final: bool
+
+    def descriptor(self, name: str) -> float:
+        return float(self.descriptors[DESCRIPTOR_NAMES.index(name)])
+
+
+def finalize(seed: FrameSeed, model: str) -> Frame:
+    """Spectrum and descriptors of a seed. Raises ValueError on bad windows."""
+    w, d = seed.rows.shape
+    eigs = window_eigenvalues(seed.rows)  # [W] float64
+    desc = describe(eigs.numpy(), w, d)
+    return Frame(
+        request_id=seed.request_id,
+        engine_request_id=seed.engine_request_id,
+        model=model,
+        layer=seed.layer,
+        step=seed.step,
+        token_count=seed.token_count,
+        skipped_tokens=seed.skipped_tokens,
+        window=w,
+        dim=d,
+        eigenvalues=eigs.numpy().astype(np.float32),
+        descriptors=desc,
+        final=seed.final,
+    )
+
+
+class _Track:
+    __slots__ = ("rows", "count")
+
+    def __init__(self):
+        self.rows: torch.Tensor | None = None  # [<=W, d] float32, the last rows
+        self.count = 0  # rows seen
+
+
+class _Request:
+    __slots__ = ("engine_id", "external_id", "skipped", "tracks")
+
+    def __init__(self, engine_id: str, skipped: int, external_id: str):
+        self.engine_id = engine_id
+        self.external_id = external_id
+        self.skipped = skipped
+        self.tracks: dict[int, _Track] = {}
+
+
+class WindowTap:
+    """Windows for many requests × layers. Not thread-safe: call it from the
+    engine thread only. `emit` receives FrameSeeds."""
+
+    def __init__(self, window: int, stride: int, max_requests: int, emit: Callable[[FrameSeed], None]):
+        if window < 2:
+            raise ValueError(f"window: a spectrum needs at least 2 rows, got {window}")
+        if stride < 1:
+            raise ValueError(f"stride: must be >= 1, got {stride}")
+        self.window = window
+        self.stride = stride
+        self.max_requests = max_requests
+        self.emit = emit
+        self.requests: dict[str, _Request] = {}
+        self.untracked = 0
+        self.rows_seen = 0
+
+    def begin(self, engine_id: str, skipped_tokens: int = 0, external_id: str | None = None) -> bool:
+        """Start tracking a request; False (and counted) when at the limit."""
+        if engine_id in self.requests:
+            return True
+        if len(self.requests) >= self.max_requests:
+            self.untracked += 1
+            return False
+        self.requests[engine_id] = _Request(engine_id, skipped_tokens, external_id or engine_id)
+        return True
+
+    def tracked(self, engine_id: str) -> bool:
+        return engine_id in self.requests
+
+    def add_rows(self, engine_id: str, layer: int, rows: torch.Tensor, step: int) -> None:
+        """rows: [n, d] of this request at this layer, in token order."""
+        req = self.requests.get(engine_id)
+        if req is None or rows.shape[0] == 0:
+            return
+        track = req.tracks.get(layer)
+        if track is None:
+            track = req.tracks[layer] = _Track()
+        n = rows.shape[0]
+        w, s = self.window, self.stride
+        self.rows_seen += n
+        c0 = track.count
+        # Only the last W rows before each boundary matter; keep at most W + n.
+        rows = rows.detach()
+        first = (c0 // s + 1) * s
+        for t in range(first, c0 + n + 1, s):
+            k = t - c0  # rows of this chunk up to boundary t
+            if k >= w:
+                win = rows[k - w : k]
+            elif track.rows is not None:
+                win = torch.cat([track.rows[-(w - k):].to(rows.device), rows[:k].float()])
+            else:
+                win = rows[:k]
+            if win.shape[0] >= 2:
+                self.emit(self._seed(req, layer, step, t, win, final=False))
+        tail = rows[-w:].float()
+        track.rows = tail.clone() if track.rows is None else torch.cat([track.rows.to(tail.device), tail])[-w:]
+        track.count = c0 + n
+
+    def finish(self, engine_id: str, step: int) -> None:
+        """The request ended: one final frame per layer, then forget it."""
+        req = self.requests.pop(engine_id, None)
+        if req is None:
+            return
+        for layer, track in sorted(req.tracks.items()):
+            if track.rows is not None and track.rows.shape[0] >= 2:
+                self.emit(self._seed(req, layer, step, track.count, track.rows, final=True))
+
+    def drop(self, engine_id: str) -> None:
+        self.requests.pop(engine_id, None)
+
+    def _seed(self, req: _Request, layer: int, step: int, count: int, win: torch.Tensor, final: bool) -> FrameSeed:
+        return FrameSeed(
+            request_id=req.external_id,
+            engine_request_id=req.engine_id,
+            layer=layer,
+            step=step,
+            token_count=count,
+            skipped_tokens=req.skipped,
+            rows=win.detach().to(dtype=torch.float32, copy=True),
+            final=final,
+        )

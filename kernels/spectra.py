@@ -1,0 +1,31 @@
+"""Window spectra in plain torch: one request's window -> eigenvalues.
+
+This is the small, correct reference path. The batched, incremental and GPU
+paths (issue: spectral kernels) must match it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def window_eigenvalues(window: torch.Tensor) -> torch.Tensor:
+    """window: [W, d] -> [W] float64, descending eigenvalues of Xc Xcᵀ / d.
+
+    Xc is the window centred over tokens. The W×W Gram (not the d×d
+    covariance) is what we decompose: W ≤ 64 ≪ d for every model we watch.
+    """
+    if window.ndim != 2:
+        raise ValueError(f"window: expected a [W, d] matrix, got shape {tuple(window.shape)}")
+    w, d = window.shape
+    if w < 2:
+        raise ValueError(f"window: a spectrum needs at least 2 rows, got W={w}")
+    if d < 1:
+        raise ValueError("window: rows have width 0")
+    x = window.detach().to(device="cpu", dtype=torch.float64)
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("window: contains NaN or Inf activations")
+    xc = x - x.mean(dim=0, keepdim=True)  # [W, d]
+    gram = (xc @ xc.T) / d  # [W, W]
+    eigs = torch.linalg.eigvalsh(gram)  # ascending
+    return eigs.flip(0).clamp_min(0.0)

@@ -1,0 +1,151 @@
+"""`eigenwatch` command line: sidecar, serve, demo.
+
+`sidecar` imports neither torch nor vLLM; `serve` and `demo` import what they
+need inside the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+DEFAULT_LISTEN = "127.0.0.1:50151"
+DEFAULT_METRICS_PORT = 9400
+
+
+def _nonneg_int(name):
+    def parse(text):
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name}: expected an integer >= 0, got {text!r}") from None
+        if v < 0:
+            raise argparse.ArgumentTypeError(f"{name}: expected an integer >= 0, got {v}")
+        return v
+    return parse
+
+
+def _quantile(text):
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--quantile: expected a number in (0, 1], got {text!r}") from None
+    if not 0 < v <= 1:
+        raise argparse.ArgumentTypeError(f"--quantile: expected a number in (0, 1], got {v}")
+    return v
+
+
+def add_sidecar_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
+    p.add_argument(f"--{prefix}listen", default=DEFAULT_LISTEN,
+                   help="gRPC address host:port or unix:///path (default %(default)s; port 0 = any free port)")
+    p.add_argument("--metrics-host", default="127.0.0.1", help="address for /metrics (default %(default)s)")
+    p.add_argument("--metrics-port", type=int, default=DEFAULT_METRICS_PORT,
+                   help="port for Prometheus /metrics (default %(default)s; 0 = any free port; -1 = off)")
+    p.add_argument("--calibration", help="calibration JSON to load (spectral_spike sigma2 and thresholds per layer)")
+    p.add_argument("--calibration-frames", type=_nonneg_int("--calibration-frames"), default=64,
+                   help="frames per layer to learn sigma2 from when no calibration file covers it (default %(default)s)")
+    p.add_argument("--quantile", type=_quantile, default=0.99,
+                   help="learned spike threshold = this quantile of calibration spike counts (default %(default)s)")
+    p.add_argument("--spike-threshold", type=_nonneg_int("--spike-threshold"), default=None,
+                   help="alert when more eigenvalues than this sit above the calibrated MP edge (overrides the learned one)")
+    p.add_argument("--save-calibration", help="write the learned calibration here as each layer finishes calibrating")
+    p.add_argument("--max-requests", type=_nonneg_int("--max-requests"), default=10_000,
+                   help="request states kept for reports (default %(default)s)")
+
+
+def sidecar_config(args, listen_attr: str = "listen"):
+    from .server import SidecarConfig
+
+    if args.calibration_frames < 1:
+        raise SystemExit("--calibration-frames: expected an integer >= 1")
+    if args.max_requests < 1:
+        raise SystemExit("--max-requests: expected an integer >= 1")
+    return SidecarConfig(
+        listen=getattr(args, listen_attr),
+        metrics_host=args.metrics_host,
+        metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+        calibration_frames=args.calibration_frames,
+        quantile=args.quantile,
+        spike_threshold=args.spike_threshold,
+        max_requests=args.max_requests,
+        save_calibration=args.save_calibration,
+    )
+
+
+def make_detector(args):
+    from .detectors import CalibrationError, SpikeDetector, load_calibration
+
+    calibration = None
+    if args.calibration:
+        try:
+            calibration = load_calibration(args.calibration)
+        except CalibrationError as exc:
+            raise SystemExit(str(exc)) from None
+    return SpikeDetector(calibration, args.calibration_frames, args.quantile, args.spike_threshold)
+
+
+async def _run_sidecar(cfg, detector) -> None:
+    from .server import Sidecar
+
+    sidecar = Sidecar(cfg, detector)
+    await sidecar.start()
+    host = cfg.listen.rsplit(":", 1)[0] if not cfg.listen.startswith("unix:") else cfg.listen
+    grpc_addr = cfg.listen if cfg.listen.startswith("unix:") else f"{host}:{sidecar.port}"
+    metrics = f"http://{cfg.metrics_host}:{sidecar.metrics_port}/metrics" if sidecar.metrics_port else "off"
+    print(f"eigenwatch sidecar READY grpc={grpc_addr} metrics={metrics}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await sidecar.stop(grace=1.0)
+    print("eigenwatch sidecar stopped", flush=True)
+
+
+def cmd_sidecar(args) -> int:
+    cfg = sidecar_config(args)
+    detector = make_detector(args)
+    try:
+        asyncio.run(_run_sidecar(cfg, detector))
+    except OSError as exc:
+        print(f"eigenwatch sidecar: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="eigenwatch", description="Spectral monitoring for vLLM servers.")
+    parser.add_argument("--log-level", default=os.environ.get("EIGENWATCH_LOG_LEVEL", "INFO"),
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("sidecar", help="run the gRPC sidecar (no torch, no vLLM)")
+    add_sidecar_args(p)
+    p.set_defaults(func=cmd_sidecar)
+
+    p = sub.add_parser("serve", help="vLLM's OpenAI server with the tap, plus the sidecar, in one command")
+    from .serve import add_serve_args, cmd_serve
+
+    add_serve_args(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("demo", help="the embedded demo: tiny model + vLLM + tap + sidecar + live alerts")
+    from .demo import add_demo_args, cmd_demo
+
+    add_demo_args(p)
+    p.set_defaults(func=cmd_demo)
+
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "serve":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra = extra
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

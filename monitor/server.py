@@ -1,0 +1,317 @@
+"""The sidecar's gRPC server (grpc.aio): Ingest, WatchAlerts, GetReport,
+plus the standard health service and server reflection, and /metrics over HTTP.
+
+All request state lives on the server's event loop (no locks); Prometheus
+scrapes run on their own thread and read only thread-safe metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry, start_http_server
+
+from eigenwatch.v1 import monitor_pb2, monitor_pb2_grpc
+
+from .detectors import SEVERITY_NAMES, SpikeDetector, dump_calibration
+from .metrics import Metrics
+from .state import MAX_ALERTS_PER_REQUEST, RequestStore
+
+log = logging.getLogger("eigenwatch.sidecar")
+
+SERVICE_NAME = monitor_pb2.DESCRIPTOR.services_by_name["Monitor"].full_name
+REQUIRED_DESCRIPTORS = ("sigma2", "spectral_entropy", "lambda1")
+MAX_MESSAGE_BYTES = 16 << 20
+_SEVERITY_LABEL = {v: k for k, v in monitor_pb2.Severity.items()}
+
+
+@dataclass
+class SidecarConfig:
+    listen: str = "127.0.0.1:50151"
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = 9400  # 0: any free port; None: no /metrics endpoint
+    calibration_frames: int = 64
+    quantile: float = 0.99
+    spike_threshold: int | None = None
+    max_requests: int = 10_000
+    idle_timeout_s: float = 900.0
+    save_calibration: str | None = None
+
+
+def validate_frame(f: monitor_pb2.Frame, n_names: int) -> tuple[str, str] | None:
+    """(field, problem) for a malformed frame, None when it is fine."""
+    if not f.request_id:
+        return "request_id", "must not be empty"
+    if not f.engine_request_id:
+        return "engine_request_id", "must not be empty"
+    if not f.model:
+        return "model", "must not be empty"
+    if f.layer < 0:
+        return "layer", f"must be >= 0, got {f.layer}"
+    if f.window < 2:
+        return "window", f"must be >= 2 (a single row has no spectrum), got {f.window}"
+    if f.dim < 1:
+        return "dim", f"must be >= 1, got {f.dim}"
+    if f.token_count < 0 or f.skipped_tokens < 0:
+        return "token_count", "token_count and skipped_tokens must be >= 0"
+    if len(f.eigenvalues) != f.window:
+        return "eigenvalues", f"has {len(f.eigenvalues)} values but window is {f.window}"
+    if len(f.descriptors) != n_names:
+        return "descriptors", f"has {len(f.descriptors)} values but descriptor_names has {n_names}"
+    if not all(math.isfinite(v) for v in f.eigenvalues):
+        return "eigenvalues", "contains NaN or Inf"
+    if not all(math.isfinite(v) for v in f.descriptors):
+        return "descriptors", "contains NaN or Inf"
+    return None
+
+
+class MonitorService(monitor_pb2_grpc.MonitorServicer):
+    def __init__(self, cfg: SidecarConfig, detector: SpikeDetector, metrics: Metrics):
+        self.cfg = cfg
+        self.detector = detector
+        self.metrics = metrics
+        self.store = RequestStore(cfg.max_requests, cfg.idle_timeout_s)
+        self.store.on_evict = lambda st, reason: self.metrics.requests_evicted.labels(reason).inc()
+        self.watchers: set[tuple[asyncio.Queue, monitor_pb2.WatchAlertsRequest]] = set()
+        self.detector.on_calibrated = self._calibrated
+        for (model, layer), cal in detector.calibration.items():
+            metrics.calibration_sigma2.labels(model, str(layer)).set(cal.sigma2)
+
+    # ---- Ingest ----------------------------------------------------------------------
+    async def Ingest(self, request_iterator, context):
+        accepted = rejected = 0
+        self.metrics.ingest_streams.inc()
+        try:
+            index = -1
+            async for batch in request_iterator:
+                index += 1
+                if batch.HasField("stats"):
+                    self.metrics.taps.update(batch.stats)
+                if not batch.frames:
+                    continue
+                names = list(batch.descriptor_names)
+                missing = [n for n in REQUIRED_DESCRIPTORS if n not in names]
+                if missing:
+                    rejected += len(batch.frames)
+                    self.metrics.frames_rejected.labels("descriptor_names").inc(len(batch.frames))
+                    await context.abort(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        f"batch {index}: descriptor_names: missing {', '.join(missing)} "
+                        f"(got {names or 'none'})",
+                    )
+                first_error = None
+                for j, frame in enumerate(batch.frames):
+                    problem = validate_frame(frame, len(names))
+                    if problem is not None:
+                        rejected += 1
+                        self.metrics.frames_rejected.labels(problem[0]).inc()
+                        first_error = first_error or f"batch {index}: frames[{j}].{problem[0]}: {problem[1]}"
+                        continue
+                    self._apply(frame, names)
+                    accepted += 1
+                if first_error is not None:
+                    # The valid frames of the batch were kept; the stream ends so the
+                    # sender sees the error (a tap reconnects and goes on).
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, first_error)
+        finally:
+            self.metrics.ingest_streams.dec()
+        return monitor_pb2.IngestSummary(frames_accepted=accepted, frames_rejected=rejected)
+
+    def _apply(self, f: monitor_pb2.Frame, names: list[str]) -> None:
+        st, new = self.store.get_or_create(f.engine_request_id, f.request_id, f.model, f.skipped_tokens)
+        layer_label = str(f.layer)
+        if new:
+            self.metrics.requests.labels(f.model).inc()
+        desc = dict(zip(names, f.descriptors))
+        eigs = np.asarray(f.eigenvalues, dtype=np.float64)
+        m = self.metrics
+        m.frames_ingested.labels(f.model, layer_label).inc()
+        m.spectral_entropy.labels(f.model, layer_label).observe(desc["spectral_entropy"])
+        m.lambda1.labels(f.model, layer_label).observe(desc["lambda1"])
+
+        ls = st.layers.get(f.layer)
+        if ls is None:
+            from .state import LayerState
+
+            ls = st.layers[f.layer] = LayerState()
+        ls.frames += 1
+        ls.token_count = max(ls.token_count, f.token_count)
+        ls.window, ls.dim = f.window, f.dim
+        ls.last_descriptors = np.asarray(f.descriptors, dtype=np.float64)
+        ls.last_eigenvalues = eigs.astype(np.float32)
+
+        res = self.detector.observe(f.model, f.layer, eigs, f.window, f.dim, desc["sigma2"])
+        if res.spikes is not None:
+            m.spikes.labels(f.model, layer_label).observe(res.spikes)
+            ls.max_spikes = max(ls.max_spikes, res.spikes)
+            key = (self.detector.name, f.layer)
+            if res.severity and res.severity > st.fired.get(key, 0):
+                st.fired[key] = res.severity
+                self._raise(st, f, self.detector.name, res.severity, res.spikes, res.threshold,
+                            f"{res.spikes} eigenvalues above the calibrated MP edge at layer {f.layer} "
+                            f"(threshold {int(res.threshold)})")
+        if f.final:
+            st.finished = True
+        self._refresh_active()
+
+    def _refresh_active(self) -> None:
+        active = self.store.active_by_model()
+        for model, n in active.items():
+            self.metrics.active_requests.labels(model).set(n)
+        for model in getattr(self, "_active_models", set()) - set(active):
+            self.metrics.active_requests.labels(model).set(0)
+        self._active_models = set(active)
+
+    def _raise(self, st, f, detector: str, severity: int, value: float, threshold: float, message: str) -> None:
+        alert = monitor_pb2.Alert(
+            request_id=f.request_id,
+            engine_request_id=f.engine_request_id,
+            model=f.model,
+            layer=f.layer,
+            detector=detector,
+            severity=severity,
+            value=float(value),
+            threshold=float(threshold),
+            message=message,
+            token_count=f.token_count,
+            time=time.time(),
+        )
+        if len(st.alerts) < MAX_ALERTS_PER_REQUEST:
+            st.alerts.append(alert)
+        self.metrics.alerts.labels(f.model, detector, SEVERITY_NAMES.get(severity, str(severity))).inc()
+        for queue, flt in list(self.watchers):
+            if flt.model and flt.model != alert.model:
+                continue
+            if flt.detector and flt.detector != alert.detector:
+                continue
+            if alert.severity < flt.min_severity:
+                continue
+            if queue.full():  # a slow watcher loses its oldest alert, never blocks ingest
+                queue.get_nowait()
+                self.metrics.alerts_dropped.inc()
+            queue.put_nowait(alert)
+
+    def _calibrated(self, key, cal) -> None:
+        model, layer = key
+        self.metrics.calibration_sigma2.labels(model, str(layer)).set(cal.sigma2)
+        log.info("calibrated %s layer %d: sigma2=%.4g spike_threshold=%d (%d frames)",
+                 model, layer, cal.sigma2, cal.spike_threshold, cal.frames)
+        if self.cfg.save_calibration:
+            import json
+            from pathlib import Path
+
+            Path(self.cfg.save_calibration).write_text(json.dumps(dump_calibration(self.detector.calibration), indent=2))
+
+    # ---- WatchAlerts -----------------------------------------------------------------
+    async def WatchAlerts(self, request, context):
+        if request.min_severity not in _SEVERITY_LABEL:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"min_severity: {request.min_severity} is not one of {sorted(_SEVERITY_LABEL)}",
+            )
+        queue: asyncio.Queue = asyncio.Queue(maxsize=1024)
+        entry = (queue, request)
+        self.watchers.add(entry)
+        self.metrics.alert_watchers.inc()
+        try:
+            while True:
+                yield await queue.get()
+        finally:
+            self.watchers.discard(entry)
+            self.metrics.alert_watchers.dec()
+
+    # ---- GetReport -------------------------------------------------------------------
+    async def GetReport(self, request, context):
+        if not request.request_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id: must not be empty")
+        st = self.store.get(request.request_id)
+        if st is None:
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"request_id: no monitored request {request.request_id!r} (never seen, opted out, or evicted)",
+            )
+        from eigenwatch.kernels.descriptors import DESCRIPTOR_NAMES
+
+        rep = monitor_pb2.Report(
+            request_id=st.request_id,
+            engine_request_id=st.engine_request_id,
+            model=st.model,
+            finished=st.finished,
+            skipped_tokens=st.skipped_tokens,
+            descriptor_names=DESCRIPTOR_NAMES,
+            alerts=st.alerts,
+        )
+        for layer, ls in sorted(st.layers.items()):
+            rep.layers.append(
+                monitor_pb2.LayerReport(
+                    layer=layer, frames=ls.frames, token_count=ls.token_count, window=ls.window, dim=ls.dim,
+                    last_descriptors=[] if ls.last_descriptors is None else ls.last_descriptors.tolist(),
+                    last_eigenvalues=[] if ls.last_eigenvalues is None else ls.last_eigenvalues.tolist(),
+                    max_spikes=ls.max_spikes,
+                )
+            )
+        return rep
+
+    async def sweep_forever(self, every_s: float = 30.0) -> None:
+        while True:
+            await asyncio.sleep(every_s)
+            if self.store.sweep():
+                self._refresh_active()
+
+
+class Sidecar:
+    """A running sidecar: gRPC server + /metrics. Use `await start()`, `await stop()`."""
+
+    def __init__(self, cfg: SidecarConfig, detector: SpikeDetector | None = None,
+                 registry: CollectorRegistry | None = None):
+        self.cfg = cfg
+        self.registry = registry or CollectorRegistry()
+        self.metrics = Metrics(self.registry)
+        self.detector = detector or SpikeDetector(
+            calibration_frames=cfg.calibration_frames, quantile=cfg.quantile, spike_threshold=cfg.spike_threshold
+        )
+        self.service = MonitorService(cfg, self.detector, self.metrics)
+        self.server: grpc.aio.Server | None = None
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self._http = None
+        self._sweeper = None
+
+    async def start(self) -> None:
+        self.server = grpc.aio.server(
+            options=[
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ]
+        )
+        monitor_pb2_grpc.add_MonitorServicer_to_server(self.service, self.server)
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, self.server)
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        self.port = self.server.add_insecure_port(self.cfg.listen)
+        if self.port == 0 and not self.cfg.listen.startswith("unix:"):
+            raise OSError(f"--listen: could not bind {self.cfg.listen!r} (address in use or invalid)")
+        await self.server.start()
+        for name in ("", SERVICE_NAME):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self.cfg.metrics_port is not None and self.cfg.metrics_port >= 0:
+            self._http, _thread = start_http_server(self.cfg.metrics_port, addr=self.cfg.metrics_host, registry=self.registry)
+            self.metrics_port = self._http.server_port
+        self._sweeper = asyncio.get_running_loop().create_task(self.service.sweep_forever())
+
+    async def stop(self, grace: float = 1.0) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        if self.server is not None:
+            await self.server.stop(grace)
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()

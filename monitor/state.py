@@ -1,0 +1,101 @@
+"""Per-request state in the sidecar, bounded in count and in age."""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+MAX_ALERTS_PER_REQUEST = 64
+
+
+@dataclass
+class LayerState:
+    frames: int = 0
+    token_count: int = 0
+    window: int = 0
+    dim: int = 0
+    last_descriptors: np.ndarray | None = None
+    last_eigenvalues: np.ndarray | None = None
+    max_spikes: int = 0
+
+
+@dataclass
+class RequestState:
+    engine_request_id: str
+    request_id: str
+    model: str
+    skipped_tokens: int = 0
+    finished: bool = False
+    updated: float = field(default_factory=time.monotonic)
+    layers: dict[int, LayerState] = field(default_factory=dict)
+    alerts: list = field(default_factory=list)  # monitor_pb2.Alert
+    fired: dict = field(default_factory=dict)  # (detector, layer) -> highest severity raised
+
+
+class RequestStore:
+    """Keyed by vLLM's engine request id (unique); also found by the client's id."""
+
+    def __init__(self, max_requests: int = 10_000, idle_timeout_s: float = 900.0):
+        self.max_requests = max_requests
+        self.idle_timeout_s = idle_timeout_s
+        self._by_engine: OrderedDict[str, RequestState] = OrderedDict()
+        self._by_external: dict[str, str] = {}
+        self.on_evict = None  # callback(state, reason)
+
+    def __len__(self) -> int:
+        return len(self._by_engine)
+
+    def get(self, request_id: str) -> RequestState | None:
+        st = self._by_engine.get(request_id)
+        if st is None and request_id in self._by_external:
+            st = self._by_engine.get(self._by_external[request_id])
+        return st
+
+    def get_or_create(self, engine_id: str, request_id: str, model: str, skipped: int) -> tuple[RequestState, bool]:
+        st = self._by_engine.get(engine_id)
+        if st is not None:
+            self._by_engine.move_to_end(engine_id)
+            st.updated = time.monotonic()
+            return st, False
+        while len(self._by_engine) >= self.max_requests:
+            self._evict_one()
+        st = RequestState(engine_request_id=engine_id, request_id=request_id, model=model, skipped_tokens=skipped)
+        self._by_engine[engine_id] = st
+        self._by_external[request_id] = engine_id
+        return st, True
+
+    def active_by_model(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for st in self._by_engine.values():
+            if not st.finished:
+                out[st.model] = out.get(st.model, 0) + 1
+        return out
+
+    def _remove(self, st: RequestState, reason: str) -> None:
+        self._by_engine.pop(st.engine_request_id, None)
+        if self._by_external.get(st.request_id) == st.engine_request_id:
+            del self._by_external[st.request_id]
+        if self.on_evict is not None:
+            self.on_evict(st, reason)
+
+    def _evict_one(self) -> None:
+        # Oldest finished request first; else the least recently updated one.
+        for st in self._by_engine.values():
+            if st.finished:
+                self._remove(st, "capacity")
+                return
+        self._remove(next(iter(self._by_engine.values())), "capacity")
+
+    def sweep(self, now: float | None = None) -> int:
+        """Requests whose tap went silent (crashed worker, lost final frame) are
+        closed after idle_timeout_s, and kept for reports until evicted."""
+        now = time.monotonic() if now is None else now
+        n = 0
+        for st in list(self._by_engine.values()):
+            if not st.finished and now - st.updated > self.idle_timeout_s:
+                st.finished = True
+                n += 1
+        return n
