@@ -160,6 +160,10 @@ class FrameExporter:
                     last = time.monotonic()
                     yield monitor_pb2.FrameBatch(descriptor_names=DESCRIPTOR_NAMES, stats=self._stats_proto())
                 continue
+            if generation != self._generation or self._stop.is_set():
+                # This stream died while we waited: the batch has nowhere to go.
+                self._count_dropped(len(seeds))
+                return
             try:
                 batch = self._batch(seeds)
             except Exception:  # a bug here must cost frames, not the stream

@@ -60,6 +60,7 @@ def describe(eigs, window: int, dim: int) -> np.ndarray:
     if lam[-1] < -1e-6 * max(scale, 1e-30):
         raise ValueError(f"eigs: a Gram spectrum is non-negative, got {lam[-1]!r}")
     lam = np.clip(lam, 0.0, None)
+    lam[lam < _REL_ZERO * scale] = 0.0  # rounding noise of a rank-deficient window
     p = min(window - 1, dim)
     nz = lam[:p]
 

@@ -25,6 +25,10 @@ def window_eigenvalues(window: torch.Tensor) -> torch.Tensor:
     x = window.detach().to(device="cpu", dtype=torch.float64)
     if not bool(torch.isfinite(x).all()):
         raise ValueError("window: contains NaN or Inf activations")
+    # Shift by the first row before centring (same Xc in exact arithmetic): equal
+    # rows then centre to exactly 0, so a zero-variance window has a zero spectrum
+    # even for float64 inputs, whose mean is not exact.
+    x = x - x[:1]
     xc = x - x.mean(dim=0, keepdim=True)  # [W, d]
     gram = (xc @ xc.T) / d  # [W, W]
     eigs = torch.linalg.eigvalsh(gram)  # ascending

@@ -2,10 +2,16 @@
 
 spectral_spike: count the window's eigenvalues above the upper Marchenko–Pastur
 edge σ²(1+√γ)² for a *calibrated* σ² per (model, layer), and alert when the
-count exceeds a threshold. Calibration is either loaded from a file or learned
-from the first N frames of each layer: σ² = median of the frames' robust σ²
-estimates, threshold = the `quantile` of the spike counts those frames show
-against it (so the calibration traffic itself alerts at about 1 − quantile).
+count exceeds a threshold. Eigenvalues are first divided by the window's mean
+eigenvalue (trace_mean), so σ² is the noise share of the variance and the
+detector sees spectral shape (variance piling into a few directions: repeated
+or degenerate input, collapse), not the overall activation scale, which
+drifts with position and prompt length.
+
+Calibration is either loaded from a file or learned from the first N frames of
+each layer: σ² = median of the frames' robust σ² estimates (sigma2/trace_mean),
+threshold = the `quantile` of the spike counts those frames show against it
+(so traffic like the calibration traffic alerts at about 1 − quantile per window).
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ SEVERITY_NAMES = {1: "info", 2: "warning", 3: "critical"}
 
 @dataclass
 class LayerCalibration:
-    sigma2: float
+    sigma2: float  # noise variance relative to the window's mean eigenvalue
     spike_threshold: int  # alert when spikes > this
     frames: int = 0  # frames it was learned from (0: given)
 
@@ -117,13 +123,16 @@ class SpikeDetector:
         self._collecting: dict[tuple[str, int], _Collecting] = {}
         self.on_calibrated = None  # callback(key, LayerCalibration)
 
-    def observe(self, model: str, layer: int, eigs: np.ndarray, window: int, dim: int, sigma2_frame: float) -> SpikeResult:
+    def observe(self, model: str, layer: int, eigs: np.ndarray, window: int, dim: int,
+                sigma2_frame: float, trace_mean: float) -> SpikeResult:
+        if trace_mean <= 0:  # zero-variance window: no spectrum, nothing to flag
+            return SpikeResult(spikes=None)
         key = (model, layer)
+        rel = np.asarray(eigs, dtype=np.float64) / trace_mean
         cal = self.calibration.get(key)
         if cal is None:
             col = self._collecting.setdefault(key, _Collecting())
-            if sigma2_frame > 0:  # zero-variance windows say nothing about σ²
-                col.samples.append((np.asarray(eigs, dtype=np.float64), window, dim, sigma2_frame))
+            col.samples.append((rel, window, dim, sigma2_frame / trace_mean))
             if len(col.samples) < self.calibration_frames:
                 return SpikeResult(spikes=None)
             cal = self._fit(col.samples)
@@ -132,7 +141,7 @@ class SpikeDetector:
             if self.on_calibrated is not None:
                 self.on_calibrated(key, cal)
         threshold = cal.spike_threshold if self.spike_threshold is None else self.spike_threshold
-        spikes = count_spikes(eigs, window, dim, cal.sigma2)
+        spikes = count_spikes(rel, window, dim, cal.sigma2)
         severity = 0
         if spikes > threshold:
             severity = CRITICAL if spikes >= 2 * threshold + 2 else WARNING

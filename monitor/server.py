@@ -28,7 +28,7 @@ from .state import MAX_ALERTS_PER_REQUEST, RequestStore
 log = logging.getLogger("eigenwatch.sidecar")
 
 SERVICE_NAME = monitor_pb2.DESCRIPTOR.services_by_name["Monitor"].full_name
-REQUIRED_DESCRIPTORS = ("sigma2", "spectral_entropy", "lambda1")
+REQUIRED_DESCRIPTORS = ("sigma2", "trace_mean", "spectral_entropy", "lambda1")
 MAX_MESSAGE_BYTES = 16 << 20
 _SEVERITY_LABEL = {v: k for k, v in monitor_pb2.Severity.items()}
 
@@ -80,7 +80,8 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
         self.metrics = metrics
         self.store = RequestStore(cfg.max_requests, cfg.idle_timeout_s)
         self.store.on_evict = lambda st, reason: self.metrics.requests_evicted.labels(reason).inc()
-        self.watchers: set[tuple[asyncio.Queue, monitor_pb2.WatchAlertsRequest]] = set()
+        # id -> (queue, filter); protobuf messages are unhashable, so no set of tuples.
+        self.watchers: dict[int, tuple[asyncio.Queue, monitor_pb2.WatchAlertsRequest]] = {}
         self.detector.on_calibrated = self._calibrated
         for (model, layer), cal in detector.calibration.items():
             metrics.calibration_sigma2.labels(model, str(layer)).set(cal.sigma2)
@@ -148,7 +149,7 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
         ls.last_descriptors = np.asarray(f.descriptors, dtype=np.float64)
         ls.last_eigenvalues = eigs.astype(np.float32)
 
-        res = self.detector.observe(f.model, f.layer, eigs, f.window, f.dim, desc["sigma2"])
+        res = self.detector.observe(f.model, f.layer, eigs, f.window, f.dim, desc["sigma2"], desc["trace_mean"])
         if res.spikes is not None:
             m.spikes.labels(f.model, layer_label).observe(res.spikes)
             ls.max_spikes = max(ls.max_spikes, res.spikes)
@@ -187,7 +188,7 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
         if len(st.alerts) < MAX_ALERTS_PER_REQUEST:
             st.alerts.append(alert)
         self.metrics.alerts.labels(f.model, detector, SEVERITY_NAMES.get(severity, str(severity))).inc()
-        for queue, flt in list(self.watchers):
+        for queue, flt in list(self.watchers.values()):
             if flt.model and flt.model != alert.model:
                 continue
             if flt.detector and flt.detector != alert.detector:
@@ -218,14 +219,14 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
                 f"min_severity: {request.min_severity} is not one of {sorted(_SEVERITY_LABEL)}",
             )
         queue: asyncio.Queue = asyncio.Queue(maxsize=1024)
-        entry = (queue, request)
-        self.watchers.add(entry)
+        key = id(queue)
+        self.watchers[key] = (queue, request)
         self.metrics.alert_watchers.inc()
         try:
             while True:
                 yield await queue.get()
         finally:
-            self.watchers.discard(entry)
+            self.watchers.pop(key, None)
             self.metrics.alert_watchers.dec()
 
     # ---- GetReport -------------------------------------------------------------------

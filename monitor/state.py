@@ -52,6 +52,10 @@ class RequestStore:
         st = self._by_engine.get(request_id)
         if st is None and request_id in self._by_external:
             st = self._by_engine.get(self._by_external[request_id])
+        if st is None and f"{request_id}-0" in self._by_external:
+            # vLLM's OpenAI server runs completion "cmpl-X" as engine request
+            # "cmpl-X-0" (one per prompt): the response id finds its first prompt.
+            st = self._by_engine.get(self._by_external[f"{request_id}-0"])
         return st
 
     def get_or_create(self, engine_id: str, request_id: str, model: str, skipped: int) -> tuple[RequestState, bool]:

