@@ -52,6 +52,8 @@ def add_sidecar_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
                    help="learned spike threshold = this quantile of calibration spike counts (default %(default)s)")
     p.add_argument("--spike-threshold", type=_nonneg_int("--spike-threshold"), default=None,
                    help="alert when more eigenvalues than this sit above the calibrated MP edge (overrides the learned one)")
+    p.add_argument("--persist", type=_nonneg_int("--persist"), default=2,
+                   help="alert only after this many consecutive windows over the threshold (default %(default)s)")
     p.add_argument("--save-calibration", help="write the learned calibration here as each layer finishes calibrating")
     p.add_argument("--max-requests", type=_nonneg_int("--max-requests"), default=10_000,
                    help="request states kept for reports (default %(default)s)")
@@ -62,6 +64,8 @@ def sidecar_config(args, listen_attr: str = "listen"):
 
     if args.calibration_frames < 1:
         raise SystemExit("--calibration-frames: expected an integer >= 1")
+    if args.persist < 1:
+        raise SystemExit("--persist: expected an integer >= 1")
     if args.max_requests < 1:
         raise SystemExit("--max-requests: expected an integer >= 1")
     return SidecarConfig(
@@ -71,6 +75,7 @@ def sidecar_config(args, listen_attr: str = "listen"):
         calibration_frames=args.calibration_frames,
         quantile=args.quantile,
         spike_threshold=args.spike_threshold,
+        persist=args.persist,
         max_requests=args.max_requests,
         save_calibration=args.save_calibration,
     )

@@ -23,7 +23,7 @@ def add_demo_args(p: argparse.ArgumentParser) -> None:
                    help="tiny: random-weight Llama built locally; minilm: the real all-MiniLM-L6-v2 (default %(default)s)")
     p.add_argument("--listen", default="127.0.0.1:0", help="sidecar gRPC address (default: any free port)")
     p.add_argument("--metrics-port", type=int, default=0, help="sidecar /metrics port (default: any free port)")
-    p.add_argument("--calibration-frames", type=int, default=48,
+    p.add_argument("--calibration-frames", type=int, default=256,
                    help="frames per layer the sidecar learns sigma2 from (default %(default)s)")
     p.add_argument("--max-tokens", type=int, default=48, help="tokens generated per request (default %(default)s)")
 
@@ -111,6 +111,9 @@ def cmd_demo(args) -> int:
     ).start()
     print(f"  sidecar: gRPC {sidecar.grpc} (eigenwatch.v1.Monitor, health, reflection); Prometheus {sidecar.metrics}")
     os.environ.update(tap_env(sidecar.grpc, model_name=args.model))
+    # vLLM's INFO lines would bury the demo's own output; warnings still show.
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("TQDM_DISABLE", "1")
 
     from vllm import LLM, PoolingParams, SamplingParams
 
@@ -120,7 +123,9 @@ def cmd_demo(args) -> int:
         llm = LLM(model=str(path), runner=runner, enforce_eager=True, max_model_len=1024, seed=0,
                   served_model_name=args.model)
         printer = AlertPrinter(sidecar.grpc)
-        n_cal = max(4, args.calibration_frames // 4)
+        # About 10 windows per prompt and layer at the default stride: enough
+        # ordinary traffic to fill the calibration with some to spare.
+        n_cal = max(4, args.calibration_frames // 8)
         calib = _corpus_prompts(n_cal, 60)
         print(f"\n[1/2] calibrating on {len(calib)} ordinary prompts (the sidecar learns sigma2 per layer)")
         sp = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)

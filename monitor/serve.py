@@ -31,7 +31,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
 def sidecar_argv(args, listen: str) -> list[str]:
     out = ["--listen", listen, "--metrics-host", args.metrics_host, "--metrics-port", str(args.metrics_port),
            "--calibration-frames", str(args.calibration_frames), "--quantile", str(args.quantile),
-           "--max-requests", str(args.max_requests)]
+           "--max-requests", str(args.max_requests), "--persist", str(args.persist)]
     if args.calibration:
         out += ["--calibration", args.calibration]
     if args.spike_threshold is not None:

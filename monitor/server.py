@@ -41,6 +41,7 @@ class SidecarConfig:
     calibration_frames: int = 64
     quantile: float = 0.99
     spike_threshold: int | None = None
+    persist: int = 2  # consecutive windows over threshold before an alert
     max_requests: int = 10_000
     idle_timeout_s: float = 900.0
     save_calibration: str | None = None
@@ -153,8 +154,11 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
         if res.spikes is not None:
             m.spikes.labels(f.model, layer_label).observe(res.spikes)
             ls.max_spikes = max(ls.max_spikes, res.spikes)
+            ls.over_streak = ls.over_streak + 1 if res.severity else 0
             key = (self.detector.name, f.layer)
-            if res.severity and res.severity > st.fired.get(key, 0):
+            # Alert only when the excess persists for `persist` consecutive windows
+            # (one odd window is not a finding), once per severity level.
+            if res.severity and ls.over_streak >= self.cfg.persist and res.severity > st.fired.get(key, 0):
                 st.fired[key] = res.severity
                 self._raise(st, f, self.detector.name, res.severity, res.spikes, res.threshold,
                             f"{res.spikes} eigenvalues above the calibrated MP edge at layer {f.layer} "

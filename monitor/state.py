@@ -20,6 +20,7 @@ class LayerState:
     last_descriptors: np.ndarray | None = None
     last_eigenvalues: np.ndarray | None = None
     max_spikes: int = 0
+    over_streak: int = 0  # consecutive frames over the spike threshold
 
 
 @dataclass

@@ -40,7 +40,8 @@ def sidecar(sidecar_port, calibration):
 
     def start():
         holder["sc"] = SidecarProcess(
-            ["--listen", f"127.0.0.1:{sidecar_port}", "--metrics-port", "0", "--calibration", str(calibration)]
+            ["--listen", f"127.0.0.1:{sidecar_port}", "--metrics-port", "0", "--calibration", str(calibration),
+             "--persist", "1"]
         ).start()
         return holder["sc"]
 
