@@ -3,8 +3,16 @@
 `EigenwatchWorkerExtension` is mixed into vLLM's worker class through
 `worker_extension_cls`, so its methods are callable by name with
 `collective_rpc`. `eigenwatch_install` (called by the plugin right after the
-model is loaded) registers forward hooks on the chosen decoder layers and
-wraps the model runner's `execute_model` for per-step bookkeeping.
+model is loaded, before vLLM compiles it) registers forward hooks on the
+chosen decoder layers and wraps the model runner's `execute_model` for
+per-step bookkeeping.
+
+The hooks only call one custom op, `eigenwatch::tap_rows`. Hooks present when
+torch.compile traces the model are traced with it, and a custom op is opaque
+to dynamo/inductor: it stays in the compiled graph and its Python body runs
+at every step, so the tap works under vLLM's default compiled mode, not only
+in eager mode. (Under CUDA-graph replay a Python body does not run: on GPUs
+the plugin still forces eager mode until the op is graph-safe.)
 
 Row attribution: the flattened batch holds each scheduled request's new rows
 contiguously, in `input_batch.req_ids` order, at
@@ -58,6 +66,35 @@ def residual_stream(output) -> torch.Tensor | None:
     return None
 
 
+# The tap this worker process feeds (one per process: TP rank 0 only).
+_ACTIVE: "_VllmTap | None" = None
+_CALLS: dict[int, torch.Tensor] = {}
+# Hooks stay registered for the life of the process: a compiled graph indexes
+# the module's hook dict it traced, and removing a hook breaks the next
+# forward. Uninstalling makes them inert instead (the op body sees no tap).
+_HOOKED: dict[tuple[int, int], object] = {}
+
+
+@torch.library.custom_op("eigenwatch::tap_rows", mutates_args=("calls",))
+def tap_rows(hidden: torch.Tensor, residual: torch.Tensor | None, calls: torch.Tensor, layer: int) -> None:
+    """Hand one layer's output rows to the tap. `calls` (a 1-element counter)
+    is declared mutated so compilers keep this output-less op in the graph."""
+    calls.add_(1)
+    tap = _ACTIVE
+    if tap is None or not tap.active:
+        return
+    try:
+        tap.on_rows(layer, hidden, residual)
+    except Exception:  # never into vLLM
+        tap.hook_errors += 1
+        tap._log_once(f"hook{layer}", "eigenwatch: tap failed at layer %d (skipping; logged once)", layer)
+
+
+@tap_rows.register_fake
+def _(hidden, residual, calls, layer):
+    return None
+
+
 def _attention_metadata():
     from vllm.forward_context import get_forward_context, is_forward_context_available
 
@@ -72,6 +109,21 @@ def _attention_metadata():
                 return m
         return None
     return meta if hasattr(meta, "query_start_loc") else None
+
+
+def _make_hook(layer_idx: int, calls: torch.Tensor):
+    # Traced by torch.compile when present before compilation: keep it to the
+    # op call (no Python state, nothing that can raise). The host's output is
+    # returned untouched (None).
+    def hook(module, args, output):
+        if isinstance(output, torch.Tensor):
+            torch.ops.eigenwatch.tap_rows(output, None, calls, layer_idx)
+        elif isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+            residual = output[1] if len(output) > 1 and isinstance(output[1], torch.Tensor) else None
+            torch.ops.eigenwatch.tap_rows(output[0], residual, calls, layer_idx)
+        return None
+
+    return hook
 
 
 class _VllmTap:
@@ -94,12 +146,18 @@ class _VllmTap:
         model = self.runner.get_model() if hasattr(self.runner, "get_model") else self.runner.model
         self.stack_name, stack = find_decoder_layers(model)
         self.layers = resolve_layers(cfg.layers, len(stack))
-        self.handles = []
+        self.op_calls: dict[int, torch.Tensor] = {}
         for idx in self.layers:
             layer = stack[idx]
             if type(layer).__name__ == "PPMissingLayer":  # lives on another PP rank
                 continue
-            self.handles.append(layer.register_forward_hook(self._make_hook(idx)))
+            # One counter per layer and process: a compiled graph keeps the tensor
+            # it traced, so a re-install must hand the hook the same one.
+            if idx not in _CALLS:
+                _CALLS[idx] = torch.zeros(1, dtype=torch.int64, device=self._device(layer))
+            self.op_calls[idx] = _CALLS[idx]
+            if (id(layer), idx) not in _HOOKED:
+                _HOOKED[(id(layer), idx)] = layer.register_forward_hook(_make_hook(idx, _CALLS[idx]))
         self._original_execute = self.runner.execute_model
         self.runner.execute_model = self._execute_model
 
@@ -109,18 +167,11 @@ class _VllmTap:
             self._logged.add(key)
             log.exception(msg, *args)
 
-    def _make_hook(self, layer_idx: int):
-        def hook(module, args, output):
-            if not self.active:
-                return None
-            try:
-                self._on_output(layer_idx, output)
-            except Exception:
-                self.hook_errors += 1
-                self._log_once(f"hook{layer_idx}", "eigenwatch: tap failed at layer %d (skipping; logged once)", layer_idx)
-            return None  # the host's output, untouched
-
-        return hook
+    @staticmethod
+    def _device(layer: torch.nn.Module) -> torch.device:
+        for p in layer.parameters():
+            return p.device
+        return torch.device("cpu")
 
     def _current_layout(self) -> tuple[list[str], list[int]] | None:
         if self.layout is not None:
@@ -150,18 +201,18 @@ class _VllmTap:
         self.layout = (req_ids, qsl)
         return self.layout
 
-    def _on_output(self, layer_idx: int, output) -> None:
+    def on_rows(self, layer_idx: int, hidden: torch.Tensor, residual: torch.Tensor | None) -> None:
         layout = self._current_layout()
         if layout is None:
             return
-        hidden = residual_stream(output)
-        if hidden is None:
-            return
+        if residual is not None and residual.shape != hidden.shape:
+            residual = None
         req_ids, qsl = layout
         for i, rid in enumerate(req_ids):
             lo, hi = qsl[i], qsl[i + 1]
             if hi > lo and self.windows.tracked(rid):
-                self.windows.add_rows(rid, layer_idx, hidden[lo:hi], self.step)
+                rows = hidden[lo:hi] if residual is None else hidden[lo:hi] + residual[lo:hi]
+                self.windows.add_rows(rid, layer_idx, rows, self.step)
 
     # ---- per step ---------------------------------------------------------------------
     def _execute_model(self, scheduler_output, *args, **kwargs):
@@ -205,10 +256,10 @@ class _VllmTap:
             self.exporter.submit(batch)
 
     def uninstall(self) -> None:
+        global _ACTIVE
         self.active = False
-        for h in self.handles:
-            h.remove()
-        self.handles.clear()
+        if _ACTIVE is self:
+            _ACTIVE = None
         self.runner.execute_model = self._original_execute
         self.exporter.close(timeout=2.0)
 
@@ -220,6 +271,7 @@ class _VllmTap:
             stack=self.stack_name,
             tracked_requests=len(self.windows.requests),
             step=self.step,
+            op_calls={layer: int(c.item()) for layer, c in self.op_calls.items()},
         )
         return out
 
@@ -247,6 +299,8 @@ class EigenwatchWorkerExtension:
             except Exception as exc:
                 log.exception("eigenwatch: tap not installed")
                 return {"installed": False, "reason": str(exc)}
+            global _ACTIVE
+            _ACTIVE = tap
             self._eigenwatch_tap = tap
             log.info("eigenwatch: tapping %s layers %s -> %s", tap.stack_name, list(tap.layers), tap.cfg.sidecar)
             return {"installed": True, **tap.stats()}

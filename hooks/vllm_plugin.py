@@ -3,8 +3,10 @@
 Does nothing unless EIGENWATCH_ENABLE=1 (and EIGENWATCH_DISABLE is not set).
 When enabled it
   1. sets `worker_extension_cls` on the engine config (EngineArgs), which mixes
-     `EigenwatchWorkerExtension` into the worker, and forces eager mode: forward
-     hooks do not fire inside torch.compile'd or CUDA-graph regions;
+     `EigenwatchWorkerExtension` into the worker. The tap's hooks call a custom
+     op that torch.compile keeps in the graph, so compiled mode stays on; on
+     platforms with CUDA graphs (whose replay skips the op's Python body) it
+     forces eager mode;
   2. after the executor has loaded the model, asks every worker to install
      the tap (`collective_rpc("eigenwatch_install")`); only TP rank 0 taps.
 No vLLM internals are touched here beyond those two seams; the rest lives in
@@ -54,16 +56,24 @@ def _patch_engine_args() -> None:
                 )
             else:
                 self.worker_extension_cls = EXTENSION
-                if not self.enforce_eager:
+                if not self.enforce_eager and _has_cuda_graphs():
                     log.warning(
-                        "eigenwatch: forcing enforce_eager=True (forward hooks do not fire in "
-                        "compiled or CUDA-graph regions); set EIGENWATCH_DISABLE=1 to serve untapped"
+                        "eigenwatch: forcing enforce_eager=True: CUDA-graph replay skips the tap's "
+                        "Python body; set EIGENWATCH_DISABLE=1 to serve untapped"
                     )
                     self.enforce_eager = True
         return original(self, *args, **kwargs)
 
     create_engine_config.__eigenwatch__ = True
     EngineArgs.create_engine_config = create_engine_config
+
+
+def _has_cuda_graphs() -> bool:
+    from vllm.platforms import current_platform
+
+    # CPU (and any platform without graph capture) runs torch.compile's output
+    # directly: the op's Python body runs every step.
+    return not current_platform.is_cpu()
 
 
 def _patch_executor() -> None:

@@ -120,7 +120,7 @@ def cmd_demo(args) -> int:
     llm = None
     printer = None
     try:
-        llm = LLM(model=str(path), runner=runner, enforce_eager=True, max_model_len=1024, seed=0,
+        llm = LLM(model=str(path), runner=runner, max_model_len=1024, seed=0,
                   served_model_name=args.model)
         printer = AlertPrinter(sidecar.grpc)
         # About 10 windows per prompt and layer at the default stride: enough
