@@ -115,30 +115,41 @@ def cmd_demo(args) -> int:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("TQDM_DISABLE", "1")
 
-    from vllm import LLM, PoolingParams, SamplingParams
+    from vllm import LLM, SamplingParams
 
     llm = None
     printer = None
     try:
-        llm = LLM(model=str(path), runner=runner, max_model_len=1024, seed=0,
-                  served_model_name=args.model)
+        # An encoder keeps its own context length (MiniLM: 256 positions).
+        llm = LLM(model=str(path), runner=runner, max_model_len=None if runner == "pooling" else 1024,
+                  seed=0, served_model_name=args.model)
+        pooling = runner == "pooling"
+        if pooling:
+            tokenizer = llm.get_tokenizer()
+            limit = llm.llm_engine.vllm_config.model_config.max_model_len
+
+            def prepare(texts):  # truncate: an embedding request longer than the model fails
+                from vllm.inputs import TokensPrompt
+
+                return [TokensPrompt(prompt_token_ids=tokenizer(t, truncation=True, max_length=limit)["input_ids"])
+                        for t in texts]
         printer = AlertPrinter(sidecar.grpc)
         # About 10 windows per prompt and layer at the default stride: enough
         # ordinary traffic to fill the calibration with some to spare.
-        n_cal = max(4, args.calibration_frames // 8)
+        n_cal = max(4, args.calibration_frames // (4 if pooling else 8))
         calib = _corpus_prompts(n_cal, 60)
         print(f"\n[1/2] calibrating on {len(calib)} ordinary prompts (the sidecar learns sigma2 per layer)")
         sp = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
-        if runner == "pooling":
-            llm.embed(calib, use_tqdm=False)
+        if pooling:
+            llm.embed(prepare(calib), use_tqdm=False)
         else:
             llm.generate(calib, sp, use_tqdm=False)
         _wait_calibrated(sidecar.metrics, timeout=30)
 
         prompts = demo_prompts()
         print(f"\n[2/2] sending {len(prompts)} prompts; alerts appear as the sidecar raises them:")
-        if runner == "pooling":
-            outs = llm.embed([p for _, p in prompts], use_tqdm=False)
+        if pooling:
+            outs = llm.embed(prepare([p for _, p in prompts]), use_tqdm=False)
             gen = [0] * len(outs)
         else:
             outs = llm.generate([p for _, p in prompts], sp, use_tqdm=False)

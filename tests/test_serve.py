@@ -73,3 +73,25 @@ def test_openai_client_completion_is_monitored_when_opted_in(served):
     assert metric_value(text, "eigenwatch_requests_total", model="tiny") == 1
     assert metric_value(text, "eigenwatch_frames_ingested_total", model="tiny") > 0
     sidecar.close()
+
+
+def test_aborted_stream_gets_a_final_frame_and_state_is_dropped(served):
+    port, grpc_addr, metrics = served
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
+    stream = client.completions.create(
+        model="tiny", prompt="Stream this and hang up early.", max_tokens=400, temperature=0.0, stream=True,
+        extra_body={"vllm_xargs": {"eigenwatch": "on"}, "ignore_eos": True},
+    )
+    first = None
+    for i, chunk in enumerate(stream):
+        first = first or chunk.id
+        if i == 40:
+            break
+    stream.close()  # the client goes away: vLLM aborts the request
+    sidecar = SidecarClient(grpc_addr)
+    rep = wait_for(lambda: (r := sidecar.try_report(first)) is not None and r.finished and r,
+                   what="a final frame for the aborted request")
+    counts = {l.token_count for l in rep.layers}
+    assert len(counts) == 1 and 40 < counts.pop() < 400, rep.layers
+    assert metric_value(scrape(metrics), "eigenwatch_active_requests", model="tiny") == 0
+    sidecar.close()

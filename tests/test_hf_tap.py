@@ -1,0 +1,66 @@
+"""The transformers tap reads the right rows: its frames equal spectra computed
+from the model's own `output_hidden_states`, window by window."""
+
+import numpy as np
+import pytest
+import torch
+
+from eigenwatch.hooks.hf import HFTap
+from eigenwatch.hooks.models import build_tiny_llama
+from eigenwatch.kernels.descriptors import describe
+from eigenwatch.kernels.spectra import window_eigenvalues
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = build_tiny_llama()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+@pytest.mark.parametrize("n_tokens, window, stride", [(45, 16, 8), (7, 32, 16), (33, 5, 3)])
+def test_hf_frames_match_hidden_states(tiny, n_tokens, window, stride):
+    model, _ = tiny
+    ids = torch.Generator().manual_seed(n_tokens)
+    input_ids = torch.randint(3, 2000, (n_tokens,), generator=ids).tolist()
+    tap = HFTap(model, window=window, stride=stride, model_name="tiny")
+    try:
+        frames = tap.frames("req", input_ids)
+    finally:
+        tap.close()
+    assert tap.layers == (1, 2, 3)
+    with torch.inference_mode():
+        hidden = model(torch.tensor([input_ids]), output_hidden_states=True).hidden_states
+    # hidden_states[0] is the embedding output; hidden_states[i + 1] is layer i's output.
+    # The last entry has the final norm applied in transformers' Llama, so compare
+    # layers below the last only through their own output.
+    expected_counts = [t for t in range(stride, n_tokens + 1, stride) if t >= 2] + [n_tokens]
+    for layer in tap.layers:
+        mine = [f for f in frames if f.layer == layer]
+        assert [f.token_count for f in mine] == expected_counts
+        assert [f.final for f in mine] == [False] * (len(mine) - 1) + [True]
+        if layer == model.config.num_hidden_layers - 1:
+            continue  # transformers applies the final norm to the last hidden state
+        rows = hidden[layer + 1][0]
+        for f in mine:
+            t = f.token_count
+            win = rows[max(0, t - window):t]
+            eigs = window_eigenvalues(win).numpy()
+            np.testing.assert_allclose(f.eigenvalues, eigs, rtol=1e-4, atol=1e-9)
+            np.testing.assert_allclose(f.descriptors, describe(eigs, win.shape[0], win.shape[1]), rtol=1e-4, atol=1e-9)
+
+
+def test_hf_tap_texts_and_removal(tiny):
+    model, tok = tiny
+    before = {i: dict(model.model.layers[i]._forward_hooks) for i in (0, 3)}
+    tap = HFTap(model, layers=(0, -1), window=8, stride=4)
+    assert all(len(model.model.layers[i]._forward_hooks) == len(before[i]) + 1 for i in (0, 3))
+    out = dict(tap.frames_for_texts(tok, [("a", "The quick brown fox jumps over the lazy dog."), ("b", "Hello there")]))
+    assert set(out) == {"a", "b"}
+    assert {f.layer for f in out["a"]} == {0, 3}
+    n_a = len(tok("The quick brown fox jumps over the lazy dog.")["input_ids"])
+    assert max(f.token_count for f in out["a"]) == n_a
+    tap.close()
+    assert all(dict(model.model.layers[i]._forward_hooks) == before[i] for i in (0, 3))  # ours removed
