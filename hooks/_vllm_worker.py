@@ -208,11 +208,13 @@ class _VllmTap:
         if residual is not None and residual.shape != hidden.shape:
             residual = None
         req_ids, qsl = layout
+        n = qsl[-1]
+        # One op per layer for the whole batch: the residual stream, in fp32.
+        stream = hidden[:n].float() if residual is None else hidden[:n].float() + residual[:n].float()
         for i, rid in enumerate(req_ids):
             lo, hi = qsl[i], qsl[i + 1]
             if hi > lo and self.windows.tracked(rid):
-                rows = hidden[lo:hi] if residual is None else hidden[lo:hi] + residual[lo:hi]
-                self.windows.add_rows(rid, layer_idx, rows, self.step)
+                self.windows.add_rows(rid, layer_idx, stream[lo:hi], self.step)
 
     # ---- per step ---------------------------------------------------------------------
     def _execute_model(self, scheduler_output, *args, **kwargs):

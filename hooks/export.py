@@ -11,6 +11,7 @@ piles up, so nothing stale is replayed and memory stays bounded.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -67,8 +68,11 @@ def frame_to_proto(frame: Frame) -> monitor_pb2.Frame:
 
 
 class FrameExporter:
-    def __init__(self, target: str, model: str, max_batches: int = 256, tap_id: str | None = None):
+    def __init__(self, target: str, model: str, max_batches: int = 256, tap_id: str | None = None,
+                 token: str | None = None):
         self.target = target
+        token = token if token is not None else os.environ.get("EIGENWATCH_TOKEN")
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         self.model = model
         self.tap_id = tap_id or uuid.uuid4().hex[:12]
         self.counters = TapCounters()
@@ -200,7 +204,7 @@ class FrameExporter:
             self._generation += 1
             try:
                 stub = monitor_pb2_grpc.MonitorStub(channel)
-                stub.Ingest(self._requests(self._generation))
+                stub.Ingest(self._requests(self._generation), metadata=self._metadata)
             except grpc.RpcError as exc:
                 with self._lock:
                     self.counters.reconnects += 1

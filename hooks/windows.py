@@ -84,11 +84,42 @@ def finalize(seed: FrameSeed, model: str) -> Frame:
 
 
 class _Track:
-    __slots__ = ("rows", "count")
+    """A ring of the last W rows of one request at one layer: a decode step
+    writes one row in place (O(d)); windows are assembled only at boundaries."""
+
+    __slots__ = ("buf", "count")
 
     def __init__(self):
-        self.rows: torch.Tensor | None = None  # [<=W, d] float32, the last rows
+        self.buf: torch.Tensor | None = None  # [W, d] float32, row t at t % W
         self.count = 0  # rows seen
+
+    def last(self, m: int) -> torch.Tensor:
+        """The last min(m, count, W) rows, oldest first."""
+        w = self.buf.shape[0]
+        m = min(m, self.count, w)
+        start = self.count - m
+        lo, hi = start % w, self.count % w
+        if m == 0:
+            return self.buf[:0]
+        if lo < hi:
+            return self.buf[lo:hi]
+        return torch.cat([self.buf[lo:], self.buf[:hi]])
+
+    def push(self, rows: torch.Tensor) -> None:
+        """rows: [n, d] float32, appended after the rows seen so far."""
+        n, d = rows.shape
+        w = self.buf.shape[0]
+        if n >= w:
+            rows, start = rows[-w:], self.count + n - w
+        else:
+            start = self.count
+        m = rows.shape[0]
+        lo = start % w
+        first = min(m, w - lo)
+        self.buf[lo : lo + first].copy_(rows[:first])
+        if first < m:
+            self.buf[: m - first].copy_(rows[first:])
+        self.count += n
 
 
 class _Request:
@@ -142,23 +173,22 @@ class WindowTap:
         n = rows.shape[0]
         w, s = self.window, self.stride
         self.rows_seen += n
-        c0 = track.count
-        # Only the last W rows before each boundary matter; keep at most W + n.
         rows = rows.detach()
+        if rows.dtype != torch.float32:
+            rows = rows.float()
+        if track.buf is None:
+            track.buf = torch.empty(w, rows.shape[1], dtype=torch.float32, device=rows.device)
+        c0 = track.count
         first = (c0 // s + 1) * s
         for t in range(first, c0 + n + 1, s):
             k = t - c0  # rows of this chunk up to boundary t
             if k >= w:
                 win = rows[k - w : k]
-            elif track.rows is not None:
-                win = torch.cat([track.rows[-(w - k):].to(rows.device), rows[:k].float()])
             else:
-                win = rows[:k]
+                win = torch.cat([track.last(w - k), rows[:k]])
             if win.shape[0] >= 2:
                 self.emit(self._seed(req, layer, step, t, win, final=False))
-        tail = rows[-w:].float()
-        track.rows = tail.clone() if track.rows is None else torch.cat([track.rows.to(tail.device), tail])[-w:]
-        track.count = c0 + n
+        track.push(rows)
 
     def finish(self, engine_id: str, step: int) -> None:
         """The request ended: one final frame per layer, then forget it."""
@@ -166,8 +196,8 @@ class WindowTap:
         if req is None:
             return
         for layer, track in sorted(req.tracks.items()):
-            if track.rows is not None and track.rows.shape[0] >= 2:
-                self.emit(self._seed(req, layer, step, track.count, track.rows, final=True))
+            if track.count >= 2:
+                self.emit(self._seed(req, layer, step, track.count, track.last(self.window), final=True))
 
     def drop(self, engine_id: str) -> None:
         self.requests.pop(engine_id, None)

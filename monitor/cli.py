@@ -78,6 +78,7 @@ def sidecar_config(args, listen_attr: str = "listen"):
         persist=args.persist,
         max_requests=args.max_requests,
         save_calibration=args.save_calibration,
+        token=os.environ.get("EIGENWATCH_TOKEN") or None,
     )
 
 

@@ -45,6 +45,7 @@ class SidecarConfig:
     max_requests: int = 10_000
     idle_timeout_s: float = 900.0
     save_calibration: str | None = None
+    token: str | None = None  # require `authorization: Bearer <token>` on the Monitor service
 
 
 def validate_frame(f: monitor_pb2.Frame, n_names: int) -> tuple[str, str] | None:
@@ -272,6 +273,45 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
                 self._refresh_active()
 
 
+class TokenAuth(grpc.aio.ServerInterceptor):
+    """Bearer-token check on the Monitor service (`authorization: Bearer <token>`
+    metadata). Health and reflection stay open for probes and tooling."""
+
+    def __init__(self, token: str):
+        import hmac
+
+        self._expected = f"Bearer {token}".encode()
+        self._compare = hmac.compare_digest
+
+    def _allowed(self, details) -> bool:
+        for key, value in details.invocation_metadata or ():
+            if key == "authorization":
+                value = value.encode() if isinstance(value, str) else value
+                return self._compare(value, self._expected)
+        return False
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or not details.method.startswith(f"/{SERVICE_NAME}/") or self._allowed(details):
+            return handler
+        message = "authorization: missing or wrong bearer token (set EIGENWATCH_TOKEN for taps and clients)"
+
+        async def deny(request, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+        async def deny_stream(request, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+            yield  # pragma: no cover  (makes this an async generator)
+
+        if handler.request_streaming and handler.response_streaming:
+            return grpc.stream_stream_rpc_method_handler(deny_stream)
+        if handler.request_streaming:
+            return grpc.stream_unary_rpc_method_handler(deny)
+        if handler.response_streaming:
+            return grpc.unary_stream_rpc_method_handler(deny_stream)
+        return grpc.unary_unary_rpc_method_handler(deny)
+
+
 class Sidecar:
     """A running sidecar: gRPC server + /metrics. Use `await start()`, `await stop()`."""
 
@@ -292,6 +332,7 @@ class Sidecar:
 
     async def start(self) -> None:
         self.server = grpc.aio.server(
+            interceptors=[TokenAuth(self.cfg.token)] if self.cfg.token else None,
             options=[
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),

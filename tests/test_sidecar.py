@@ -221,3 +221,46 @@ def test_exporter_drops_while_sidecar_is_away_and_reconnects(sidecar_factory):
         wait_for(lambda: client2.try_report("d"), what="frames after restart")
     finally:
         exporter.close(timeout=1)
+
+
+def test_bearer_token_guards_the_monitor_service_not_health(sidecar_factory, monkeypatch):
+    monkeypatch.setenv("EIGENWATCH_TOKEN", "s3cret")
+    sc = sidecar_factory("--listen", "127.0.0.1:0", "--metrics-port", "-1")
+    frames = make_frames()
+    with grpc.insecure_channel(sc.grpc) as ch:
+        stub = monitor_pb2_grpc.MonitorStub(ch)
+        for call in (lambda md: stub.Ingest(iter([batch(frames)]), metadata=md, timeout=10),
+                     lambda md: stub.GetReport(monitor_pb2.GetReportRequest(request_id="r1"), metadata=md, timeout=5),
+                     lambda md: next(iter(stub.WatchAlerts(monitor_pb2.WatchAlertsRequest(), metadata=md, timeout=1)))):
+            for md in (None, (("authorization", "Bearer wrong"),)):
+                with pytest.raises(grpc.RpcError) as err:
+                    call(md)
+                assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+                assert "authorization" in err.value.details()
+        good = (("authorization", "Bearer s3cret"),)
+        assert stub.Ingest(iter([batch(frames)]), metadata=good, timeout=10).frames_accepted == len(frames)
+        assert stub.GetReport(monitor_pb2.GetReportRequest(request_id="r1"), metadata=good).finished
+        health = health_pb2_grpc.HealthStub(ch)
+        assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
+    # The tap's exporter sends the token from the same variable.
+    exporter = FrameExporter(sc.grpc, "m")
+    try:
+        seeds = []
+        tap = WindowTap(16, 8, 4, seeds.append)
+        tap.begin("t-0123abcd", external_id="t")
+        tap.add_rows("t-0123abcd", 1, torch.randn(16, 8), 1)
+        tap.finish("t-0123abcd", 2)
+        exporter.submit(seeds)
+        client = grpc.insecure_channel(sc.grpc)
+        stub = monitor_pb2_grpc.MonitorStub(client)
+        wait_for(lambda: _found(stub, "t", good), what="frames sent with the token")
+        client.close()
+    finally:
+        exporter.close(timeout=1)
+
+
+def _found(stub, rid, md):
+    try:
+        return stub.GetReport(monitor_pb2.GetReportRequest(request_id=rid), metadata=md, timeout=5).finished
+    except grpc.RpcError:
+        return False
