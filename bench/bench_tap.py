@@ -74,20 +74,31 @@ def main() -> None:
     from eigenwatch.monitor.procs import SidecarProcess, tap_env
 
     base = {k: v for k, v in os.environ.items() if not k.startswith("EIGENWATCH_")}
-    off = run(args, base)
+    tap_no_sidecar = {**base, "EIGENWATCH_ENABLE": "1", "EIGENWATCH_SIDECAR": "127.0.0.1:1",
+                      "EIGENWATCH_MODEL_NAME": args.model}
+    results = [
+        ("tap off", run(args, base)),
+        ("tap on, every request opted out", run(args, {**tap_no_sidecar, "EIGENWATCH_DEFAULT": "off"})),
+        ("tap on, no sidecar (frames dropped)", run(args, tap_no_sidecar)),
+    ]
     sidecar = SidecarProcess(["--listen", "127.0.0.1:0", "--metrics-port", "-1"]).start()
     try:
-        on = run(args, {**tap_env(sidecar.grpc, model_name=args.model),
-                        **{k: v for k, v in base.items() if k != "EIGENWATCH_ENABLE"}, "EIGENWATCH_ENABLE": "1"})
+        env = {**base, **{k: v for k, v in tap_env(sidecar.grpc, model_name=args.model).items()
+                          if k.startswith("EIGENWATCH_")}}
+        results.append(("tap on, sidecar on the same machine", run(args, env)))
     finally:
         sidecar.stop()
+
     toks = args.batch * args.max_tokens
-    m_off, m_on = statistics.median(off["times"]), statistics.median(on["times"])
+    ref = statistics.median(results[0][1]["times"])
     print(f"model={args.model} batch={args.batch} prompt={args.prompt_tokens} generated={args.max_tokens} "
-          f"repeats={args.repeats} (vLLM default compiled mode, CPU)")
-    print(f"  tap off : median {m_off * 1e3:8.1f} ms per batch  {toks / m_off:8.0f} tok/s   runs {['%.3f' % t for t in off['times']]}")
-    print(f"  tap on  : median {m_on * 1e3:8.1f} ms per batch  {toks / m_on:8.0f} tok/s   runs {['%.3f' % t for t in on['times']]}")
-    print(f"  on/off time ratio: {m_on / m_off:.3f}  (tap: {on['tap']})")
+          f"repeats={args.repeats}; vLLM default compiled mode; {os.cpu_count()} CPUs")
+    print(f"  {'configuration':38s} {'median ms':>10s} {'tok/s':>8s} {'time ratio':>10s}")
+    for name, res in results:
+        med = statistics.median(res["times"])
+        print(f"  {name:38s} {med * 1e3:10.1f} {toks / med:8.0f} {med / ref:10.3f}")
+    for name, res in results[1:]:
+        print(f"  [{name}] tap counters: {res['tap']}")
 
 
 if __name__ == "__main__":

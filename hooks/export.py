@@ -193,8 +193,13 @@ class FrameExporter:
                 if not outage_logged:
                     log.warning("eigenwatch: sidecar at %s unreachable; dropping frames until it is back", self.target)
                     outage_logged = True
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, 5.0)
+                # Back off before reconnecting, but keep the queue empty meanwhile:
+                # drops are counted as they happen and nothing stale piles up.
+                deadline = time.monotonic() + backoff
+                while not self._stop.is_set() and time.monotonic() < deadline:
+                    self._discard_queued()
+                    self._stop.wait(0.1)
+                backoff = min(backoff * 2, 2.0)
                 continue
             self._connected.set()
             if outage_logged:
