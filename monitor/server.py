@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from dataclasses import dataclass
 
@@ -48,8 +47,10 @@ class SidecarConfig:
     token: str | None = None  # require `authorization: Bearer <token>` on the Monitor service
 
 
-def validate_frame(f: monitor_pb2.Frame, n_names: int) -> tuple[str, str] | None:
-    """(field, problem) for a malformed frame, None when it is fine."""
+def validate_frame(f: monitor_pb2.Frame, n_names: int, eigs: np.ndarray | None = None,
+                   desc: np.ndarray | None = None) -> tuple[str, str] | None:
+    """(field, problem) for a malformed frame, None when it is fine. `eigs` and
+    `desc` are the frame's values as float64 arrays, when the caller has them."""
     if not f.request_id:
         return "request_id", "must not be empty"
     if not f.engine_request_id:
@@ -68,11 +69,21 @@ def validate_frame(f: monitor_pb2.Frame, n_names: int) -> tuple[str, str] | None
         return "eigenvalues", f"has {len(f.eigenvalues)} values but window is {f.window}"
     if len(f.descriptors) != n_names:
         return "descriptors", f"has {len(f.descriptors)} values but descriptor_names has {n_names}"
-    if not all(math.isfinite(v) for v in f.eigenvalues):
+    eigs = np.asarray(f.eigenvalues, dtype=np.float64) if eigs is None else eigs
+    desc = np.asarray(f.descriptors, dtype=np.float64) if desc is None else desc
+    if not np.isfinite(eigs).all():
         return "eigenvalues", "contains NaN or Inf"
-    if not all(math.isfinite(v) for v in f.descriptors):
+    if not np.isfinite(desc).all():
         return "descriptors", "contains NaN or Inf"
     return None
+
+
+@dataclass
+class _LayerMetrics:
+    ingested: object
+    entropy: object
+    lambda1: object
+    spikes: object
 
 
 class MonitorService(monitor_pb2_grpc.MonitorServicer):
@@ -85,6 +96,7 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
         # id -> (queue, filter); protobuf messages are unhashable, so no set of tuples.
         self.watchers: dict[int, tuple[asyncio.Queue, monitor_pb2.WatchAlertsRequest]] = {}
         self.detector.on_calibrated = self._calibrated
+        self._children: dict[tuple[str, int], _LayerMetrics] = {}
         for (model, layer), cal in detector.calibration.items():
             metrics.calibration_sigma2.labels(model, str(layer)).set(cal.sigma2)
 
@@ -111,14 +123,17 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
                         f"(got {names or 'none'})",
                     )
                 first_error = None
+                index_of = {n: i for i, n in enumerate(names)}
                 for j, frame in enumerate(batch.frames):
-                    problem = validate_frame(frame, len(names))
+                    eigs = np.asarray(frame.eigenvalues, dtype=np.float64)
+                    desc = np.asarray(frame.descriptors, dtype=np.float64)
+                    problem = validate_frame(frame, len(names), eigs, desc)
                     if problem is not None:
                         rejected += 1
                         self.metrics.frames_rejected.labels(problem[0]).inc()
                         first_error = first_error or f"batch {index}: frames[{j}].{problem[0]}: {problem[1]}"
                         continue
-                    self._apply(frame, names)
+                    self._apply(frame, index_of, eigs, desc)
                     accepted += 1
                 if first_error is not None:
                     # The valid frames of the batch were kept; the stream ends so the
@@ -128,17 +143,14 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
             self.metrics.ingest_streams.dec()
         return monitor_pb2.IngestSummary(frames_accepted=accepted, frames_rejected=rejected)
 
-    def _apply(self, f: monitor_pb2.Frame, names: list[str]) -> None:
+    def _apply(self, f: monitor_pb2.Frame, index_of: dict[str, int], eigs: np.ndarray, desc: np.ndarray) -> None:
         st, new = self.store.get_or_create(f.engine_request_id, f.request_id, f.model, f.skipped_tokens)
-        layer_label = str(f.layer)
         if new:
             self.metrics.requests.labels(f.model).inc()
-        desc = dict(zip(names, f.descriptors))
-        eigs = np.asarray(f.eigenvalues, dtype=np.float64)
-        m = self.metrics
-        m.frames_ingested.labels(f.model, layer_label).inc()
-        m.spectral_entropy.labels(f.model, layer_label).observe(desc["spectral_entropy"])
-        m.lambda1.labels(f.model, layer_label).observe(desc["lambda1"])
+        m = self._layer_metrics(f.model, f.layer)
+        m.ingested.inc()
+        m.entropy.observe(float(desc[index_of["spectral_entropy"]]))
+        m.lambda1.observe(float(desc[index_of["lambda1"]]))
 
         ls = st.layers.get(f.layer)
         if ls is None:
@@ -148,12 +160,13 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
         ls.frames += 1
         ls.token_count = max(ls.token_count, f.token_count)
         ls.window, ls.dim = f.window, f.dim
-        ls.last_descriptors = np.asarray(f.descriptors, dtype=np.float64)
+        ls.last_descriptors = desc
         ls.last_eigenvalues = eigs.astype(np.float32)
 
-        res = self.detector.observe(f.model, f.layer, eigs, f.window, f.dim, desc["sigma2"], desc["trace_mean"])
+        res = self.detector.observe(f.model, f.layer, eigs, f.window, f.dim,
+                                    float(desc[index_of["sigma2"]]), float(desc[index_of["trace_mean"]]))
         if res.spikes is not None:
-            m.spikes.labels(f.model, layer_label).observe(res.spikes)
+            m.spikes.observe(res.spikes)
             ls.max_spikes = max(ls.max_spikes, res.spikes)
             ls.over_streak = ls.over_streak + 1 if res.severity else 0
             key = (self.detector.name, f.layer)
@@ -164,9 +177,23 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
                 self._raise(st, f, self.detector.name, res.severity, res.spikes, res.threshold,
                             f"{res.spikes} eigenvalues above the calibrated MP edge at layer {f.layer} "
                             f"(threshold {int(res.threshold)})")
-        if f.final:
-            st.finished = True
-        self._refresh_active()
+        if new or (f.final and not st.finished):
+            st.finished = st.finished or f.final
+            self._refresh_active()  # O(requests), so only when the set of active ones changes
+
+    def _layer_metrics(self, model: str, layer: int) -> "_LayerMetrics":
+        # prometheus-client's .labels() costs a lock and a dict lookup per call:
+        # resolve each (model, layer) child once.
+        key = (model, layer)
+        lm = self._children.get(key)
+        if lm is None:
+            label = str(layer)
+            m = self.metrics
+            lm = self._children[key] = _LayerMetrics(
+                m.frames_ingested.labels(model, label), m.spectral_entropy.labels(model, label),
+                m.lambda1.labels(model, label), m.spikes.labels(model, label),
+            )
+        return lm
 
     def _refresh_active(self) -> None:
         active = self.store.active_by_model()

@@ -1,0 +1,130 @@
+"""How many frames per second one sidecar process ingests over a real gRPC
+stream (validation, per-request state, spike detector, Prometheus histograms),
+side by side with the same stream sent to a sidecar-shaped server that only
+counts frames (the transport ceiling on this machine).
+
+    .venv/bin/python bench/bench_sidecar.py [--frames 20000] [--batch 64] [--requests 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from eigenwatch.kernels.descriptors import DESCRIPTOR_NAMES, describe
+from eigenwatch.monitor.procs import SidecarProcess
+from eigenwatch.v1 import monitor_pb2, monitor_pb2_grpc
+
+
+def make_batches(n_frames: int, batch: int, n_requests: int, window: int = 32, dim: int = 256):
+    rng = np.random.default_rng(0)
+    protos = []
+    for i in range(64):  # a pool of distinct spectra, reused
+        x = rng.standard_normal((window, dim))
+        xc = x - x.mean(0)
+        eigs = np.sort(np.linalg.eigvalsh(xc @ xc.T / dim))[::-1].clip(0)
+        protos.append((eigs.astype(np.float32).tolist(), describe(eigs, window, dim).tolist()))
+    batches, frames = [], []
+    for k in range(n_frames):
+        eigs, desc = protos[k % len(protos)]
+        r = k % n_requests
+        frames.append(monitor_pb2.Frame(
+            request_id=f"req-{r}", engine_request_id=f"req-{r}-0123abcd", model="bench", layer=k % 3,
+            step=k // n_requests, token_count=16 * (k // n_requests + 1), window=window, dim=dim,
+            eigenvalues=eigs, descriptors=desc))
+        if len(frames) == batch:
+            batches.append(monitor_pb2.FrameBatch(descriptor_names=DESCRIPTOR_NAMES, frames=frames))
+            frames = []
+    return batches
+
+
+class CountingMonitor(monitor_pb2_grpc.MonitorServicer):
+    async def Ingest(self, request_iterator, context):
+        n = 0
+        async for b in request_iterator:
+            n += len(b.frames)
+        return monitor_pb2.IngestSummary(frames_accepted=n)
+
+
+def send(target: str, batches) -> float:
+    with grpc.insecure_channel(target) as ch:
+        grpc.channel_ready_future(ch).result(timeout=10)
+        t0 = time.perf_counter()
+        summary = monitor_pb2_grpc.MonitorStub(ch).Ingest(iter(batches), timeout=600)
+        dt = time.perf_counter() - t0
+    assert summary.frames_accepted == sum(len(b.frames) for b in batches), summary
+    return dt
+
+
+def counting_server_run(batches, repeats: int) -> list[float]:
+    import threading
+
+    ready = threading.Event()
+    holder = {}
+
+    def serve():
+        async def main():
+            server = grpc.aio.server()
+            monitor_pb2_grpc.add_MonitorServicer_to_server(CountingMonitor(), server)
+            holder["port"] = server.add_insecure_port("127.0.0.1:0")
+            await server.start()
+            holder["stop"] = asyncio.Event()
+            ready.set()
+            await holder["stop"].wait()
+            await server.stop(0)
+
+        holder["loop"] = asyncio.new_event_loop()
+        holder["loop"].run_until_complete(main())
+
+    # The counting server runs in this process's thread; the sidecar in its own
+    # process. Both are one Python process's worth of CPU on the receiving side.
+    th = threading.Thread(target=serve, daemon=True)
+    th.start()
+    ready.wait(10)
+    times = [send(f"127.0.0.1:{holder['port']}", batches) for _ in range(repeats)]
+    holder["loop"].call_soon_threadsafe(holder["stop"].set)
+    th.join(5)
+    return times
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--frames", type=int, default=20_000)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--requests", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args()
+    batches = make_batches(args.frames, args.batch, args.requests)
+    n = sum(len(b.frames) for b in batches)
+    size = sum(b.ByteSize() for b in batches) / n
+
+    cal = Path(tempfile.mkdtemp()) / "cal.json"
+    cal.write_text(json.dumps({"format": "eigenwatch.calibration/v1", "models": {"bench": {
+        str(l): {"sigma2": 0.9, "spike_threshold": 12} for l in range(3)}}}))
+    sc = SidecarProcess(["--listen", "127.0.0.1:0", "--metrics-port", "0", "--calibration", str(cal),
+                         "--max-requests", str(max(args.requests, 1))]).start()
+    try:
+        sidecar_times = [send(sc.grpc, batches) for _ in range(args.repeats)]
+    finally:
+        sc.stop()
+    counting_times = counting_server_run(batches, args.repeats)
+
+    print(f"{n} frames in batches of {args.batch}, {size:.0f} bytes per frame on the wire, {args.requests} requests")
+    print(f"  {'receiver':40s} {'median s':>9s} {'frames/s':>10s} {'ratio':>6s}")
+    ref = statistics.median(counting_times)
+    for name, times in (("counting server (transport ceiling)", counting_times),
+                        ("eigenwatch sidecar (full processing)", sidecar_times)):
+        med = statistics.median(times)
+        print(f"  {name:40s} {med:9.3f} {n / med:10.0f} {med / ref:6.2f}")
+
+
+if __name__ == "__main__":
+    main()
