@@ -31,7 +31,7 @@ import torch
 
 from .config import TapConfig, request_opt, resolve_layers
 from .export import FrameExporter
-from .windows import FrameSeed, WindowTap, external_request_id
+from .windows import BatchedWindowTap, FrameSeed, external_request_id
 
 log = logging.getLogger("eigenwatch.tap")
 
@@ -135,9 +135,10 @@ class _VllmTap:
         self.model_name = cfg.model or str(model_cfg.served_model_name or model_cfg.model)
         self.exporter = FrameExporter(cfg.sidecar, self.model_name, max_batches=cfg.queue_batches)
         self.pending: list[FrameSeed] = []
-        self.windows = WindowTap(cfg.window, cfg.stride, cfg.max_requests, self.pending.append)
+        self.windows = BatchedWindowTap(cfg.window, cfg.stride, cfg.max_requests, self.pending.append,
+                                        proj_dim=cfg.proj_dim or None)
         self.step = 0
-        self.layout: tuple[list[str], list[int]] | None = None
+        self.layout: tuple[list[str], list[int], list[tuple[str, int, int]]] | None = None
         self.opted_out: set[str] = set()
         self.hook_errors = 0
         self._logged: set[str] = set()
@@ -198,7 +199,9 @@ class _VllmTap:
                 continue
             skipped = int(getattr(state, "num_computed_tokens", 0) or 0)
             self.windows.begin(rid, skipped, external_request_id(rid))
-        self.layout = (req_ids, qsl)
+        items = [(rid, qsl[i], qsl[i + 1]) for i, rid in enumerate(req_ids)
+                 if qsl[i + 1] > qsl[i] and self.windows.tracked(rid)]
+        self.layout = (req_ids, qsl, items)
         return self.layout
 
     def on_rows(self, layer_idx: int, hidden: torch.Tensor, residual: torch.Tensor | None) -> None:
@@ -207,14 +210,14 @@ class _VllmTap:
             return
         if residual is not None and residual.shape != hidden.shape:
             residual = None
-        req_ids, qsl = layout
+        _, qsl, items = layout
+        if not items:
+            return
         n = qsl[-1]
-        # One op per layer for the whole batch: the residual stream, in fp32.
+        # One op per layer for the whole batch: the residual stream, in fp32;
+        # then one batched window update for every request's new rows.
         stream = hidden[:n].float() if residual is None else hidden[:n].float() + residual[:n].float()
-        for i, rid in enumerate(req_ids):
-            lo, hi = qsl[i], qsl[i + 1]
-            if hi > lo and self.windows.tracked(rid):
-                self.windows.add_rows(rid, layer_idx, stream[lo:hi], self.step)
+        self.windows.add_layer(layer_idx, stream, items, self.step)
 
     # ---- per step ---------------------------------------------------------------------
     def _execute_model(self, scheduler_output, *args, **kwargs):

@@ -75,6 +75,10 @@ class TapConfig:
     default: str = "on"
     model: str = ""  # the `model` label on frames; "" = the served model name
     max_requests: int = 512  # monitored at once; more are counted, not tracked
+    # Randomly project rows to this many dims before the window Gram (0: off).
+    # Fixes the MP ratio γ = (W−1)/k across layers of different width and
+    # bounds the window memory at W·k floats per request and layer.
+    proj_dim: int = 0
     queue_batches: int = 256  # step batches waiting for the exporter
     extra: dict = field(default_factory=dict)
 
@@ -88,6 +92,7 @@ class TapConfig:
             default=_env_choice("DEFAULT", cls.default, ("on", "off")),
             model=os.environ.get(ENV_PREFIX + "MODEL_NAME", "").strip(),
             max_requests=_env_int("MAX_REQUESTS", cls.max_requests, 1, 1 << 20),
+            proj_dim=_env_int("PROJ_DIM", cls.proj_dim, 0, 1 << 20),
             queue_batches=_env_int("QUEUE_BATCHES", cls.queue_batches, 1, 1 << 20),
         )
 

@@ -31,7 +31,8 @@ def external_request_id(engine_request_id: str) -> str:
 
 @dataclass
 class FrameSeed:
-    """A window copied out of the forward pass, waiting for its spectrum."""
+    """A window copied out of the forward pass, waiting for its spectrum:
+    either its rows, or (batched path) the raw Gram of its stored rows."""
 
     request_id: str
     engine_request_id: str
@@ -39,8 +40,12 @@ class FrameSeed:
     step: int
     token_count: int
     skipped_tokens: int
-    rows: torch.Tensor  # [W', d] float32, W' <= W, a private copy
+    rows: torch.Tensor | None  # [W', d] float32, W' <= W, a private copy
     final: bool
+    gram: torch.Tensor | None = None  # [W, W] raw inner products (batched path)
+    valid: int = 0  # rows of `gram` in use
+    dim: int = 0  # MP n for the gram: d, or the projected k
+    scale: float = 1.0  # eigenvalues of centred gram * scale (1/d)
 
 
 @dataclass
@@ -62,10 +67,46 @@ class Frame:
         return float(self.descriptors[DESCRIPTOR_NAMES.index(name)])
 
 
-def finalize(seed: FrameSeed, model: str) -> Frame:
+def seed_eigenvalues(seeds: list[FrameSeed]) -> list[torch.Tensor]:
+    """Eigenvalues for many seeds: Gram seeds of one shape in one batched call."""
+    from eigenwatch.kernels.incremental import centre_gram
+
+    out: list[torch.Tensor | None] = [None] * len(seeds)
+    groups: dict[tuple, list[int]] = {}
+    for i, s in enumerate(seeds):
+        if s.gram is None:
+            try:
+                out[i] = window_eigenvalues(s.rows)
+            except ValueError:  # NaN/Inf rows: finalize() says why
+                out[i] = None
+        else:
+            groups.setdefault((tuple(s.gram.shape), s.valid), []).append(i)
+    for (_, valid), idx in groups.items():
+        grams = torch.stack([seeds[i].gram for i in idx])  # [B, W, W]
+        c = centre_gram(grams, valid)[:, :valid, :valid]
+        scale = torch.tensor([seeds[i].scale for i in idx], dtype=torch.float64)[:, None, None]
+        c = (c * scale).cpu()
+        if not bool(torch.isfinite(c).all()):
+            for j, i in enumerate(idx):  # find the bad ones, keep the rest
+                out[i] = torch.linalg.eigvalsh(c[j]).flip(0).clamp_min(0.0) if bool(torch.isfinite(c[j]).all()) else None
+            continue
+        eigs = torch.linalg.eigvalsh(c).flip(-1).clamp_min(0.0)  # [B, valid]
+        for j, i in enumerate(idx):
+            out[i] = eigs[j]
+    return out
+
+
+def finalize(seed: FrameSeed, model: str, eigs: torch.Tensor | None = None) -> Frame:
     """Spectrum and descriptors of a seed. Raises ValueError on bad windows."""
-    w, d = seed.rows.shape
-    eigs = window_eigenvalues(seed.rows)  # [W] float64
+    if seed.gram is None:
+        w, d = seed.rows.shape
+        eigs = window_eigenvalues(seed.rows) if eigs is None else eigs  # [W] float64
+    else:
+        w, d = seed.valid, seed.dim
+        if eigs is None:
+            eigs = seed_eigenvalues([seed])[0]
+        if eigs is None:
+            raise ValueError("window: contains NaN or Inf activations")
     desc = describe(eigs.numpy(), w, d)
     return Frame(
         request_id=seed.request_id,
@@ -212,4 +253,117 @@ class WindowTap:
             skipped_tokens=req.skipped,
             rows=win.detach().to(dtype=torch.float32, copy=True),
             final=final,
+        )
+
+
+class _BatchedRequest:
+    __slots__ = ("engine_id", "external_id", "skipped", "slot")
+
+    def __init__(self, engine_id: str, skipped: int, external_id: str, slot: int):
+        self.engine_id, self.external_id, self.skipped, self.slot = engine_id, external_id, skipped, slot
+
+
+class BatchedWindowTap:
+    """The same windows and frames as `WindowTap`, for all requests of a step
+    at once: one `WindowBank` per layer, a decode step is one batched update
+    per layer (no per-request tensor work), and frames carry the window's Gram
+    (W×W) instead of its rows. Not thread-safe: engine thread only."""
+
+    def __init__(self, window: int, stride: int, max_requests: int, emit: Callable[[FrameSeed], None],
+                 proj_dim: int | None = None):
+        if window < 2:
+            raise ValueError(f"window: a spectrum needs at least 2 rows, got {window}")
+        if stride < 1:
+            raise ValueError(f"stride: must be >= 1, got {stride}")
+        self.window, self.stride, self.max_requests = window, stride, max_requests
+        self.emit = emit
+        self.proj_dim = proj_dim
+        self.banks: dict[int, "WindowBank"] = {}
+        self.requests: dict[str, _BatchedRequest] = {}
+        self._free = list(range(max_requests - 1, -1, -1))
+        self.untracked = 0
+        self.rows_seen = 0
+
+    def begin(self, engine_id: str, skipped_tokens: int = 0, external_id: str | None = None) -> bool:
+        if engine_id in self.requests:
+            return True
+        if not self._free:
+            self.untracked += 1
+            return False
+        slot = self._free.pop()
+        for bank in self.banks.values():
+            bank.ensure(slot)
+            bank.reset(slot)
+        self.requests[engine_id] = _BatchedRequest(engine_id, skipped_tokens, external_id or engine_id, slot)
+        return True
+
+    def tracked(self, engine_id: str) -> bool:
+        return engine_id in self.requests
+
+    def _bank(self, layer: int, rows: torch.Tensor):
+        bank = self.banks.get(layer)
+        if bank is None:
+            from eigenwatch.kernels.incremental import WindowBank
+
+            proj = self.proj_dim if self.proj_dim and self.proj_dim < rows.shape[1] else None
+            bank = self.banks[layer] = WindowBank(self.window, rows.shape[1], proj, max_slots=self.max_requests,
+                                                  device=rows.device, seed=layer)
+            for req in self.requests.values():
+                bank.ensure(req.slot)
+        return bank
+
+    def add_layer(self, layer: int, stream: torch.Tensor, items: list[tuple[str, int, int]], step: int) -> None:
+        """stream: [N, d] rows of the whole step at one layer; items: (engine id,
+        lo, hi) of tracked requests, rows stream[lo:hi] in token order."""
+        if not items:
+            return
+        bank = self._bank(layer, stream)
+        w, s = self.window, self.stride
+        single = [(self.requests[r], lo) for r, lo, hi in items if hi - lo == 1 and r in self.requests]
+        if single:
+            slots = [req.slot for req, _ in single]
+            rows = stream[torch.tensor([lo for _, lo in single], device=stream.device)]
+            bank.append(slots, rows)
+            self.rows_seen += len(single)
+            hit = [req for req, _ in single if bank.count[req.slot] % s == 0 and bank.count[req.slot] >= 2]
+            if hit:
+                grams, valid = bank.window_gram([req.slot for req in hit])
+                for j, req in enumerate(hit):
+                    self.emit(self._seed(req, layer, step, bank.count[req.slot], grams[j], valid[j], bank, False))
+        for r, lo, hi in items:
+            if hi - lo == 1 or r not in self.requests:
+                continue
+            req = self.requests[r]
+            c0 = bank.count[req.slot]
+            bounds = [t for t in range((c0 // s + 1) * s, c0 + (hi - lo) + 1, s) if t >= 2]
+            self.rows_seen += hi - lo
+            for t, g, v in bank.extend(req.slot, stream[lo:hi], bounds):
+                full = g.new_zeros((w, w))
+                full[:v, :v] = g
+                self.emit(self._seed(req, layer, step, t, full, v, bank, False))
+
+    def finish(self, engine_id: str, step: int) -> None:
+        req = self.requests.pop(engine_id, None)
+        if req is None:
+            return
+        for layer, bank in sorted(self.banks.items()):
+            n = bank.count[req.slot] if req.slot < bank.capacity else 0
+            if n >= 2:
+                grams, valid = bank.window_gram([req.slot])
+                self.emit(self._seed(req, layer, step, n, grams[0], valid[0], bank, True))
+            bank.reset(req.slot)
+        self._free.append(req.slot)
+
+    def drop(self, engine_id: str) -> None:
+        req = self.requests.pop(engine_id, None)
+        if req is not None:
+            for bank in self.banks.values():
+                bank.reset(req.slot)
+            self._free.append(req.slot)
+
+    def _seed(self, req, layer, step, count, gram, valid, bank, final) -> FrameSeed:
+        return FrameSeed(
+            request_id=req.external_id, engine_request_id=req.engine_id, layer=layer, step=step,
+            token_count=count, skipped_tokens=req.skipped, rows=None, final=final,
+            gram=gram.detach().to(dtype=torch.float32), valid=valid, dim=bank.k, scale=1.0 / bank.dim,
         )

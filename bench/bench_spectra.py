@@ -1,0 +1,100 @@
+"""Window spectra for many requests at once: the incremental batched path
+against recomputing per token, side by side in one run.
+
+CPU (always): R requests each get one new row per decode step; a spectrum is
+needed every `stride` tokens. Incremental = `WindowBank.append` (one new Gram
+row, O(W·k)) every token + centred `eigvalsh` of the Gram for the requests at
+a boundary. Recompute = for every token, the centred W×k window's Gram and
+`eigvalsh` from scratch (what a naive tap does), batched over requests.
+
+GPU (when CUDA and Triton are there; runs unchanged with only torch, triton and
+numpy installed): bench/gpu_spectra.py against the DESIGN.md anchors.
+
+    python bench/bench_spectra.py [--R 64] [--W 32] [--k 256] [--stride 16] [--steps 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+
+
+def load(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+incremental = load("eigenwatch_bench_incremental", HERE.parent / "kernels" / "incremental.py")
+
+
+def run_incremental(rows: torch.Tensor, w: int, stride: int) -> float:
+    # rows: [steps, R, k]
+    steps, r, k = rows.shape
+    bank = incremental.WindowBank(w, k, max_slots=r, initial_slots=r)
+    slots = list(range(r))
+    t0 = time.perf_counter()
+    for t in range(steps):
+        bank.append(slots, rows[t])
+        if (t + 1) % stride == 0 and t + 1 >= 2:
+            grams, valid = bank.window_gram(slots)
+            incremental.gram_eigvalsh(grams, valid, k)
+    return time.perf_counter() - t0
+
+
+def run_recompute(rows: torch.Tensor, w: int) -> float:
+    steps, r, k = rows.shape
+    t0 = time.perf_counter()
+    for t in range(steps):
+        win = rows[max(0, t + 1 - w) : t + 1].transpose(0, 1)  # [R, W', k]
+        if win.shape[1] < 2:
+            continue
+        xc = win - win.mean(1, keepdim=True)
+        gram = (xc @ xc.transpose(1, 2)) / k
+        torch.linalg.eigvalsh(gram.double())
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--R", type=int, default=64)
+    p.add_argument("--W", type=int, default=32)
+    p.add_argument("--k", type=int, default=256)
+    p.add_argument("--stride", type=int, default=16)
+    p.add_argument("--steps", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=5)
+    args = p.parse_args()
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(args.steps, args.R, args.k, generator=g) + 3.0
+    inc, rec = [], []
+    for _ in range(args.repeats):  # interleaved, so drift in machine load hits both
+        inc.append(run_incremental(rows, args.W, args.stride))
+        rec.append(run_recompute(rows, args.W))
+    tokens = args.steps * args.R
+    mi, mr = statistics.median(inc), statistics.median(rec)
+    print(f"CPU ({torch.get_num_threads()} threads): R={args.R} W={args.W} k={args.k} stride={args.stride}, "
+          f"{args.steps} decode steps, median of {args.repeats}")
+    print(f"  {'path':52s} {'us/token':>9s} {'ratio':>7s}")
+    print(f"  {'recompute centred Gram + eigvalsh every token':52s} {mr / tokens * 1e6:9.2f} {1.0:7.2f}")
+    print(f"  {'incremental Gram row + eigvalsh every stride':52s} {mi / tokens * 1e6:9.2f} {mr / mi:7.2f}x faster")
+
+    if torch.cuda.is_available():
+        gpu = load("eigenwatch_bench_gpu_spectra", HERE / "gpu_spectra.py")
+        for line in gpu.run_gpu_bench():
+            print(line)
+    else:
+        print("GPU: no CUDA device here; run this same script on an H100/H200 for the GPU table")
+
+
+if __name__ == "__main__":
+    main()
