@@ -24,7 +24,7 @@ import numpy as np
 from eigenwatch.kernels.descriptors import DESCRIPTOR_NAMES
 from eigenwatch.v1 import monitor_pb2, monitor_pb2_grpc
 
-from .windows import Frame, FrameSeed, finalize, seed_eigenvalues
+from .windows import Frame, FrameSeed, finalize, seed_spectra
 
 log = logging.getLogger("eigenwatch.tap")
 
@@ -142,12 +142,12 @@ class FrameExporter:
 
     def _batch(self, seeds: list[FrameSeed]) -> monitor_pb2.FrameBatch:
         frames = []
-        eigs = seed_eigenvalues(seeds)  # one batched eigensolve per window shape
-        for seed, e in zip(seeds, eigs):
+        spectra = seed_spectra(seeds)  # one batched eigensolve per window shape
+        for seed, spectrum in zip(seeds, spectra):
             try:
-                if seed.gram is not None and e is None:
+                if spectrum is None:
                     raise ValueError("window: contains NaN or Inf activations")
-                frame = finalize(seed, self.model, e)
+                frame = finalize(seed, self.model, spectrum)
                 if not np.all(np.isfinite(frame.descriptors)):
                     raise ValueError("non-finite descriptor")
                 frames.append(frame_to_proto(frame))

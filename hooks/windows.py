@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from eigenwatch.kernels.descriptors import DESCRIPTOR_NAMES, describe
-from eigenwatch.kernels.spectra import window_eigenvalues
+from eigenwatch.kernels.spectra import window_spectrum
 
 # vLLM appends "-" + 8 hex chars to the client's request id (input_processor).
 _ENGINE_SUFFIX = re.compile(r"-[0-9a-f]{8}$")
@@ -67,47 +67,55 @@ class Frame:
         return float(self.descriptors[DESCRIPTOR_NAMES.index(name)])
 
 
-def seed_eigenvalues(seeds: list[FrameSeed]) -> list[torch.Tensor]:
-    """Eigenvalues for many seeds: Gram seeds of one shape in one batched call."""
+def seed_spectra(seeds: list[FrameSeed]) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+    """(eigenvalues, row_sq_norms) for many seeds, None for a seed whose window
+    holds NaN/Inf. Gram seeds of one shape go through one batched eigensolve."""
     from eigenwatch.kernels.incremental import centre_gram
 
-    out: list[torch.Tensor | None] = [None] * len(seeds)
+    out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(seeds)
     groups: dict[tuple, list[int]] = {}
     for i, s in enumerate(seeds):
         if s.gram is None:
             try:
-                out[i] = window_eigenvalues(s.rows)
+                out[i] = window_spectrum(s.rows)
             except ValueError:  # NaN/Inf rows: finalize() says why
                 out[i] = None
         else:
             groups.setdefault((tuple(s.gram.shape), s.valid), []).append(i)
     for (_, valid), idx in groups.items():
         grams = torch.stack([seeds[i].gram for i in idx])  # [B, W, W]
-        c = centre_gram(grams, valid)[:, :valid, :valid]
         scale = torch.tensor([seeds[i].scale for i in idx], dtype=torch.float64)[:, None, None]
-        c = (c * scale).cpu()
-        if not bool(torch.isfinite(c).all()):
-            for j, i in enumerate(idx):  # find the bad ones, keep the rest
-                out[i] = torch.linalg.eigvalsh(c[j]).flip(0).clamp_min(0.0) if bool(torch.isfinite(c[j]).all()) else None
-            continue
-        eigs = torch.linalg.eigvalsh(c).flip(-1).clamp_min(0.0)  # [B, valid]
+        c = (centre_gram(grams, valid)[:, :valid, :valid] * scale).cpu()  # [B, V, V] = Xc Xcᵀ / d
+        ok = torch.isfinite(c).flatten(1).all(1)
+        eigs = torch.zeros(c.shape[:2], dtype=torch.float64)
+        if bool(ok.any()):
+            eigs[ok] = torch.linalg.eigvalsh(c[ok]).flip(-1).clamp_min(0.0)
+        diag = torch.diagonal(c, dim1=1, dim2=2)
         for j, i in enumerate(idx):
-            out[i] = eigs[j]
+            out[i] = (eigs[j], diag[j].clone()) if bool(ok[j]) else None
     return out
 
 
-def finalize(seed: FrameSeed, model: str, eigs: torch.Tensor | None = None) -> Frame:
-    """Spectrum and descriptors of a seed. Raises ValueError on bad windows."""
+def seed_eigenvalues(seeds: list[FrameSeed]) -> list[torch.Tensor | None]:
+    return [None if sp is None else sp[0] for sp in seed_spectra(seeds)]
+
+
+def finalize(seed: FrameSeed, model: str, spectrum: tuple[torch.Tensor, torch.Tensor] | torch.Tensor | None = None) -> Frame:
+    """Spectrum and descriptors of a seed. Raises ValueError on bad windows.
+    `spectrum`: what seed_spectra() computed for it, if the caller batched that."""
     if seed.gram is None:
         w, d = seed.rows.shape
-        eigs = window_eigenvalues(seed.rows) if eigs is None else eigs  # [W] float64
     else:
         w, d = seed.valid, seed.dim
-        if eigs is None:
-            eigs = seed_eigenvalues([seed])[0]
-        if eigs is None:
+    if spectrum is None:
+        spectrum = window_spectrum(seed.rows) if seed.gram is None else seed_spectra([seed])[0]
+        if spectrum is None:
             raise ValueError("window: contains NaN or Inf activations")
-    desc = describe(eigs.numpy(), w, d)
+    if isinstance(spectrum, torch.Tensor):  # eigenvalues only
+        eigs, row_sq = spectrum, None
+    else:
+        eigs, row_sq = spectrum
+    desc = describe(eigs.numpy(), w, d, row_sq_norms=None if row_sq is None else row_sq.numpy())
     return Frame(
         request_id=seed.request_id,
         engine_request_id=seed.engine_request_id,

@@ -15,7 +15,7 @@ captured CUDA graph.
 
 The reference they must match is `kernels/spectra.py::window_eigenvalues`
 (eigenvalues of Xc Xcᵀ / d, clamped at 0). On CPU the kernels run under
-Triton's interpreter (TRITON_INTERPRET=1 set before this module is imported),
+Triton's interpreter (TRITON_INTERPRET=1 set before triton is first imported),
 which is how CI tests them. GPU speed is designed for, not yet measured:
 see bench/gpu_spectra.py.
 
@@ -23,6 +23,8 @@ Requires triton; importing this module without it raises ImportError.
 """
 
 from __future__ import annotations
+
+import numbers
 
 import torch
 
@@ -36,10 +38,13 @@ except ImportError as e:  # the sidecar/CPU install has no triton
     ) from e
 
 MAX_W = 64  # the eigensolver keeps a whole W×W block in registers
+# Warps per matrix, from ptxas on sm_90 (no GPU timing yet): the fewest total
+# instructions per Jacobi round with no register spills.
+_EIG_WARPS = {16: 2, 32: 4, 64: 8}
 _MIN_BLOCK = 16  # tl.dot needs every dimension ≥ 16
 _ROW_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _INT_DTYPES = (torch.int32, torch.int64)
-METHODS = ("dot", "gather")
+METHODS = ("gather", "dot")
 
 
 # --------------------------------------------------------------------------- kernels
@@ -105,7 +110,7 @@ def _centred_eigvalsh_kernel(
     tol2,
     max_sweeps,
     N: tl.constexpr,  # power-of-two block ≥ max(W, 16)
-    METHOD: tl.constexpr,  # "dot" or "gather": how a round of rotations is applied
+    METHOD: tl.constexpr,  # "gather" or "dot": how a round of rotations is applied
 ):
     b = tl.program_id(0).to(tl.int64)
     v = tl.load(valid_ptr + b).to(tl.int32)
@@ -118,9 +123,9 @@ def _centred_eigvalsh_kernel(
     # padded rows/columns contribute exact zeros and never rotate (their pivot
     # a_pq is 0, giving c = 1, s = 0 exactly).
     vf = tl.maximum(v, 1).to(tl.float32)
-    row_mean = tl.sum(g, axis=1) / vf
-    col_mean = tl.sum(g, axis=0) / vf
-    all_mean = tl.sum(row_mean, axis=0) / vf
+    row_mean = tl.div_rn(tl.sum(g, axis=1), vf)  # IEEE division, as in the interpreter
+    col_mean = tl.div_rn(tl.sum(g, axis=0), vf)
+    all_mean = tl.div_rn(tl.sum(row_mean, axis=0), vf)
     a = g - row_mean[:, None] - col_mean[None, :] + all_mean
     a = tl.where(inside, a, 0.0) * inv_dim
     a = 0.5 * (a + tl.trans(a))
@@ -147,15 +152,18 @@ def _centred_eigvalsh_kernel(
             apq = 0.5 * (a_ip + a_pi)
             dd = tl.where(lower, dg_p - dg, dg - dg_p)  # a_qq - a_pp
             # Golub & Van Loan Alg. 8.4.1 (sym.schur2), t = tan θ, |t| ≤ 1,
-            # written without 1/a_pq and scaled against overflow. Fast sqrt/rsqrt/
-            # division are fine here: an ulp in (c, s) is an ulp of orthogonality.
+            # written without 1/a_pq and scaled against overflow. Fast sqrt and
+            # division for t (they only nudge the angle); c correctly rounded,
+            # since c² + s² = c²(1 + t²) must be 1: converged pairs (t ≈ 0) then
+            # get c = 1 exactly, where an approximate rsqrt(1) a hair below 1
+            # would shrink the matrix a little on every remaining round.
             mx = tl.maximum(tl.abs(dd), 2.0 * tl.abs(apq))
             nz = mx > 0.0
             sc = tl.where(nz, mx, 1.0)
             hyp = mx * tl.sqrt((dd / sc) * (dd / sc) + (2.0 * apq / sc) * (2.0 * apq / sc))
             sgn = tl.where(dd >= 0.0, 1.0, -1.0)
             t = tl.where(nz, 2.0 * apq * sgn / tl.where(nz, tl.abs(dd) + hyp, 1.0), 0.0)
-            c = tl.rsqrt(1.0 + t * t)
+            c = tl.div_rn(1.0, tl.sqrt_rn(1.0 + t * t))
             sig = tl.where(lower, -1.0, 1.0)
             ss = sig * t * c  # J[p(j), j] for column j: -s at p, +s at q
             if METHOD == "dot":
@@ -193,19 +201,37 @@ def _centred_eigvalsh_kernel(
 
 
 def _interpreted() -> bool:
-    # triton.jit picks the interpreter when the decorator runs, i.e. when this
-    # module was imported with TRITON_INTERPRET=1 in the environment.
+    """True when this module's kernels run in Triton's interpreter."""
     return type(_gram_update_kernel).__name__ == "InterpretedFunction"
+
+
+def _mixed() -> bool:
+    # triton.jit picks the interpreter when a function is decorated, reading
+    # TRITON_INTERPRET then: triton's own library (tl.sort) at `import triton`,
+    # our kernels at the import of this module. Set in between, they disagree
+    # and every launch fails.
+    return _interpreted() != (type(tl.sort).__name__ == "InterpretedFunction")
 
 
 def available() -> bool:
     """True when these kernels can run here: a CUDA (or ROCm) device, or the
-    Triton interpreter (TRITON_INTERPRET=1 set before this module was imported)."""
+    Triton interpreter (TRITON_INTERPRET=1 set before triton was first imported)."""
+    if _mixed():
+        return False
     return _interpreted() or torch.cuda.is_available()
 
 
-def _block(w: int) -> int:
-    return max(_MIN_BLOCK, triton.next_power_of_2(w))
+def _update_config(w: int, k: int) -> tuple[int, int, int]:
+    """(BLOCK_W, BLOCK_K, num_warps) of gram_update: ~4K f32 accumulators per
+    program, a [W, BLOCK_K] tile streamed over k."""
+    block_w = triton.next_power_of_2(w)
+    return block_w, max(16, min(triton.next_power_of_2(k), 4096 // block_w)), 4
+
+
+def _eig_config(w: int) -> tuple[int, int]:
+    """(N, num_warps) of centred_eigvalsh: the power-of-two block and warps per matrix."""
+    n = max(_MIN_BLOCK, triton.next_power_of_2(w))
+    return n, _EIG_WARPS[n]
 
 
 def _check_device(name: str, t: torch.Tensor, device: torch.device) -> None:
@@ -214,10 +240,16 @@ def _check_device(name: str, t: torch.Tensor, device: torch.device) -> None:
 
 
 def _check_backend(name: str, t: torch.Tensor) -> None:
+    if _mixed():
+        raise RuntimeError(
+            "TRITON_INTERPRET changed between `import triton` and the import of "
+            "eigenwatch.kernels.triton_spectra; set it (or unset it) before triton is first "
+            "imported, e.g. in the environment of a fresh process"
+        )
     if t.device.type != "cuda" and not _interpreted():
         raise ValueError(
             f"{name}: tensor is on {t.device}; the Triton kernels need a CUDA tensor "
-            "(or TRITON_INTERPRET=1 set before importing this module, for CPU testing)"
+            "(or TRITON_INTERPRET=1 set before triton is first imported, for CPU testing)"
         )
 
 
@@ -264,10 +296,9 @@ def gram_update(
     _check_backend("ring", ring)
     if B == 0:
         return
-    block_w = triton.next_power_of_2(W)
-    # ~4K f32 accumulators per program: a [W, BLOCK_K] tile streamed over k.
-    block_k = max(16, min(triton.next_power_of_2(K), 4096 // block_w))
-    _gram_update_kernel[(B,)](ring, gram, rows, slots, pos, S, W, K, BLOCK_W=block_w, BLOCK_K=block_k, num_warps=4)
+    block_w, block_k, warps = _update_config(W, K)
+    _gram_update_kernel[(B,)](ring, gram, rows, slots, pos, S, W, K, BLOCK_W=block_w, BLOCK_K=block_k,
+                              num_warps=warps)
 
 
 def centred_eigvalsh(
@@ -275,9 +306,10 @@ def centred_eigvalsh(
     valid: torch.Tensor,
     dim: int,
     *,
-    method: str = "dot",
+    method: str = "gather",
     tol: float = 1e-6,
     max_sweeps: int = 12,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """gram: [B, W, W] f32 raw inner products, valid: [B] int -> [B, W] f32.
 
@@ -287,9 +319,14 @@ def centred_eigvalsh(
     (no host sync); valid ≤ 1 gives all zeros, as a one-row window has no spread.
     The gram entries outside the valid block are never read.
 
+    out: optional [B, W] f32 destination (e.g. a persistent buffer inside a
+    CUDA graph); returned.
+
     Cyclic Jacobi, stopping when the off-diagonal Frobenius norm is ≤ tol·‖A‖_F
-    or after max_sweeps sweeps; method picks how a round of rotations is
-    applied ("dot": dense J with tl.dot, "gather": O(W²) partner gathers).
+    or after max_sweeps sweeps. method picks how a round of W/2 rotations is
+    applied: "gather" (default) mixes each row/column with its partner, O(W²);
+    "dot" builds the rotation as a dense W×W matrix for two fp32 tl.dot calls,
+    O(W³), and spills registers at W > 32 on sm_90 (kept for comparison).
     """
     if gram.ndim != 3 or gram.shape[1] != gram.shape[2]:
         raise ValueError(f"gram: expected [B, W, W], got shape {tuple(gram.shape)}")
@@ -300,24 +337,27 @@ def centred_eigvalsh(
         raise ValueError(f"gram: window W={W} outside 1..{MAX_W}")
     if valid.shape != (B,) or valid.dtype not in _INT_DTYPES:
         raise ValueError(f"valid: expected int32/int64 of shape ({B},), got {valid.dtype} {tuple(valid.shape)}")
-    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+    if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or dim < 1:
         raise ValueError(f"dim: expected an int ≥ 1 (the row width), got {dim!r}")
     if method not in METHODS:
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
-    if not (0.0 <= tol < 1.0):
+    if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not 0.0 <= tol < 1.0:
         raise ValueError(f"tol: expected 0 ≤ tol < 1, got {tol!r}")
-    if isinstance(max_sweeps, bool) or not isinstance(max_sweeps, int) or not 1 <= max_sweeps <= 100:
+    if isinstance(max_sweeps, bool) or not isinstance(max_sweeps, numbers.Integral) or not 1 <= max_sweeps <= 100:
         raise ValueError(f"max_sweeps: expected an int in 1..100, got {max_sweeps!r}")
     for name, t in (("gram", gram), ("valid", valid)):
         _check_device(name, t, gram.device)
         _check_contiguous(name, t)
     _check_backend("gram", gram)
-    out = torch.empty((B, W), dtype=torch.float32, device=gram.device)
+    if out is None:
+        out = torch.empty((B, W), dtype=torch.float32, device=gram.device)
+    elif out.shape != (B, W) or out.dtype != torch.float32 or out.device != gram.device or not out.is_contiguous():
+        raise ValueError(f"out: expected a contiguous float32 {(B, W)} tensor on {gram.device}, "
+                         f"got {out.dtype} {tuple(out.shape)} on {out.device}")
     if B == 0:
         return out
-    n = _block(W)
+    n, warps = _eig_config(W)
     _centred_eigvalsh_kernel[(B,)](
-        gram, valid, out, W, 1.0 / dim, tol * tol, max_sweeps, N=n, METHOD=method,
-        num_warps={16: 1, 32: 2}.get(n, 4),
+        gram, valid, out, W, 1.0 / int(dim), float(tol) ** 2, int(max_sweeps), N=n, METHOD=method, num_warps=warps
     )
     return out

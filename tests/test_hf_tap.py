@@ -8,7 +8,7 @@ import torch
 from eigenwatch.hooks.hf import HFTap
 from eigenwatch.hooks.models import build_tiny_llama
 from eigenwatch.kernels.descriptors import describe
-from eigenwatch.kernels.spectra import window_eigenvalues
+from eigenwatch.kernels.spectra import window_spectrum
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +47,10 @@ def test_hf_frames_match_hidden_states(tiny, n_tokens, window, stride):
         for f in mine:
             t = f.token_count
             win = rows[max(0, t - window):t]
-            eigs = window_eigenvalues(win).numpy()
+            eigs, row_sq = (t.numpy() for t in window_spectrum(win))
             np.testing.assert_allclose(f.eigenvalues, eigs, rtol=1e-4, atol=1e-9)
-            np.testing.assert_allclose(f.descriptors, describe(eigs, win.shape[0], win.shape[1]), rtol=1e-4, atol=1e-9)
+            want = describe(eigs, win.shape[0], win.shape[1], row_sq_norms=row_sq)
+            np.testing.assert_allclose(f.descriptors, want, rtol=1e-4, atol=1e-9)
 
 
 def test_hf_tap_texts_and_removal(tiny):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from eigenwatch.hooks.windows import BatchedWindowTap, WindowTap, finalize, seed_eigenvalues
+from eigenwatch.hooks.windows import BatchedWindowTap, WindowTap, finalize, seed_eigenvalues, seed_spectra
 from eigenwatch.kernels.incremental import WindowBank, centre_gram, gram_eigvalsh
 
 
@@ -106,9 +106,8 @@ def test_batched_frames_equal_reference_frames_under_batching_and_chunking(w, s,
                 tap.finish(rid, step)
                 del active[rid]
     got = {}
-    eigs = seed_eigenvalues(seeds)
-    for seed, e in zip(seeds, eigs):
-        got[(seed.engine_request_id, seed.token_count, seed.final)] = finalize(seed, "m", e)
+    for seed, spectrum in zip(seeds, seed_spectra(seeds)):
+        got[(seed.engine_request_id, seed.token_count, seed.final)] = finalize(seed, "m", spectrum)
     assert set(got) == set(want)
     for key, ref in want.items():
         frame = got[key]

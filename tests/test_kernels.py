@@ -27,6 +27,7 @@ from eigenwatch.kernels.descriptors import (
     mp_gamma,
 )
 from eigenwatch.kernels.spectra import window_eigenvalues
+from test_eigentrack_descriptors import ref_new_features  # independent reference of the appended descriptors
 
 GAMMAS = (0.05, 0.3, 1.0, 2.5)
 PROPERTY = settings(max_examples=50, deadline=None, derandomize=True, database=None,
@@ -74,7 +75,9 @@ def ref_window_eigs(x: np.ndarray) -> np.ndarray:
 
 
 def ref_describe(eigs: np.ndarray, window: int, dim: int) -> dict[str, float]:
-    """Independent float64 implementation of DESCRIPTOR_DOCS."""
+    """Independent float64 implementation of DESCRIPTOR_DOCS (the EigenTrack
+    names appended later come from test_eigentrack_descriptors.ref_new_features,
+    without row_sq_norms: their trace fallbacks)."""
     lam = np.sort(np.asarray(eigs, dtype=np.float64))[::-1]
     lam = np.where(lam > 1e-12 * max(lam[0], 0.0), lam, 0.0)
     gamma = (window - 1) / dim
@@ -82,6 +85,7 @@ def ref_describe(eigs: np.ndarray, window: int, dim: int) -> dict[str, float]:
     nz = lam[:p]
     out = dict.fromkeys(DESCRIPTOR_NAMES, 0.0)
     out.update(gamma=gamma, window=float(window), ratio12=1.0)
+    out.update(ref_new_features(eigs, window, dim))
     if nz.sum() <= 0:
         return out
     mean = nz.sum() / p
@@ -131,7 +135,8 @@ def assert_descriptors(got: np.ndarray, want: dict[str, float], *, rtol=1e-6, at
     bad = []
     for name in DESCRIPTOR_NAMES:
         g, w = float(got[INDEX[name]]), float(want[name])
-        tol = atol * max(1.0, abs(want["lambda1"])) if name in ("lambda1", "trace_mean", "sigma2", "mp_edge") else atol
+        scaled = ("lambda1", "trace_mean", "sigma2", "mp_edge", "row_norm_mean")
+        tol = atol * max(1.0, abs(want["lambda1"])) if name in scaled else atol
         if not abs(g - w) <= tol + rtol * abs(w):
             bad.append(f"  {name}: got {g!r} want {w!r}")
     assert not bad, f"{label}: descriptor mismatches:\n" + "\n".join(bad)
@@ -399,7 +404,7 @@ def test_describe_rank_deficient_window_ignores_rounding_noise():
     base = descs[0]
     assert base[INDEX["lambda2_rel"]] == 0.0 and base[INDEX["sigma2"]] == 0.0
     assert base[INDEX["spikes"]] == 1.0
-    invariant = [n for n in DESCRIPTOR_NAMES if n not in ("lambda1", "trace_mean")]
+    invariant = [n for n in DESCRIPTOR_NAMES if n not in ("lambda1", "trace_mean", "row_norm_mean")]
     for d in descs[1:]:
         for n in invariant:
             assert d[INDEX[n]] == pytest.approx(base[INDEX[n]], rel=1e-9, abs=1e-12), n
@@ -511,12 +516,14 @@ def test_property_descriptors_invariant_to_token_order(x, rnd):
 
 
 SCALE_FREE = ("lambda1_rel", "lambda2_rel", "lambda3_rel", "gap12_rel", "ratio12", "spectral_entropy",
-              "effective_rank", "eig_variance_rel", "spikes", "gamma", "window")
+              "effective_rank", "eig_variance_rel", "spikes", "gamma", "window",
+              "gap23_rel", "spikes_tw", "kl_mp", "w1_mp", "sigma2_mppca_rel", "l12_proxy", "nuclear_rel")
 SCALE_SQUARED = ("lambda1", "trace_mean", "sigma2", "mp_edge")
+SCALE_LINEAR = ("row_norm_mean",)
 
 
 def test_scale_lists_cover_every_descriptor():
-    assert sorted(SCALE_FREE + SCALE_SQUARED) == sorted(DESCRIPTOR_NAMES)
+    assert sorted(SCALE_FREE + SCALE_SQUARED + SCALE_LINEAR) == sorted(DESCRIPTOR_NAMES)
 
 
 @PROPERTY
@@ -530,6 +537,8 @@ def test_property_scaling_window(x, c):
         assert d2[INDEX[name]] == pytest.approx(d1[INDEX[name]], rel=1e-7, abs=1e-12), name
     for name in SCALE_SQUARED:
         assert d2[INDEX[name]] == pytest.approx(c * c * d1[INDEX[name]], rel=1e-7), name
+    for name in SCALE_LINEAR:
+        assert d2[INDEX[name]] == pytest.approx(c * d1[INDEX[name]], rel=1e-7), name
 
 
 # --------------------------------------------------------------------------- spike detection

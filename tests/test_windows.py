@@ -12,7 +12,7 @@ import torch
 
 from eigenwatch.hooks.windows import Frame, FrameSeed, WindowTap, external_request_id, finalize
 from eigenwatch.kernels.descriptors import DESCRIPTOR_NAMES, describe
-from eigenwatch.kernels.spectra import window_eigenvalues
+from eigenwatch.kernels.spectra import window_eigenvalues, window_spectrum
 
 
 def make_tap(window=8, stride=3, max_requests=16):
@@ -303,7 +303,7 @@ def test_finalize_matches_kernels_for_every_layer():
         src = data[sd.layer][sd.token_count - min(w, sd.token_count) : sd.token_count]
         assert torch.equal(sd.rows, src)  # each layer's window comes from its own rows
         want_eigs = window_eigenvalues(src).numpy()
-        want_desc = describe(want_eigs, *src.shape)
+        want_desc = describe(want_eigs, *src.shape, row_sq_norms=window_spectrum(src)[1].numpy())
         assert (fr.request_id, fr.engine_request_id, fr.model) == ("m", "m-0000beef", "tiny-model")
         assert (fr.layer, fr.step, fr.token_count, fr.skipped_tokens, fr.final) == (
             sd.layer, sd.step, sd.token_count, sd.skipped_tokens, sd.final)
