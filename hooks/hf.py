@@ -8,7 +8,7 @@ from collections.abc import Iterable
 
 import torch
 
-from eigenwatch.hooks._vllm_worker import find_decoder_layers, residual_stream
+from eigenwatch.hooks.layers import find_decoder_layers, residual_stream
 from eigenwatch.hooks.config import resolve_layers
 from eigenwatch.hooks.windows import Frame, FrameSeed, WindowTap, finalize
 
