@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import torch
 
+from . import backend
+
 
 def centre_gram(gram: torch.Tensor, valid) -> torch.Tensor:
     """gram: [B, W, W] raw inner products; valid: int, list or [B] rows in use
@@ -81,6 +83,7 @@ class WindowBank:
         self.gram = torch.zeros(s, window, window, device=self.device)
         self.ref = torch.zeros(s, dim, device=self.device)
         self.count = [0] * s  # rows seen per slot (host-side: drives boundaries)
+        self.triton = backend.use_triton(self.device)
         self.free = list(range(s - 1, -1, -1))
 
     # ---- slots -------------------------------------------------------------------------
@@ -140,6 +143,11 @@ class WindowBank:
             self.ref[idx[f]] = rows[f].to(device=self.device, dtype=torch.float32)
         x = self._store(idx, rows)  # [B, k]
         pos = torch.tensor([self.count[s] % w for s in slots], device=self.device)
+        if self.triton:  # one fused launch: write the row, one Gram row and column
+            backend.triton_spectra().gram_update(self.ring, self.gram, x.contiguous(), idx, pos)
+            for s in slots:
+                self.count[s] += 1
+            return
         self.ring.view(-1, self.k).index_copy_(0, idx * w + pos, x)
         # [B, 1, k] @ [B, k, W] -> the one new Gram row per slot, [B, W]. (This
         # orientation: CPU bmm with a single output column is ~10x slower.)

@@ -166,3 +166,47 @@ def test_nan_rows_make_only_their_frame_invalid():
     by = {(s.engine_request_id, s.token_count): e for s, e in zip(seeds, eigs)}
     assert by[("ok", 2)] is not None and by[("ok", 4)] is not None
     assert by[("bad", 4)] is None  # dropped (and counted) by the exporter, never a NaN descriptor
+
+
+def test_triton_backend_matches_torch_under_the_interpreter(tmp_path):
+    """The same WindowBank stream through the Triton gram_update (interpreted
+    on CPU, a fresh process so TRITON_INTERPRET is set before triton loads)
+    and through torch."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton", reason="triton is not installed")
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import sys, torch\n"
+        "from eigenwatch.kernels.incremental import WindowBank\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "bank = WindowBank(8, 20, max_slots=8, initial_slots=8)\n"
+        "assert bank.triton == (sys.argv[1] == 'triton'), bank.triton\n"
+        "for t in range(30):\n"
+        "    bank.append([0, 3, 5], torch.randn(3, 20, generator=g) + 2)\n"
+        "torch.save({'gram': bank.gram, 'ring': bank.ring}, sys.argv[2])\n"
+    )
+    out = {}
+    for name, env in (("torch", {"EIGENWATCH_BACKEND": "torch"}),
+                      ("triton", {"EIGENWATCH_BACKEND": "triton", "TRITON_INTERPRET": "1"})):
+        import os
+
+        path = tmp_path / f"{name}.pt"
+        proc = subprocess.run([sys.executable, str(script), name, str(path)], env={**os.environ, **env},
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        out[name] = torch.load(path)
+    assert torch.equal(out["torch"]["ring"], out["triton"]["ring"])
+    diff = (out["torch"]["gram"] - out["triton"]["gram"]).abs().max() / out["torch"]["gram"].abs().max()
+    assert diff <= 1e-5, diff
+
+
+def test_backend_choice_errors(monkeypatch):
+    from eigenwatch.kernels import backend
+
+    monkeypatch.setenv("EIGENWATCH_BACKEND", "cuda-please")
+    with pytest.raises(ValueError, match="EIGENWATCH_BACKEND: expected one of auto, torch, triton"):
+        backend.requested()
+    monkeypatch.setenv("EIGENWATCH_BACKEND", "auto")
+    assert not backend.use_triton(torch.device("cpu"))  # auto: torch on CPU, quietly
