@@ -105,10 +105,14 @@ def cmd_demo(args) -> int:
     path, runner = resolve_model(args.model)
     print(f"  weights: {path}")
 
-    sidecar = SidecarProcess(
-        ["--listen", args.listen, "--metrics-port", str(args.metrics_port),
-         "--calibration-frames", str(args.calibration_frames)]
-    ).start()
+    try:
+        sidecar = SidecarProcess(
+            ["--listen", args.listen, "--metrics-port", str(args.metrics_port),
+             "--calibration-frames", str(args.calibration_frames)]
+        ).start()
+    except RuntimeError as exc:
+        print(f"eigenwatch demo: {exc}", file=sys.stderr)
+        return 2
     print(f"  sidecar: gRPC {sidecar.grpc} (eigenwatch.v1.Monitor, health, reflection); Prometheus {sidecar.metrics}")
     os.environ.update(tap_env(sidecar.grpc, model_name=args.model))
     # vLLM's INFO lines would bury the demo's own output; warnings still show.

@@ -54,7 +54,11 @@ def cmd_serve(args) -> int:
         return 2
     name = args.served_model_name or (args.model if args.model in ("tiny", "minilm") else Path(path).name)
 
-    sidecar = SidecarProcess(sidecar_argv(args, args.sidecar_listen), echo=True).start()
+    try:
+        sidecar = SidecarProcess(sidecar_argv(args, args.sidecar_listen), echo=True).start()
+    except RuntimeError as exc:
+        print(f"eigenwatch serve: {exc}", file=sys.stderr)
+        return 2
     env = tap_env(sidecar.grpc, layers=args.layers, window=args.window, stride=args.stride,
                   default=args.default, model_name=name)
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(path),

@@ -369,14 +369,24 @@ class Sidecar:
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, self.server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
-        self.port = self.server.add_insecure_port(self.cfg.listen)
+        try:
+            self.port = self.server.add_insecure_port(self.cfg.listen)
+        except RuntimeError:
+            self.port = 0
         if self.port == 0 and not self.cfg.listen.startswith("unix:"):
-            raise OSError(f"--listen: could not bind {self.cfg.listen!r} (address in use or invalid)")
+            await self.server.stop(None)
+            raise OSError(f"--listen: could not bind {self.cfg.listen!r} (address in use, or not host:port / unix:///path)")
         await self.server.start()
         for name in ("", SERVICE_NAME):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         if self.cfg.metrics_port is not None and self.cfg.metrics_port >= 0:
-            self._http, _thread = start_http_server(self.cfg.metrics_port, addr=self.cfg.metrics_host, registry=self.registry)
+            try:
+                self._http, _thread = start_http_server(self.cfg.metrics_port, addr=self.cfg.metrics_host,
+                                                        registry=self.registry)
+            except OSError as exc:
+                await self.server.stop(None)
+                raise OSError(f"--metrics-port: could not listen on {self.cfg.metrics_host}:{self.cfg.metrics_port} "
+                              f"({exc.strerror or exc}); pick a free port, 0 for any, or -1 for none") from None
             self.metrics_port = self._http.server_port
         self._sweeper = asyncio.get_running_loop().create_task(self.service.sweep_forever())
 

@@ -264,3 +264,22 @@ def _found(stub, rid, md):
         return stub.GetReport(monitor_pb2.GetReportRequest(request_id=rid), metadata=md, timeout=5).finished
     except grpc.RpcError:
         return False
+
+
+@pytest.mark.parametrize("flag", ["--listen", "--metrics-port"])
+def test_port_in_use_is_a_clear_error_naming_the_flag(flag):
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        args = (["--listen", f"127.0.0.1:{port}", "--metrics-port", "-1"] if flag == "--listen"
+                else ["--listen", "127.0.0.1:0", "--metrics-port", str(port)])
+        out = subprocess.run([sys.executable, "-m", "eigenwatch.monitor.cli", "sidecar", *args],
+                             capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert f"eigenwatch sidecar: {flag}: could not" in out.stderr
+    assert "Traceback" not in out.stderr
