@@ -1,7 +1,7 @@
-"""`eigenwatch` command line: sidecar, serve, demo.
+"""`eigenwatch` command line: sidecar, serve, demo, calibrate, score.
 
-`sidecar` imports neither torch nor vLLM; `serve` and `demo` import what they
-need inside the command.
+`sidecar` imports neither torch nor vLLM; `serve`, `demo`, `calibrate` and
+`score` import what they need inside the command.
 """
 
 from __future__ import annotations
@@ -123,6 +123,18 @@ def cmd_sidecar(args) -> int:
     return 0
 
 
+def cmd_calibrate(args) -> int:
+    from .offline import calibrate, run
+
+    return run(calibrate, args)
+
+
+def cmd_score(args) -> int:
+    from .offline import run, score
+
+    return run(score, args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="eigenwatch", description="Spectral monitoring for vLLM servers.")
     parser.add_argument("--log-level", default=os.environ.get("EIGENWATCH_LOG_LEVEL", "INFO"),
@@ -144,6 +156,18 @@ def main(argv: list[str] | None = None) -> int:
 
     add_demo_args(p)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("calibrate", help="run a model over reference texts (JSONL) and write a calibration file")
+    from .offline import add_calibrate_args
+
+    add_calibrate_args(p)
+    p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("score", help="score texts (JSONL) against a calibration: one risk line per text")
+    from .offline import add_score_args
+
+    add_score_args(p)
+    p.set_defaults(func=cmd_score)
 
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "serve":

@@ -1,0 +1,319 @@
+"""Offline detectors (numpy only): each is a named class with
+`fit(reference features)` and `score(features) -> np.ndarray` (higher = more
+anomalous), plus `state()` / `from_state()` so a calibration file holds
+everything `eigenwatch score` needs.
+
+Features of one text (built by `eigenwatch.monitor.offline`) are a dict:
+
+- ``spectra``: {layer: [(rel_eigs, window, dim, sigma2_rel), ...]} — each tap
+  window's eigenvalues divided by its trace_mean, and the window's robust σ²
+  (descriptor ``sigma2``) over its trace_mean: exactly what the live
+  ``spectral_spike`` detector sees (monitor/detectors.py).
+- ``desc_mean``: per-text mean of the descriptor vectors of each tapped layer,
+  layers concatenated in layer order.
+- ``pooled``: {layer: mean-pooled hidden state (vector of size d)}.
+- ``llmcheck``: the LLM-Check hidden score of the middle tapped layer.
+
+Detectors:
+
+- ``SpectralSpike``: per layer, σ² = median over reference windows of
+  sigma2_rel and a threshold = ceil(0.99-quantile) of the reference windows'
+  spike counts (the live sidecar's calibration). Score of a text =
+  max over layers and windows of (spikes above the calibrated MP edge − that
+  layer's threshold): > 0 means the live sidecar would flag a window.
+- ``DescriptorMahalanobis``: descriptors standardised by the reference mean/std,
+  then a Ledoit–Wolf shrunk Gaussian; score = squared Mahalanobis distance / p.
+- ``HiddenMahalanobis``: per tapped layer a Ledoit–Wolf shrunk Gaussian on the
+  mean-pooled hidden states; score = mean over layers of d²/d_layer.
+- ``LLMCheckHidden``: two-sided robust deviation |s − median| / (1.4826·MAD) of
+  the LLM-Check hidden score from the reference.
+- ``Combined``: split conformal. Each detector's p-value against its scores on
+  calibration texts not used to fit it, p_j = (1 + #{ref_j ≥ s_j}) / (n + 1);
+  Fisher's statistic T = −2 Σ_j log p_j; because the detectors are correlated
+  T is not χ²-distributed, so T is itself made conformal (full conformal over
+  the calibration texts + the new one, see the class): p = (1 + #{T_ref ≥ T}) / (n + 1).
+  score = −log10 p; alert when p < the chosen false-alarm rate.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from eigenwatch.kernels.descriptors import count_spikes
+
+MAX_COMPONENTS = 256  # eigen-directions of a sample covariance kept in a calibration file
+
+
+class ShrinkageGaussian:
+    """Mean + Ledoit–Wolf shrunk covariance Σ = s·μ·I + (1 − s)·S, with S the
+    sample covariance (1/n), μ = tr(S)/p and s the Ledoit–Wolf (2004) optimal
+    shrinkage. Works for n < p: Σ is full rank whenever s > 0 and μ > 0.
+
+    Stored in low-rank form (S = U Λ Uᵀ, at most min(n, p, MAX_COMPONENTS)
+    directions; S's smaller eigenvalues, if any are dropped, count as 0), so the
+    state is O(r·p) and Σ⁻¹ = (1/a)(I − U diag(bλ/(a + bλ)) Uᵀ), a = sμ, b = 1 − s.
+    """
+
+    def fit(self, X) -> "ShrinkageGaussian":
+        X = np.asarray(X, dtype=np.float64)
+        if X.ndim != 2 or X.shape[0] < 2:
+            raise ValueError(f"ShrinkageGaussian.fit: need a 2-D array with >= 2 rows, got shape {X.shape}")
+        n, p = X.shape
+        self.mean = X.mean(axis=0)
+        Z = X - self.mean
+        # Eigen-decomposition of S through the smaller of the two Gram matrices.
+        if n <= p:
+            G = Z @ Z.T / n
+            lam, V = np.linalg.eigh(G)
+            keep = lam > 1e-12 * max(lam.max(), 1e-300)
+            lam, V = lam[keep], V[:, keep]
+            U = Z.T @ V / np.sqrt(n * lam)
+        else:
+            S = Z.T @ Z / n
+            lam, U = np.linalg.eigh(S)
+            keep = lam > 1e-12 * max(lam.max(), 1e-300)
+            lam, U = lam[keep], U[:, keep]
+        order = np.argsort(lam)[::-1]
+        lam, U = lam[order], U[:, order]
+        mu = float(lam.sum() / p)
+        # Ledoit–Wolf: δ² = ||S − μI||²_F / p, β² = (1/n²) Σ_k ||z_k z_kᵀ − S||²_F / p.
+        s_fro2 = float((lam ** 2).sum())
+        delta2 = (s_fro2 - 2 * mu * lam.sum() + mu * mu * p) / p
+        row4 = float(((Z ** 2).sum(axis=1) ** 2).sum())
+        beta2 = (row4 - n * s_fro2) / (n * n) / p
+        beta2 = min(max(beta2, 0.0), delta2)
+        shrink = 1.0 if delta2 <= 0 else beta2 / delta2
+        if mu <= 0:  # all reference rows identical: unit covariance
+            mu, shrink = 1.0, 1.0
+        self.shrinkage = float(shrink)
+        self.a = max(shrink * mu, 1e-12 * mu)
+        self.b = 1.0 - shrink
+        r = min(len(lam), MAX_COMPONENTS)
+        self.lam, self.U = lam[:r], U[:, :r]
+        self.p = p
+        return self
+
+    def sqdist(self, X) -> np.ndarray:
+        """Squared Mahalanobis distances of the rows of X to the mean."""
+        X = np.atleast_2d(np.asarray(X, dtype=np.float64))
+        Z = X - self.mean
+        proj = Z @ self.U
+        w = self.b * self.lam / (self.a + self.b * self.lam)
+        d2 = ((Z ** 2).sum(axis=1) - (proj ** 2 * w).sum(axis=1)) / self.a
+        return np.maximum(d2, 0.0)
+
+    def state(self) -> dict:
+        return {"mean": self.mean.tolist(), "a": self.a, "b": self.b, "shrinkage": self.shrinkage,
+                "lam": self.lam.tolist(), "U": self.U.tolist(), "p": self.p}
+
+    @classmethod
+    def from_state(cls, st: dict) -> "ShrinkageGaussian":
+        g = cls()
+        g.mean = np.asarray(st["mean"], dtype=np.float64)
+        g.a, g.b, g.shrinkage, g.p = float(st["a"]), float(st["b"]), float(st["shrinkage"]), int(st["p"])
+        g.lam = np.asarray(st["lam"], dtype=np.float64)
+        g.U = np.asarray(st["U"], dtype=np.float64).reshape(g.p, len(g.lam))
+        return g
+
+
+class SpectralSpike:
+    """Spikes above the calibrated Marchenko–Pastur edge (the live detector's rule)."""
+
+    name = "spectral_spike"
+
+    def __init__(self, quantile: float = 0.99):
+        self.quantile = quantile
+        self.layers: dict[int, dict] = {}
+
+    def fit(self, feats: list[dict]) -> "SpectralSpike":
+        by_layer: dict[int, list] = {}
+        for f in feats:
+            for layer, wins in f["spectra"].items():
+                by_layer.setdefault(int(layer), []).extend(wins)
+        for layer, wins in sorted(by_layer.items()):
+            sigma2 = float(np.median([w[3] for w in wins]))
+            counts = [count_spikes(e, win, d, sigma2) for e, win, d, _ in wins]
+            thr = int(math.ceil(np.quantile(counts, self.quantile)))
+            self.layers[layer] = {"sigma2": sigma2, "spike_threshold": thr, "frames": len(wins)}
+        return self
+
+    def score(self, feats: list[dict]) -> np.ndarray:
+        out = np.empty(len(feats))
+        for i, f in enumerate(feats):
+            best = -math.inf
+            for layer, wins in f["spectra"].items():
+                cal = self.layers.get(int(layer))
+                if cal is None:
+                    continue
+                for e, win, d, _ in wins:
+                    best = max(best, count_spikes(e, win, d, cal["sigma2"]) - cal["spike_threshold"])
+            out[i] = best if best > -math.inf else 0.0
+        return out
+
+    def state(self) -> dict:
+        return {"quantile": self.quantile, "layers": {str(k): v for k, v in self.layers.items()}}
+
+    @classmethod
+    def from_state(cls, st: dict) -> "SpectralSpike":
+        d = cls(st["quantile"])
+        d.layers = {int(k): v for k, v in st["layers"].items()}
+        return d
+
+
+class DescriptorMahalanobis:
+    """Mahalanobis distance of the per-text mean descriptor vector (all layers)."""
+
+    name = "descriptor_mahalanobis"
+
+    def fit(self, feats: list[dict]) -> "DescriptorMahalanobis":
+        X = np.stack([f["desc_mean"] for f in feats])
+        self.loc = X.mean(axis=0)
+        sd = X.std(axis=0)
+        self.scale = np.where(sd > 1e-12 * (np.abs(self.loc) + 1e-30), sd, 1.0)
+        self.gauss = ShrinkageGaussian().fit((X - self.loc) / self.scale)
+        return self
+
+    def score(self, feats: list[dict]) -> np.ndarray:
+        X = np.stack([f["desc_mean"] for f in feats])
+        return self.gauss.sqdist((X - self.loc) / self.scale) / self.gauss.p
+
+    def state(self) -> dict:
+        return {"loc": self.loc.tolist(), "scale": self.scale.tolist(), "gauss": self.gauss.state()}
+
+    @classmethod
+    def from_state(cls, st: dict) -> "DescriptorMahalanobis":
+        d = cls()
+        d.loc, d.scale = np.asarray(st["loc"]), np.asarray(st["scale"])
+        d.gauss = ShrinkageGaussian.from_state(st["gauss"])
+        return d
+
+
+class HiddenMahalanobis:
+    """Mahalanobis distance of mean-pooled hidden states, mean over tapped layers of d²/d."""
+
+    name = "hidden_mahalanobis"
+
+    def fit(self, feats: list[dict]) -> "HiddenMahalanobis":
+        layers = sorted(int(k) for k in feats[0]["pooled"])
+        self.gauss = {l: ShrinkageGaussian().fit(np.stack([f["pooled"][l] for f in feats])) for l in layers}
+        return self
+
+    def score(self, feats: list[dict]) -> np.ndarray:
+        tot = np.zeros(len(feats))
+        for l, g in self.gauss.items():
+            tot += g.sqdist(np.stack([f["pooled"][l] for f in feats])) / g.p
+        return tot / len(self.gauss)
+
+    def state(self) -> dict:
+        return {"layers": {str(l): g.state() for l, g in self.gauss.items()}}
+
+    @classmethod
+    def from_state(cls, st: dict) -> "HiddenMahalanobis":
+        d = cls()
+        d.gauss = {int(l): ShrinkageGaussian.from_state(g) for l, g in st["layers"].items()}
+        return d
+
+
+class LLMCheckHidden:
+    """Two-sided robust z of the LLM-Check hidden score: |s − median| / (1.4826·MAD)."""
+
+    name = "llmcheck_hidden"
+
+    def fit(self, feats: list[dict]) -> "LLMCheckHidden":
+        s = np.array([f["llmcheck"] for f in feats], dtype=np.float64)
+        self.median = float(np.median(s))
+        mad = float(np.median(np.abs(s - self.median))) * 1.4826
+        self.mad = mad if mad > 0 else (float(s.std()) or 1.0)
+        return self
+
+    def score(self, feats: list[dict]) -> np.ndarray:
+        s = np.array([f["llmcheck"] for f in feats], dtype=np.float64)
+        return np.abs(s - self.median) / self.mad
+
+    def state(self) -> dict:
+        return {"median": self.median, "mad": self.mad}
+
+    @classmethod
+    def from_state(cls, st: dict) -> "LLMCheckHidden":
+        d = cls()
+        d.median, d.mad = float(st["median"]), float(st["mad"])
+        return d
+
+
+DETECTORS = {c.name: c for c in (SpectralSpike, DescriptorMahalanobis, HiddenMahalanobis, LLMCheckHidden)}
+
+
+def conformal_p(ref, s) -> np.ndarray:
+    """(1 + #{ref ≥ s}) / (n + 1) for each s: the empirical p-value of s among ref."""
+    ref = np.sort(np.asarray(ref, dtype=np.float64))
+    s = np.asarray(s, dtype=np.float64)
+    ge = len(ref) - np.searchsorted(ref, s, side="left")
+    return (1.0 + ge) / (len(ref) + 1.0)
+
+
+class Combined:
+    """Conformal p-values per detector, Fisher-combined, made conformal again.
+
+    Full conformal over the n calibration texts plus the new one: every one of
+    the n + 1 points gets p_j = #{points with score_j ≥ its own} / (n + 1) per
+    detector and T = −2 Σ_j log p_j; the new text's p-value is
+    #{points with T ≥ its T} / (n + 1). The statistic treats the n + 1 points
+    symmetrically, so under exchangeability P(p ≤ α) ≤ α exactly, whatever the
+    correlation between detectors (Fisher's χ² null would need independence).
+    """
+
+    name = "combined"
+
+    def fit(self, cal_scores: dict[str, np.ndarray]) -> "Combined":
+        self.names = sorted(cal_scores)
+        self.ref = {k: np.asarray(cal_scores[k], dtype=np.float64) for k in self.names}
+        n = {len(v) for v in self.ref.values()}
+        if len(n) != 1 or n.pop() < 1:
+            raise ValueError("Combined.fit: every detector needs the same number (>= 1) of calibration scores")
+        R = np.stack([self.ref[k] for k in self.names], axis=1)  # [n, k]
+        self.R = R
+        # counts_ge[i, j] = #{calibration points with score_j >= R[i, j]} (itself included)
+        self.counts_ge = (R[None, :, :] >= R[:, None, :]).sum(axis=1).astype(np.float64)
+        return self
+
+    def p_values(self, scores: dict[str, np.ndarray]) -> np.ndarray:
+        S = np.stack([np.asarray(scores[k], dtype=np.float64) for k in self.names], axis=1)  # [m, k]
+        n = self.R.shape[0]
+        out = np.empty(S.shape[0])
+        for t, s in enumerate(S):
+            new_ge = 1.0 + (self.R >= s[None, :]).sum(axis=0)  # [k]
+            t_new = -2.0 * np.log(new_ge / (n + 1)).sum()
+            ref_ge = self.counts_ge + (s[None, :] >= self.R)  # [n, k]
+            t_ref = -2.0 * np.log(ref_ge / (n + 1)).sum(axis=1)
+            out[t] = (1.0 + np.count_nonzero(t_ref >= t_new - 1e-12)) / (n + 1)
+        return out
+
+    def score(self, scores: dict[str, np.ndarray]) -> np.ndarray:
+        return -np.log10(self.p_values(scores))
+
+    def state(self) -> dict:
+        return {"calibration_scores": {k: v.tolist() for k, v in self.ref.items()}}
+
+    @classmethod
+    def from_state(cls, st: dict) -> "Combined":
+        return cls().fit({k: np.asarray(v) for k, v in st["calibration_scores"].items()})
+
+
+def auroc(neg, pos) -> float:
+    """P(pos > neg) + ½ P(tie): the area under the ROC curve (numpy only)."""
+    neg, pos = np.asarray(neg, dtype=np.float64), np.asarray(pos, dtype=np.float64)
+    allv = np.concatenate([neg, pos])
+    order = np.argsort(allv, kind="mergesort")
+    ranks = np.empty(len(allv))
+    sv = allv[order]
+    i = 0
+    while i < len(sv):  # average ranks over ties
+        j = i
+        while j + 1 < len(sv) and sv[j + 1] == sv[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2.0 + 1.0
+        i = j + 1
+    r_pos = ranks[len(neg):].sum()
+    return float((r_pos - len(pos) * (len(pos) + 1) / 2.0) / (len(pos) * len(neg)))

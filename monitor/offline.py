@@ -1,0 +1,477 @@
+"""`eigenwatch calibrate` and `eigenwatch score`: the detectors offline.
+
+Texts go through the same Hugging Face tap as live serving
+(`eigenwatch.hooks.hf.HFTap`: same windows, frames and descriptors), plus one
+extra forward hook per tapped layer that keeps the whole hidden state of the
+current text for the mean-pooled state and the LLM-Check hidden score.
+
+LLM-Check hidden score (Sriramanan et al., 2024), exactly as computed here: at
+the middle tapped layer (tapped layers sorted, index len//2), H is the T×d
+hidden-state matrix of the text (float64), Z = H − mean over tokens, σ_i the
+singular values of Z (i = 1..min(T, d)), and
+    score = mean_i ½·log(σ_i² + 1e-3)
+i.e. the mean log singular value with a 1e-3 ridge on σ². (Z has rank ≤ T − 1,
+so for T ≤ d one term is ½·log 1e-3, the same for every text of that length.)
+
+Calibration splits the (shuffled with a fixed seed) reference texts: the
+detectors are fitted on the first part and their scores on the rest are the
+conformal calibration scores (split conformal: in-sample scores of a
+Mahalanobis fit are far too small when n is not ≫ d). Everything `score` needs
+is written into CALIB.json; its "models" section is the live sidecar's format
+(`monitor/detectors.py` load_calibration), so `eigenwatch sidecar
+--calibration CALIB.json` accepts the same file.
+
+torch / transformers / tqdm are imported inside functions only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from eigenwatch.monitor.detect import DETECTORS, Combined
+
+CALIBRATION_FORMAT = "eigenwatch.calibration/v1"
+PROBE = "The quick brown fox jumps over the lazy dog. 0123456789 éß中文 <|probe|>"
+RIDGE = 1e-3
+
+
+class OfflineError(Exception):
+    """A user-facing error: the CLI prints it and exits 2."""
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- input texts
+
+@dataclass
+class InputStats:
+    lines: int = 0
+    valid: int = 0
+    malformed: int = 0
+    empty: int = 0
+    truncated: int = 0
+    too_short: int = 0  # fewer than 2 tokens: no window, no spectrum
+    failed: int = 0  # NaN/Inf activations or another per-text error
+    problems: list = field(default_factory=list)
+
+    def summary(self, verb: str, done: int) -> str:
+        return (f"eigenwatch: {verb} {done} text(s) from {self.lines} line(s): "
+                f"{self.malformed} malformed line(s) skipped, {self.empty} empty text(s) skipped, "
+                f"{self.too_short} too-short text(s) skipped, {self.failed} failed, "
+                f"{self.truncated} truncated")
+
+
+def read_jsonl(path: str | Path, stats: InputStats) -> list[tuple[str, str]]:
+    """[(id, text)] from a JSONL file; bad lines are reported with their line
+    numbers on stderr and skipped; empty texts are reported and counted."""
+    path = Path(path)
+    try:
+        fh = path.open(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise OfflineError(f"--texts: cannot read {str(path)!r}: {exc.strerror or exc}") from None
+    items: list[tuple[str, str]] = []
+    seen: dict[str, int] = {}
+    with fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            stats.lines += 1
+
+            def bad(why: str) -> None:
+                stats.malformed += 1
+                log(f"{path}:{lineno}: skipped: {why}")
+
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                bad(f"not valid JSON ({exc.msg} at column {exc.colno})")
+                continue
+            if not isinstance(obj, dict):
+                bad(f"expected an object with \"id\" and \"text\", got {type(obj).__name__}")
+                continue
+            rid, text = obj.get("id"), obj.get("text")
+            if isinstance(rid, int) and not isinstance(rid, bool):
+                rid = str(rid)
+            if not isinstance(rid, str) or not rid:
+                bad("\"id\" must be a non-empty string")
+                continue
+            if not isinstance(text, str):
+                bad(f"\"text\" must be a string (id {rid!r})")
+                continue
+            if rid in seen:
+                bad(f"duplicate id {rid!r} (first on line {seen[rid]})")
+                continue
+            seen[rid] = lineno
+            if not text.strip():
+                stats.empty += 1
+                log(f"{path}:{lineno}: skipped: empty text (id {rid!r})")
+                continue
+            items.append((rid, text))
+    stats.valid = len(items)
+    if not items:
+        raise OfflineError(f"--texts: {path} holds no usable text ({stats.lines} line(s))")
+    return items
+
+
+# ---------------------------------------------------------------- model
+
+@dataclass
+class Loaded:
+    model: object
+    tokenizer: object
+    key: str  # the model name in CALIB.json: "tiny"/"minilm" or the directory name
+    path: Path
+    max_positions: int | None
+
+
+def model_key(name: str, path: Path) -> str:
+    from eigenwatch.hooks.models import MODEL_ALIASES
+
+    return name if name in MODEL_ALIASES else Path(path).resolve().name
+
+
+def load_model(name: str) -> Loaded:
+    import torch
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    from eigenwatch.hooks.models import resolve_model
+
+    try:
+        path, runner = resolve_model(name)
+    except (ValueError, RuntimeError) as exc:
+        raise OfflineError(str(exc)) from None
+    cls = AutoModel if runner == "pooling" else AutoModelForCausalLM
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = cls.from_pretrained(path, dtype=torch.float32).to(device).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    cfg = model.config
+    maxpos = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    tmax = getattr(tok, "model_max_length", None)
+    if isinstance(tmax, int) and tmax < 10**7:
+        maxpos = min(maxpos, tmax) if maxpos else tmax
+    return Loaded(model, tok, model_key(name, path), Path(path), maxpos)
+
+
+def fingerprint(loaded: Loaded) -> dict:
+    cfg = loaded.model.config
+    raw = (loaded.path / "config.json").read_bytes()
+    try:
+        canon = json.dumps(json.loads(raw), sort_keys=True).encode()
+    except ValueError:
+        canon = raw
+    ids = loaded.tokenizer(PROBE)["input_ids"][:64]
+    return {
+        "architecture": (getattr(cfg, "architectures", None) or [type(loaded.model).__name__])[0],
+        "model_type": getattr(cfg, "model_type", ""),
+        "hidden_size": int(getattr(cfg, "hidden_size", 0) or 0),
+        "num_layers": int(getattr(cfg, "num_hidden_layers", 0) or 0),
+        "vocab_size": int(getattr(cfg, "vocab_size", 0) or 0),
+        "config_sha256": hashlib.sha256(canon).hexdigest(),
+        "tokenizer_probe_sha256": hashlib.sha256(json.dumps(list(map(int, ids))).encode()).hexdigest(),
+    }
+
+
+# ---------------------------------------------------------------- features
+
+def llmcheck_hidden(H: np.ndarray, ridge: float = RIDGE) -> float:
+    """mean_i ½·log(σ_i² + ridge), σ_i the singular values of the token-centred T×d matrix H."""
+    Z = np.asarray(H, dtype=np.float64)
+    Z = Z - Z.mean(axis=0, keepdims=True)
+    s = np.linalg.svd(Z, compute_uv=False)
+    return float(np.mean(0.5 * np.log(s * s + ridge)))
+
+
+def extract(loaded: Loaded, items, layers, window: int, stride: int, max_length: int | None,
+            stats: InputStats, desc: str) -> tuple[list[str], list[dict], tuple[int, ...]]:
+    """Run every text through the tap; returns (ids, features, tapped layers)."""
+    import torch
+    from tqdm import tqdm
+
+    from eigenwatch.hooks.layers import find_decoder_layers, residual_stream
+    from eigenwatch.hooks.hf import HFTap
+    from eigenwatch.kernels.descriptors import INDEX
+
+    try:
+        tap = HFTap(loaded.model, layers=layers, window=window, stride=stride, model_name=loaded.key)
+    except ValueError as exc:
+        raise OfflineError(f"--layers: {exc}") from None
+    _, stack = find_decoder_layers(loaded.model)
+    captured: dict[int, np.ndarray] = {}
+
+    def pool_hook(idx):
+        def hook(module, args, output):
+            h = residual_stream(output)
+            if h is not None:
+                rows = h[0] if h.ndim == 3 else h
+                captured[idx] = rows.detach().to(torch.float64).cpu().numpy()
+            return None
+        return hook
+
+    handles = [stack[i].register_forward_hook(pool_hook(i)) for i in tap.layers]
+    mid = tap.layers[len(tap.layers) // 2]
+    i_sig, i_tm = INDEX["sigma2"], INDEX["trace_mean"]
+    ids_out: list[str] = []
+    feats: list[dict] = []
+    limit = max_length or loaded.max_positions
+    try:
+        for rid, text in tqdm(items, desc=desc, unit="text", file=sys.stderr, dynamic_ncols=True):
+            enc = loaded.tokenizer(text)["input_ids"]
+            if limit is not None and len(enc) > limit:
+                stats.truncated += 1
+                log(f"warning: text {rid!r} has {len(enc)} tokens, truncated to {limit}")
+                enc = loaded.tokenizer(text, truncation=True, max_length=limit)["input_ids"]
+            if len(enc) < 2:
+                stats.too_short += 1
+                log(f"skipped: text {rid!r} has {len(enc)} token(s); a window needs 2")
+                continue
+            captured.clear()
+            try:
+                frames = tap.frames(rid, list(enc))
+            except (ValueError, RuntimeError) as exc:
+                stats.failed += 1
+                log(f"skipped: text {rid!r}: {exc}")
+                continue
+            spectra: dict[int, list] = {l: [] for l in tap.layers}
+            descs: dict[int, list] = {l: [] for l in tap.layers}
+            for f in frames:
+                tm = float(f.descriptors[i_tm])
+                d = np.nan_to_num(np.asarray(f.descriptors, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+                descs[f.layer].append(d)
+                if tm > 0:
+                    spectra[f.layer].append((np.asarray(f.eigenvalues, dtype=np.float64) / tm,
+                                             f.window, f.dim, float(f.descriptors[i_sig]) / tm))
+            if any(not descs[l] for l in tap.layers) or any(l not in captured for l in tap.layers):
+                stats.failed += 1
+                log(f"skipped: text {rid!r}: the tap produced no frame for some layer")
+                continue
+            H = {l: captured[l] for l in tap.layers}
+            if not all(np.isfinite(h).all() for h in H.values()):
+                stats.failed += 1
+                log(f"skipped: text {rid!r}: NaN/Inf activations")
+                continue
+            feats.append({
+                "spectra": spectra,
+                "desc_mean": np.concatenate([np.mean(descs[l], axis=0) for l in tap.layers]),
+                "pooled": {l: H[l].mean(axis=0) for l in tap.layers},
+                "llmcheck": llmcheck_hidden(H[mid]),
+            })
+            ids_out.append(rid)
+    finally:
+        for h in handles:
+            h.remove()
+        tap.close()
+    return ids_out, feats, tap.layers
+
+
+# ---------------------------------------------------------------- commands
+
+def check_engine(engine: str) -> None:
+    if engine != "hf":
+        raise OfflineError(
+            f"--engine {engine}: not implemented yet (only --engine hf is available in this version; "
+            "the vLLM engine path is planned)")
+
+
+def parse_layers(text: str | None) -> tuple[int, ...] | None:
+    if text is None or text == "":
+        return None
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise OfflineError(f"--layers: expected comma-separated integers, got {text!r}") from None
+
+
+def parse_far(text: str) -> list[float]:
+    try:
+        fars = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise OfflineError(f"--far: expected comma-separated rates in (0, 1), got {text!r}") from None
+    if not fars or not all(0 < f < 1 for f in fars):
+        raise OfflineError(f"--far: expected comma-separated rates in (0, 1), got {text!r}")
+    return fars
+
+
+def calibrate(args) -> int:
+    from eigenwatch.kernels.descriptors import DESCRIPTOR_NAMES
+
+    check_engine(args.engine)
+    layers = parse_layers(args.layers)
+    fars = parse_far(args.far)
+    if args.window < 2 or args.stride < 1:
+        raise OfflineError("--window must be >= 2 and --stride >= 1")
+    if not 0 < args.calib_fraction < 1:
+        raise OfflineError("--calib-fraction: expected a number in (0, 1)")
+    stats = InputStats()
+    items = read_jsonl(args.texts, stats)
+    loaded = load_model(args.model)
+    ids, feats, tapped = extract(loaded, items, layers, args.window, args.stride, args.max_length,
+                                 stats, "calibrate")
+    n = len(feats)
+    if n < 4:
+        raise OfflineError(f"--texts: calibration needs at least 4 usable texts, got {n}")
+    order = np.random.default_rng(args.seed).permutation(n)
+    n_cal = min(n - 2, max(2, int(round(n * args.calib_fraction))))
+    cal_idx, fit_idx = order[:n_cal], order[n_cal:]
+    fit_feats = [feats[i] for i in fit_idx]
+    cal_feats = [feats[i] for i in cal_idx]
+
+    detectors = {name: cls().fit(fit_feats) for name, cls in DETECTORS.items()}
+    cal_scores = {name: d.score(cal_feats) for name, d in detectors.items()}
+    combined = Combined().fit(cal_scores)
+    if min(fars) < 1.0 / (n_cal + 1):
+        log(f"warning: --far {min(fars)} is below 1/(n+1) = {1 / (n_cal + 1):.4f} for {n_cal} calibration "
+            "texts: that rate can never alert; use more reference texts")
+
+    # The live sidecar's section: spectral_spike σ² and thresholds over *all* reference windows.
+    from eigenwatch.monitor.detect import SpectralSpike
+    spike_all = SpectralSpike().fit(feats)
+    doc = {
+        "format": CALIBRATION_FORMAT,
+        "detector": "spectral_spike",
+        "models": {loaded.key: {str(l): c for l, c in sorted(spike_all.layers.items())}},
+        "model_fingerprint": dict(fingerprint(loaded), name=loaded.key),
+        "offline": {
+            "version": 1,
+            "engine": args.engine,
+            "layers": list(tapped),
+            "window": args.window,
+            "stride": args.stride,
+            "max_length": args.max_length,
+            "far": fars,
+            "alert_far": fars[0],
+            "score_thresholds": {str(f): -math.log10(f) for f in fars},
+            "descriptor_names": list(DESCRIPTOR_NAMES),
+            "n_reference": n,
+            "n_fit": len(fit_feats),
+            "n_calibration": n_cal,
+            "split_seed": args.seed,
+            "llmcheck": {"layer": tapped[len(tapped) // 2], "ridge": RIDGE},
+            "detectors": {name: d.state() for name, d in detectors.items()},
+            "combined": combined.state(),
+            "input": {k: v for k, v in stats.__dict__.items() if k != "problems"},
+        },
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(doc))
+    tmp.replace(out)
+    log(stats.summary("calibrated on", n))
+    log(f"eigenwatch calibrate: wrote {out} (model {loaded.key}, layers {list(tapped)}, "
+        f"{len(fit_feats)} fit + {n_cal} calibration texts)")
+    return 0
+
+
+def load_offline_calibration(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise OfflineError(f"--calibration: no such file {str(path)!r}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise OfflineError(f"--calibration: {path} is not JSON: {exc}") from None
+    if not isinstance(doc, dict) or doc.get("format") != CALIBRATION_FORMAT:
+        raise OfflineError(f"--calibration: {path}: 'format' must be {CALIBRATION_FORMAT!r}")
+    for key in ("offline", "model_fingerprint"):
+        if not isinstance(doc.get(key), dict):
+            raise OfflineError(f"--calibration: {path} has no {key!r} section: it was not written by "
+                               "`eigenwatch calibrate` (a sidecar-only calibration cannot score offline)")
+    return doc
+
+
+def check_fingerprint(doc: dict, loaded: Loaded, path) -> None:
+    want = doc["model_fingerprint"]
+    have = fingerprint(loaded)
+    diff = [k for k in have if want.get(k) != have[k]]
+    if diff:
+        def short(v):
+            return v[:12] + "…" if isinstance(v, str) and len(v) > 16 else v
+
+        detail = "; ".join(f"{k}: calibration {short(want.get(k))!r} vs model {short(have[k])!r}" for k in diff)
+        raise OfflineError(
+            f"--calibration: {path} was made for model {want.get('name', '?')!r} "
+            f"({want.get('architecture', '?')}), not for --model {loaded.key!r} "
+            f"({have['architecture']}): {detail}. Recalibrate with `eigenwatch calibrate` on this model.")
+
+
+def score(args) -> int:
+    check_engine(args.engine)
+    doc = load_offline_calibration(args.calibration)
+    off = doc["offline"]
+    stats = InputStats()
+    items = read_jsonl(args.texts, stats)
+    loaded = load_model(args.model)
+    check_fingerprint(doc, loaded, args.calibration)
+    try:
+        detectors = {name: DETECTORS[name].from_state(st) for name, st in off["detectors"].items()}
+        combined = Combined.from_state(off["combined"])
+        far = float(off["alert_far"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise OfflineError(f"--calibration: {args.calibration}: damaged 'offline' section ({exc!r})") from None
+    max_length = args.max_length if args.max_length is not None else off.get("max_length")
+    ids, feats, _ = extract(loaded, items, tuple(off["layers"]), int(off["window"]), int(off["stride"]),
+                            max_length, stats, "score")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    alerts = 0
+    with out.open("w") as fh:
+        if feats:
+            raw = {name: d.score(feats) for name, d in detectors.items()}
+            p = combined.p_values(raw)
+            for i, rid in enumerate(ids):
+                alert = bool(p[i] < far)
+                alerts += alert
+                fh.write(json.dumps({
+                    "id": rid,
+                    "score": float(-math.log10(p[i])),
+                    "detectors": {name: float(v[i]) for name, v in raw.items()},
+                    "alert": alert,
+                    "p_value": float(p[i]),
+                }) + "\n")
+    log(stats.summary("scored", len(feats)))
+    log(f"eigenwatch score: wrote {out}: {len(feats)} line(s), {alerts} alert(s) at false-alarm rate {far}")
+    return 0
+
+
+def add_calibrate_args(p) -> None:
+    p.add_argument("--model", required=True, help="model directory, or 'tiny' / 'minilm'")
+    p.add_argument("--texts", required=True, help="reference texts: JSONL, one {\"id\", \"text\"} per line")
+    p.add_argument("--out", required=True, help="calibration JSON to write")
+    p.add_argument("--engine", default="hf", choices=["hf", "vllm"], help="hf (default); vllm is not implemented yet")
+    p.add_argument("--layers", default=None, help="tapped layers, e.g. 1,2,3 (default: three spread over depth)")
+    p.add_argument("--window", type=int, default=32, help="rows per window (default %(default)s)")
+    p.add_argument("--stride", type=int, default=16, help="a frame every N tokens (default %(default)s)")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="truncate texts to this many tokens (default: the model's max positions)")
+    p.add_argument("--far", default="0.01,0.05",
+                   help="false-alarm rates; the first is the alert rate of `score` (default %(default)s)")
+    p.add_argument("--calib-fraction", type=float, default=0.5,
+                   help="share of reference texts held out for conformal calibration (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the fit/calibration split (default %(default)s)")
+
+
+def add_score_args(p) -> None:
+    p.add_argument("--model", required=True, help="model directory, or 'tiny' / 'minilm'")
+    p.add_argument("--calibration", required=True, help="CALIB.json written by `eigenwatch calibrate`")
+    p.add_argument("--texts", required=True, help="texts to score: JSONL, one {\"id\", \"text\"} per line")
+    p.add_argument("--out", required=True, help="SCORES.jsonl to write")
+    p.add_argument("--engine", default="hf", choices=["hf", "vllm"], help="hf (default); vllm is not implemented yet")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="truncate texts to this many tokens (default: as calibrated)")
+
+
+def run(func, args) -> int:
+    try:
+        return func(args)
+    except OfflineError as exc:
+        log(f"eigenwatch {args.command}: error: {exc}")
+        return 2

@@ -1,0 +1,307 @@
+"""`eigenwatch calibrate` / `eigenwatch score` end to end with the tiny
+random-weight Llama, bad input, and the offline detectors unit by unit.
+
+The calibrated false-alarm check here is loose (alert rate <= far + 0.15 on 40
+held-out texts with 30 conformal calibration texts): the issue's ±2-point check
+needs hundreds of texts (the binomial s.d. at far = 0.1 and n = 40 is already
+4.7 points), more than a unit test can afford on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from eigenwatch.monitor.detect import (
+    Combined,
+    DescriptorMahalanobis,
+    HiddenMahalanobis,
+    LLMCheckHidden,
+    ShrinkageGaussian,
+    SpectralSpike,
+    auroc,
+    conformal_p,
+)
+
+FAR = 0.1
+
+
+def _chunks(n: int, words: int = 50) -> list[str]:
+    import pydoc_data.topics as topics
+
+    out = []
+    for k in sorted(topics.topics):
+        w = topics.topics[k].split()
+        for i in range(0, len(w) - words, words):
+            out.append(" ".join(w[i:i + words]))
+    random.Random(0).shuffle(out)
+    return out[:n]
+
+
+def _dump(path, texts, prefix):
+    with open(path, "w") as fh:
+        for i, t in enumerate(texts):
+            fh.write(json.dumps({"id": f"{prefix}{i}", "text": t}) + "\n")
+    return path
+
+
+def _cli(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "eigenwatch.monitor.cli", *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory):
+    d = tmp_path_factory.mktemp("offline")
+    texts = _chunks(140)
+    ref = _dump(d / "ref.jsonl", texts[:60], "ref-")
+    held = _dump(d / "held.jsonl", texts[60:100], "held-")
+    rng = random.Random(1)
+
+    def shuffle(t):
+        w = t.split()
+        rng.shuffle(w)
+        return " ".join(w)
+
+    def garble(t):
+        return "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") if c.isalpha() and rng.random() < 0.5 else c
+                       for c in t)
+
+    # held-out in-distribution texts, then the same kind of text word-shuffled and character-garbled
+    mixed = d / "mixed.jsonl"
+    with open(mixed, "w") as fh:
+        for i, t in enumerate(texts[60:100]):
+            fh.write(json.dumps({"id": f"held-{i}", "text": t}) + "\n")
+        for i, t in enumerate(texts[100:120]):
+            fh.write(json.dumps({"id": f"shuffled-{i}", "text": shuffle(t)}) + "\n")
+        for i, t in enumerate(texts[120:140]):
+            fh.write(json.dumps({"id": f"garbled-{i}", "text": garble(t)}) + "\n")
+    calib = d / "calib.json"
+    r = _cli("calibrate", "--model", "tiny", "--texts", str(ref), "--out", str(calib),
+             "--far", f"{FAR},0.05", "--layers", "1,2,3", "--window", "32", "--stride", "16")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return {"dir": d, "calib": calib, "held": held, "mixed": mixed, "texts": texts, "stderr": r.stderr}
+
+
+def test_calibrate_then_score_end_to_end(calibrated):
+    d, calib = calibrated["dir"], calibrated["calib"]
+    doc = json.loads(calib.read_text())
+    assert doc["format"] == "eigenwatch.calibration/v1" and doc["detector"] == "spectral_spike"
+    assert set(doc["models"]) == {"tiny"} and set(doc["models"]["tiny"]) == {"1", "2", "3"}
+    assert doc["model_fingerprint"]["name"] == "tiny"
+    assert doc["offline"]["layers"] == [1, 2, 3] and doc["offline"]["far"] == [FAR, 0.05]
+    assert "calibrated on 60 text(s)" in calibrated["stderr"]
+    assert "calibrate:" in calibrated["stderr"]  # the tqdm bar
+
+    out = d / "mixed.scores.jsonl"
+    r = _cli("score", "--model", "tiny", "--calibration", str(calib), "--texts", str(calibrated["mixed"]),
+             "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "score:" in r.stderr and "scored 80 text(s)" in r.stderr
+    rows = [json.loads(l) for l in out.read_text().splitlines()]
+    assert len(rows) == 80 and len({row["id"] for row in rows}) == 80
+    for row in rows:
+        assert isinstance(row["alert"], bool)
+        assert isinstance(row["score"], float) and np.isfinite(row["score"]) and row["score"] >= 0
+        assert set(row["detectors"]) == {"spectral_spike", "descriptor_mahalanobis",
+                                         "hidden_mahalanobis", "llmcheck_hidden"}
+        assert all(np.isfinite(v) for v in row["detectors"].values())
+        assert row["alert"] == (row["p_value"] < FAR)
+    held = [row for row in rows if row["id"].startswith("held-")]
+    assert [row["id"] for row in held] == [f"held-{i}" for i in range(40)]
+    rate = sum(row["alert"] for row in held) / len(held)
+    print(f"\nheld-out in-distribution alert rate: {rate:.3f} at far {FAR} (40 texts)")
+    assert rate <= FAR + 0.15
+    # AUROC vs held-out (random-weight model: reported, only the garbled shift is asserted, loosely).
+    for shift in ("shuffled", "garbled"):
+        pos = [row for row in rows if row["id"].startswith(shift)]
+        aucs = {k: auroc([h["detectors"][k] for h in held], [p["detectors"][k] for p in pos])
+                for k in held[0]["detectors"]}
+        aucs["combined"] = auroc([h["score"] for h in held], [p["score"] for p in pos])
+        print(shift, {k: round(v, 3) for k, v in aucs.items()})
+        if shift == "garbled":
+            assert aucs["combined"] > 0.7
+
+
+def test_models_section_loads_in_the_sidecar(calibrated):
+    from eigenwatch.monitor.detectors import load_calibration
+
+    cal = load_calibration(calibrated["calib"])
+    assert set(cal) == {("tiny", 1), ("tiny", 2), ("tiny", 3)}
+    assert all(c.sigma2 > 0 and c.frames > 0 for c in cal.values())
+
+
+def test_bad_input_lines_empty_and_truncation(calibrated, capsys):
+    from eigenwatch.monitor.cli import main
+
+    d = calibrated["dir"]
+    good = ["The quick brown fox jumps over the lazy dog.", "A short plain sentence about lists.",
+            "Python evaluates expressions from left to right."]  # well under 64 tokens
+    long_text = " ".join(calibrated["texts"][3:8])
+    lines = [
+        json.dumps({"id": "a", "text": good[0]}),
+        "{not json",
+        json.dumps({"id": "b"}),
+        json.dumps({"id": "c", "text": 5}),
+        json.dumps({"id": "a", "text": good[1]}),
+        json.dumps({"id": "e", "text": "   "}),
+        json.dumps({"id": "f", "text": good[2]}),
+        json.dumps({"id": "long", "text": long_text}),
+        json.dumps(["x"]),
+    ]
+    src = d / "bad.jsonl"
+    src.write_text("\n".join(lines) + "\n")
+    out = d / "bad.scores.jsonl"
+    rc = main(["score", "--model", "tiny", "--calibration", str(calibrated["calib"]), "--texts", str(src),
+               "--out", str(out), "--max-length", "64"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert [json.loads(l)["id"] for l in out.read_text().splitlines()] == ["a", "f", "long"]
+    for lineno in (2, 3, 4, 5, 9):
+        assert f"bad.jsonl:{lineno}: skipped" in err
+    assert "not valid JSON" in err and "duplicate id 'a' (first on line 1)" in err
+    assert "bad.jsonl:6: skipped: empty text" in err
+    assert "warning: text 'long' has" in err and "truncated to 64" in err
+    assert "5 malformed line(s) skipped, 1 empty text(s) skipped" in err
+    assert "1 truncated" in err.splitlines()[-2]
+
+
+def test_calibration_from_another_model_is_refused(calibrated, capsys):
+    from eigenwatch.monitor.cli import main
+
+    d = calibrated["dir"]
+    doc = json.loads(calibrated["calib"].read_text())
+    doc["model_fingerprint"].update(name="llama-3-8b", architecture="LlamaForCausalLM", hidden_size=4096)
+    other = d / "other.json"
+    other.write_text(json.dumps(doc))
+    rc = main(["score", "--model", "tiny", "--calibration", str(other), "--texts", str(calibrated["held"]),
+               "--out", str(d / "never.jsonl")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "'llama-3-8b'" in err and "'tiny'" in err and "hidden_size: calibration 4096 vs model 256" in err
+    assert not (d / "never.jsonl").exists()
+
+
+def test_vllm_engine_is_not_silently_replaced(calibrated, capsys):
+    r = _cli("score", "--model", "tiny", "--calibration", str(calibrated["calib"]),
+             "--texts", str(calibrated["held"]), "--out", str(calibrated["dir"] / "v.jsonl"), "--engine", "vllm")
+    assert r.returncode == 2
+    assert "--engine vllm: not implemented yet" in r.stderr
+    from eigenwatch.monitor.cli import main
+
+    rc = main(["calibrate", "--model", "tiny", "--texts", str(calibrated["held"]),
+               "--out", str(calibrated["dir"] / "v.json"), "--engine", "vllm"])
+    assert rc == 2 and "not implemented yet" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- detectors
+
+
+def _feats(rng, n, p=6, d=40, shift=0.0):
+    out = []
+    for _ in range(n):
+        out.append({
+            "desc_mean": rng.normal(size=p) + shift,
+            "pooled": {1: rng.normal(size=d) + shift, 2: rng.normal(size=d) * 2 + shift},
+            "llmcheck": float(rng.normal() + shift),
+            "spectra": {1: []},
+        })
+    return out
+
+
+def test_conformal_p_values_are_uniform_on_reference_data():
+    # Exchangeable data: P(p <= k/(n+1)) = k/(n+1) exactly; checked over many
+    # independent draws of (n = 19 reference scores, 1 new score).
+    rng = np.random.default_rng(1)
+    trials, n = 3000, 19
+    data = rng.normal(size=(trials, n + 1))
+    p = np.array([conformal_p(row[:n], row[n:])[0] for row in data])
+    assert p.min() >= 1 / (n + 1) and p.max() <= 1.0
+    for q in (0.1, 0.25, 0.5):  # Monte Carlo s.d. <= 0.0092
+        assert abs((p <= q + 1e-12).mean() - q) < 0.03
+    assert conformal_p([1.0, 2.0, 3.0], [2.0, 10.0, -1.0]).tolist() == [3 / 4, 1 / 4, 1.0]
+    # The combined p-value stays (about) calibrated for correlated detectors.
+    pc = []
+    for _ in range(1500):
+        z = rng.normal(size=(n + 1, 1))
+        sc = np.hstack([z + 0.3 * rng.normal(size=z.shape), z, rng.normal(size=z.shape)])
+        comb = Combined().fit({k: sc[:n, i] for i, k in enumerate("abc")})
+        pc.append(comb.p_values({k: sc[n:, i] for i, k in enumerate("abc")})[0])
+    pc = np.array(pc)
+    assert abs((pc <= 0.1 + 1e-12).mean() - 0.1) < 0.035 and abs((pc <= 0.5 + 1e-12).mean() - 0.5) < 0.05
+
+
+@pytest.mark.parametrize("n, p", [(10, 50), (200, 20), (3, 500)])
+def test_shrinkage_gaussian_matches_dense_formula_and_handles_n_below_dim(n, p):
+    rng = np.random.default_rng(n + p)
+    X = rng.normal(size=(n, p)) * np.linspace(0.5, 3, p)
+    g = ShrinkageGaussian().fit(X)
+    assert 0 < g.shrinkage <= 1
+    Y = rng.normal(size=(7, p))
+    d2 = g.sqdist(Y)
+    assert np.all(np.isfinite(d2)) and np.all(d2 >= 0)
+    Z = X - X.mean(0)
+    S = Z.T @ Z / n
+    mu = np.trace(S) / p
+    sigma = g.shrinkage * mu * np.eye(p) + (1 - g.shrinkage) * S
+    D = Y - X.mean(0)
+    want = np.einsum("ij,jk,ik->i", D, np.linalg.inv(sigma), D)
+    np.testing.assert_allclose(d2, want, rtol=1e-6)
+    # Round trip through JSON.
+    g2 = ShrinkageGaussian.from_state(json.loads(json.dumps(g.state())))
+    np.testing.assert_allclose(g2.sqdist(Y), d2, rtol=1e-12)
+
+
+def test_detectors_far_point_scores_higher_and_no_nan_with_few_texts():
+    rng = np.random.default_rng(0)
+    ref = _feats(rng, 8, p=30, d=64)  # n < dim everywhere
+    near, far = _feats(rng, 5, p=30, d=64), _feats(rng, 5, p=30, d=64, shift=6.0)
+    for cls in (DescriptorMahalanobis, HiddenMahalanobis, LLMCheckHidden):
+        det = cls().fit(ref)
+        det = cls.from_state(json.loads(json.dumps(det.state())))
+        s_near, s_far = det.score(near), det.score(far)
+        assert np.all(np.isfinite(s_near)) and np.all(np.isfinite(s_far)), cls.name
+        assert s_far.min() > s_near.max(), cls.name
+        assert auroc(s_near, s_far) == 1.0
+
+
+def test_spectral_spike_detector_counts_excess_spikes():
+    rng = np.random.default_rng(3)
+    W, d = 32, 256
+
+    def window(spike=0.0):
+        X = rng.normal(size=(W, d))
+        if spike:
+            X[:, :4] *= spike  # four strong directions
+        X -= X.mean(0)
+        e = np.sort(np.linalg.eigvalsh(X @ X.T / d))[::-1]
+        tm = e[e > 1e-9].mean()
+        gamma = (W - 1) / d
+        from eigenwatch.kernels.descriptors import describe, INDEX
+
+        s2 = describe(e, W, d)[INDEX["sigma2"]] / tm
+        assert gamma > 0
+        return (e / tm, W, d, s2)
+
+    ref = [{"spectra": {1: [window() for _ in range(3)]}} for _ in range(10)]
+    det = SpectralSpike().fit(ref)
+    assert det.layers[1]["frames"] == 30 and det.layers[1]["sigma2"] > 0
+    normal = det.score([{"spectra": {1: [window()]}} for _ in range(5)])
+    spiky = det.score([{"spectra": {1: [window(), window(spike=8.0)]}} for _ in range(5)])
+    assert spiky.min() > normal.max()
+    assert det.score([{"spectra": {1: []}}]).tolist() == [0.0]
+
+
+def test_llmcheck_formula():
+    from eigenwatch.monitor.offline import llmcheck_hidden
+
+    rng = np.random.default_rng(0)
+    H = rng.normal(size=(12, 30))
+    Z = H - H.mean(0)
+    lam = np.clip(np.linalg.eigvalsh(Z @ Z.T), 0, None)  # σ_i²
+    assert llmcheck_hidden(H) == pytest.approx(np.mean(0.5 * np.log(lam + 1e-3)), rel=1e-9)
