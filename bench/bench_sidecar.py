@@ -1,7 +1,13 @@
 """How many frames per second one sidecar process ingests over a real gRPC
 stream (validation, per-request state, spike detector, Prometheus histograms),
 side by side with the same stream sent to a sidecar-shaped server that only
-counts frames (the transport ceiling on this machine).
+counts frames (the transport ceiling on this machine), and with the EigenTrack
+risk model on (`--risk-model`: a GRU, hidden 32, trained here for a few epochs
+on synthetic sequences; speed does not depend on its weights) against off.
+
+Frames come as a tap sends them: every engine step, each request's frames of
+all 3 layers at the same token count, so with the risk model on every request
+takes one risk step per engine step.
 
     .venv/bin/python bench/bench_sidecar.py [--frames 20000] [--batch 64] [--requests 256]
 """
@@ -24,26 +30,49 @@ from eigenwatch.monitor.procs import SidecarProcess
 from eigenwatch.v1 import monitor_pb2, monitor_pb2_grpc
 
 
-def make_batches(n_frames: int, batch: int, n_requests: int, window: int = 32, dim: int = 256):
+LAYERS = (0, 1, 2)
+
+
+def spectra_pool(window: int = 32, dim: int = 256, n: int = 64):
     rng = np.random.default_rng(0)
     protos = []
-    for i in range(64):  # a pool of distinct spectra, reused
+    for i in range(n):  # a pool of distinct spectra, reused
         x = rng.standard_normal((window, dim))
         xc = x - x.mean(0)
         eigs = np.sort(np.linalg.eigvalsh(xc @ xc.T / dim))[::-1].clip(0)
         protos.append((eigs.astype(np.float32).tolist(), describe(eigs, window, dim).tolist()))
+    return protos
+
+
+def make_batches(n_frames: int, batch: int, n_requests: int, window: int = 32, dim: int = 256):
+    protos = spectra_pool(window, dim)
     batches, frames = [], []
     for k in range(n_frames):
         eigs, desc = protos[k % len(protos)]
-        r = k % n_requests
+        step, rem = divmod(k, n_requests * len(LAYERS))  # engine step, then request-major, layer-minor
+        r, layer = divmod(rem, len(LAYERS))
         frames.append(monitor_pb2.Frame(
-            request_id=f"req-{r}", engine_request_id=f"req-{r}-0123abcd", model="bench", layer=k % 3,
-            step=k // n_requests, token_count=16 * (k // n_requests + 1), window=window, dim=dim,
-            eigenvalues=eigs, descriptors=desc))
+            request_id=f"req-{r}", engine_request_id=f"req-{r}-0123abcd", model="bench", layer=LAYERS[layer],
+            step=step, token_count=16 * (step + 1), window=window, dim=dim, eigenvalues=eigs, descriptors=desc))
         if len(frames) == batch:
             batches.append(monitor_pb2.FrameBatch(descriptor_names=DESCRIPTOR_NAMES, frames=frames))
             frames = []
     return batches
+
+
+def make_risk_model(path: Path) -> str:
+    """An ONNX risk model with `eigenwatch train`'s architecture (hidden 32) for the bench's layers."""
+    from eigenwatch.monitor.sequences import Sequences
+    from eigenwatch.monitor.train import export_onnx, train_model
+
+    descs = np.array([d for _, d in spectra_pool()])  # [64, D]
+    rng = np.random.default_rng(1)
+    xs = [np.concatenate([descs[rng.integers(len(descs), size=8)] * (1 + i % 2) for _ in LAYERS], axis=1)
+          for i in range(32)]  # 32 sequences of 8 steps; label 1 = scaled descriptors
+    seqs = Sequences([str(i) for i in range(32)], np.arange(32) % 2, xs, "bench", LAYERS, DESCRIPTOR_NAMES)
+    net, _ = train_model(seqs, hidden=32, epochs=3, progress=False)
+    export_onnx(net, path, {"model": "bench", "layers": list(LAYERS), "descriptor_names": list(DESCRIPTOR_NAMES)})
+    return str(path)
 
 
 class CountingMonitor(monitor_pb2_grpc.MonitorServicer):
@@ -106,24 +135,42 @@ def main() -> None:
     n = sum(len(b.frames) for b in batches)
     size = sum(b.ByteSize() for b in batches) / n
 
-    cal = Path(tempfile.mkdtemp()) / "cal.json"
+    tmp = Path(tempfile.mkdtemp())
+    cal = tmp / "cal.json"
     cal.write_text(json.dumps({"format": "eigenwatch.calibration/v1", "models": {"bench": {
-        str(l): {"sigma2": 0.9, "spike_threshold": 12} for l in range(3)}}}))
-    sc = SidecarProcess(["--listen", "127.0.0.1:0", "--metrics-port", "0", "--calibration", str(cal),
-                         "--max-requests", str(max(args.requests, 1))]).start()
-    try:
-        sidecar_times = [send(sc.grpc, batches) for _ in range(args.repeats)]
-    finally:
-        sc.stop()
+        str(l): {"sigma2": 0.9, "spike_threshold": 12} for l in LAYERS}}}))
+    model = make_risk_model(tmp / "risk.onnx")
+    base = ["--listen", "127.0.0.1:0", "--metrics-port", "0", "--calibration", str(cal),
+            "--max-requests", str(max(args.requests, 1))]
+    times: dict[str, list[float]] = {}
+    risk_steps = 0
+    # Risk off and on alternate, each on a fresh sidecar, so drift in machine load hits both alike.
+    for _ in range(args.repeats):
+        for name, extra in (("off", []), ("on", ["--risk-model", model])):
+            sc = SidecarProcess(base + extra).start()
+            try:
+                times.setdefault(name, []).append(send(sc.grpc, batches))
+                if name == "on":
+                    from urllib.request import urlopen
+
+                    text = urlopen(sc.metrics, timeout=5).read().decode()
+                    risk_steps = sum(float(line.split()[-1]) for line in text.splitlines()
+                                     if line.startswith("eigenwatch_risk_steps_total{"))
+            finally:
+                sc.stop()
     counting_times = counting_server_run(batches, args.repeats)
 
-    print(f"{n} frames in batches of {args.batch}, {size:.0f} bytes per frame on the wire, {args.requests} requests")
-    print(f"  {'receiver':40s} {'median s':>9s} {'frames/s':>10s} {'ratio':>6s}")
+    print(f"{n} frames in batches of {args.batch}, {size:.0f} bytes per frame on the wire, {args.requests} requests, "
+          f"{len(LAYERS)} layers; risk model on: {risk_steps:.0f} risk steps")
+    print(f"  {'receiver':44s} {'median s':>9s} {'frames/s':>10s} {'vs ceiling':>10s}")
     ref = statistics.median(counting_times)
-    for name, times in (("counting server (transport ceiling)", counting_times),
-                        ("eigenwatch sidecar (full processing)", sidecar_times)):
-        med = statistics.median(times)
-        print(f"  {name:40s} {med:9.3f} {n / med:10.0f} {med / ref:6.2f}")
+    for name, ts in (("counting server (transport ceiling)", counting_times),
+                     ("eigenwatch sidecar, risk model off", times["off"]),
+                     ("eigenwatch sidecar, risk model on", times["on"])):
+        med = statistics.median(ts)
+        print(f"  {name:44s} {med:9.3f} {n / med:10.0f} {med / ref:10.2f}")
+    ratio = statistics.median(times["off"]) / statistics.median(times["on"])
+    print(f"  ingest throughput with the risk model on / off: {ratio:.2f}")
 
 
 if __name__ == "__main__":

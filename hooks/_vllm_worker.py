@@ -20,12 +20,20 @@ contiguously, in `input_batch.req_ids` order, at
 padding. Prefix-cache hits are never computed, so never seen: frames carry
 them as `skipped_tokens` (the request's `num_computed_tokens` when the tap
 first sees it).
+
+Capture mode (off by default; one attribute check per hook call when off):
+`eigenwatch_capture(True)` makes the same hook path also accumulate, per
+tracked request and tapped layer, the row count, the row sum and the scatter
+XᵀX in float64 on the CPU — enough for the mean-pooled state and the
+LLM-Check hidden score of the whole request without keeping its rows. The
+offline `--engine vllm` path reads them with `eigenwatch_pop_captured`.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections import OrderedDict
 
 import torch
 
@@ -97,6 +105,21 @@ def _make_hook(layer_idx: int, calls: torch.Tensor):
     return hook
 
 
+class _Capture:
+    """One request's running sums at every tapped layer (capture mode)."""
+
+    __slots__ = ("external_id", "layers", "broken")
+
+    def __init__(self, external_id: str):
+        self.external_id = external_id
+        # layer -> [rows, sum [d] float64, scatter XᵀX [d, d] float64], on the CPU
+        self.layers: dict[int, list] = {}
+        self.broken = False  # an update failed half-way: the sums are not trustworthy
+
+    def result(self) -> dict[int, tuple]:
+        return {layer: (int(acc[0]), acc[1].numpy(), acc[2].numpy()) for layer, acc in sorted(self.layers.items())}
+
+
 class _VllmTap:
     def __init__(self, worker, cfg: TapConfig):
         self.worker = worker
@@ -114,6 +137,12 @@ class _VllmTap:
         self.hook_errors = 0
         self._logged: set[str] = set()
         self.active = True
+        # Capture mode: live sums by engine request id, and those of finished
+        # requests waiting to be popped (oldest evicted past max_requests).
+        self.capture = False
+        self.captures: dict[str, _Capture] = {}
+        self.captured_done: OrderedDict[str, _Capture] = OrderedDict()
+        self.captures_evicted = 0
 
         model = self.runner.get_model() if hasattr(self.runner, "get_model") else self.runner.model
         self.stack_name, stack = find_decoder_layers(model)
@@ -128,7 +157,12 @@ class _VllmTap:
             if idx not in _CALLS:
                 _CALLS[idx] = torch.zeros(1, dtype=torch.int64, device=self._device(layer))
             self.op_calls[idx] = _CALLS[idx]
-            if (id(layer), idx) not in _HOOKED:
+            # id() of a freed layer can come back for another engine's layer in
+            # this process (in-process engines, one after another): trust a
+            # handle only while it points at this layer's hook dict.
+            handle = _HOOKED.get((id(layer), idx))
+            ref = getattr(handle, "hooks_dict_ref", None)
+            if handle is None or (ref is not None and ref() is not layer._forward_hooks):
                 _HOOKED[(id(layer), idx)] = layer.register_forward_hook(_make_hook(idx, _CALLS[idx]))
         self._original_execute = self.runner.execute_model
         self.runner.execute_model = self._execute_model
@@ -189,6 +223,59 @@ class _VllmTap:
         # then one batched window update for every request's new rows.
         stream = hidden[:n].float() if residual is None else hidden[:n].float() + residual[:n].float()
         self.windows.add_layer(layer_idx, stream, items, self.step)
+        if self.capture:
+            self._capture_rows(layer_idx, stream, items)
+
+    def _capture_rows(self, layer_idx: int, stream: torch.Tensor, items: list[tuple[str, int, int]]) -> None:
+        # Own guard: a failed capture must not cost the frames of this step.
+        try:
+            rows = stream.detach().to(device="cpu", dtype=torch.float64)  # [n, d]
+            for rid, lo, hi in items:
+                cap = self.captures.get(rid)
+                if cap is None:
+                    cap = self.captures[rid] = _Capture(external_request_id(rid))
+                if cap.broken:
+                    continue
+                x = rows[lo:hi]  # [m, d]
+                acc = cap.layers.get(layer_idx)
+                if acc is None:
+                    d = x.shape[1]
+                    acc = cap.layers[layer_idx] = [0, torch.zeros(d, dtype=torch.float64),
+                                                   torch.zeros(d, d, dtype=torch.float64)]
+                acc[0] += x.shape[0]
+                acc[1].add_(x.sum(dim=0))
+                acc[2].addmm_(x.T, x)
+        except Exception:
+            self.hook_errors += 1
+            for rid, _, _ in items:  # some sums of these requests may miss rows now
+                cap = self.captures.get(rid)
+                if cap is None:
+                    cap = self.captures[rid] = _Capture(external_request_id(rid))
+                cap.broken = True
+            self._log_once(f"capture{layer_idx}", "eigenwatch: capture failed at layer %d (logged once)", layer_idx)
+
+    # ---- capture mode (called between steps, by collective_rpc) ------------------------
+    def set_capture(self, enabled: bool) -> None:
+        self.capture = bool(enabled)
+        if not self.capture:
+            self.captures.clear()
+            self.captured_done.clear()
+
+    def pop_captured(self, request_ids: list[str]) -> dict[str, dict[int, tuple] | None]:
+        """{id: {layer: (rows, sum, scatter)}} for each id (engine or external id)
+        whose capture exists, None where it broke; the state is dropped."""
+        out: dict[str, dict[int, tuple] | None] = {}
+        for store in (self.captured_done, self.captures):
+            by_external = {cap.external_id: key for key, cap in store.items()}
+            for want in request_ids:
+                if want in out:
+                    continue
+                key = want if want in store else by_external.get(want)
+                if key is None or key not in store:
+                    continue
+                cap = store.pop(key)
+                out[want] = None if cap.broken else cap.result()
+        return out
 
     # ---- per step ---------------------------------------------------------------------
     def _execute_model(self, scheduler_output, *args, **kwargs):
@@ -214,10 +301,17 @@ class _VllmTap:
         for rid in scheduler_output.finished_req_ids:
             self.windows.finish(rid, self.step)
             self.opted_out.discard(rid)
+            cap = self.captures.pop(rid, None)
+            if cap is not None:
+                self.captured_done[rid] = cap
+                while len(self.captured_done) > self.cfg.max_requests:
+                    self.captured_done.popitem(last=False)
+                    self.captures_evicted += 1
         # A preempted request is recomputed from scratch later: its rows would
         # be seen twice. Forget it; it starts over when it is resumed.
         for rid in getattr(scheduler_output, "preempted_req_ids", None) or ():
             self.windows.drop(rid)
+            self.captures.pop(rid, None)
 
     def _after_step(self) -> None:
         self.layout = None
@@ -237,6 +331,7 @@ class _VllmTap:
         if _ACTIVE is self:
             _ACTIVE = None
         self.runner.execute_model = self._original_execute
+        self.set_capture(False)
         self.exporter.close(timeout=2.0)
 
     def stats(self) -> dict:
@@ -248,6 +343,9 @@ class _VllmTap:
             tracked_requests=len(self.windows.requests),
             step=self.step,
             op_calls={layer: int(c.item()) for layer, c in self.op_calls.items()},
+            capture=self.capture,
+            captured_requests=len(self.captures) + len(self.captured_done),
+            captures_evicted=self.captures_evicted,
         )
         return out
 
@@ -284,6 +382,25 @@ class EigenwatchWorkerExtension:
     def eigenwatch_stats(self) -> dict:
         tap = getattr(self, "_eigenwatch_tap", None)
         return {"installed": False} if tap is None else {"installed": True, **tap.stats()}
+
+    def eigenwatch_capture(self, enabled: bool) -> bool:
+        """Turn capture mode on or off (off drops every captured sum); False
+        when this worker has no tap."""
+        tap = getattr(self, "_eigenwatch_tap", None)
+        if tap is None:
+            return False
+        tap.set_capture(enabled)
+        return True
+
+    def eigenwatch_pop_captured(self, request_ids: list[str]) -> dict:
+        """{request id: {layer: (rows, sum [d], scatter [d, d])} or None if its
+        capture failed}, float64 numpy, for the ids (engine or client ids) that
+        have one; their state is dropped. Arrays need an in-process engine (or
+        VLLM_ALLOW_INSECURE_SERIALIZATION=1) to cross collective_rpc intact."""
+        tap = getattr(self, "_eigenwatch_tap", None)
+        if tap is None:
+            return {}
+        return tap.pop_captured(list(request_ids))
 
     def eigenwatch_uninstall(self) -> bool:
         tap = getattr(self, "_eigenwatch_tap", None)

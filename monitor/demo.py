@@ -96,7 +96,7 @@ def cmd_demo(args) -> int:
     import grpc
 
     from eigenwatch.hooks.models import resolve_model
-    from eigenwatch.v1 import monitor_pb2, monitor_pb2_grpc
+    from eigenwatch.v1 import monitor_pb2_grpc
 
     print("eigenwatch demo")
     if args.model == "tiny":

@@ -5,7 +5,7 @@ everything `eigenwatch score` needs.
 
 Features of one text (built by `eigenwatch.monitor.offline`) are a dict:
 
-- ``spectra``: {layer: [(rel_eigs, window, dim, sigma2_rel), ...]} — each tap
+- ``spectra``: {layer: [(rel_eigs, window, dim, sigma2_rel, token_count), ...]} — each tap
   window's eigenvalues divided by its trace_mean, and the window's robust σ²
   (descriptor ``sigma2``) over its trace_mean: exactly what the live
   ``spectral_spike`` detector sees (monitor/detectors.py).
@@ -134,7 +134,7 @@ class SpectralSpike:
                 by_layer.setdefault(int(layer), []).extend(wins)
         for layer, wins in sorted(by_layer.items()):
             sigma2 = float(np.median([w[3] for w in wins]))
-            counts = [count_spikes(e, win, d, sigma2) for e, win, d, _ in wins]
+            counts = [count_spikes(w[0], w[1], w[2], sigma2) for w in wins]
             thr = int(math.ceil(np.quantile(counts, self.quantile)))
             self.layers[layer] = {"sigma2": sigma2, "spike_threshold": thr, "frames": len(wins)}
         return self
@@ -147,9 +147,27 @@ class SpectralSpike:
                 cal = self.layers.get(int(layer))
                 if cal is None:
                     continue
-                for e, win, d, _ in wins:
-                    best = max(best, count_spikes(e, win, d, cal["sigma2"]) - cal["spike_threshold"])
+                for w in wins:
+                    best = max(best, count_spikes(w[0], w[1], w[2], cal["sigma2"]) - cal["spike_threshold"])
             out[i] = best if best > -math.inf else 0.0
+        return out
+
+    def top_window(self, feat: dict) -> dict | None:
+        """The text's window with the most spikes above its layer's calibrated edge
+        (ties: the earliest), in the units count_spikes uses — for reports."""
+        best, out = -1, None
+        for layer, wins in sorted(feat["spectra"].items()):
+            cal = self.layers.get(int(layer))
+            if cal is None:
+                continue
+            for w in wins:
+                k = count_spikes(w[0], w[1], w[2], cal["sigma2"])
+                if k > best:
+                    best = k
+                    out = {"layer": int(layer), "token_count": int(w[4]) if len(w) > 4 else None,
+                           "window": int(w[1]), "dim": int(w[2]), "sigma2": float(cal["sigma2"]),
+                           "spikes": int(k), "spike_threshold": int(cal["spike_threshold"]),
+                           "eigenvalues": [float(v) for v in w[0]]}
         return out
 
     def state(self) -> dict:
@@ -245,6 +263,49 @@ class LLMCheckHidden:
 DETECTORS = {c.name: c for c in (SpectralSpike, DescriptorMahalanobis, HiddenMahalanobis, LLMCheckHidden)}
 
 
+class EigenTrack:
+    """The recurrent risk model over descriptor sequences (an ONNX GRU, run
+    with onnxruntime: monitor/risk.py). Score of a text = the largest logit over
+    its steps (the live sidecar alerts on the same per-step risk = sigmoid(logit);
+    the logit does not saturate in float32). The model is trained by `eigenwatch
+    calibrate` (reference texts vs corrupted copies, monitor/corrupt.py) or by
+    `eigenwatch train`, and travels inside CALIB.json as base64."""
+
+    name = "eigentrack"
+
+    def __init__(self, risk=None, blob: bytes | None = None):
+        self.risk, self.blob = risk, blob
+
+    @classmethod
+    def from_onnx(cls, blob: bytes, where: str = "<embedded>") -> "EigenTrack":
+        from eigenwatch.monitor.risk import RiskModel
+
+        return cls(RiskModel.from_bytes(blob, where), blob)
+
+    def fit(self, feats: list[dict]) -> "EigenTrack":
+        return self  # trained separately (it needs positives); see monitor/train.py
+
+    def step_risks(self, feats: list[dict]) -> list[np.ndarray]:
+        """Per-step risk of each text: N × [T_i]."""
+        return self.risk.sequences([f["sequence"] for f in feats])
+
+    def score(self, feats: list[dict]) -> np.ndarray:
+        logits = self.risk.sequences([f["sequence"] for f in feats], output="logit")
+        return np.array([float(l.max()) if len(l) else 0.0 for l in logits])
+
+    def state(self) -> dict:
+        import base64
+
+        return {"onnx_base64": base64.b64encode(self.blob).decode("ascii"), "sha256": self.risk.sha256,
+                "model": self.risk.model, "layers": list(self.risk.layers)}
+
+    @classmethod
+    def from_state(cls, st: dict) -> "EigenTrack":
+        import base64
+
+        return cls.from_onnx(base64.b64decode(st["onnx_base64"]), "CALIB.json offline.detectors.eigentrack")
+
+
 def conformal_p(ref, s) -> np.ndarray:
     """(1 + #{ref ≥ s}) / (n + 1) for each s: the empirical p-value of s among ref."""
     ref = np.sort(np.asarray(ref, dtype=np.float64))
@@ -254,51 +315,105 @@ def conformal_p(ref, s) -> np.ndarray:
 
 
 class Combined:
-    """Conformal p-values per detector, Fisher-combined, made conformal again.
+    """One calibrated risk from several detectors: a harmonic-mean p-value, made conformal.
 
-    Full conformal over the n calibration texts plus the new one: every one of
-    the n + 1 points gets p_j = #{points with score_j ≥ its own} / (n + 1) per
-    detector and T = −2 Σ_j log p_j; the new text's p-value is
-    #{points with T ≥ its T} / (n + 1). The statistic treats the n + 1 points
-    symmetrically, so under exchangeability P(p ≤ α) ≤ α exactly, whatever the
-    correlation between detectors (Fisher's χ² null would need independence).
+    Per detector j, a conformal p-value against its scores on calibration texts
+    not used to fit it: p_j = (1 + #{ref_j ≥ s}) / (n + 1). Beyond the
+    calibration's largest score the empirical p-value would be stuck at its
+    floor 1/(n + 1) (ties among everything far out), so there it is continued
+    by an exponential tail: p_j = (1 / (n + 1))·exp(−(s − max_j)/β_j), β_j the
+    mean excess of the top m = max(5, tail_fraction·n) scores over the m-th
+    largest. Inside the calibration range p_j stays the plain rank, which keeps
+    the final p-value calibrated; the tail only orders the far-out texts.
+
+    T = log Σ_j 1/p_j, the harmonic mean p-value (Wilson 2019) on a log scale.
+    Why not Fisher's Σ −log p_j: on a shift only one detector sees (a domain
+    shift the hidden-state Mahalanobis catches while the spectral detectors
+    score it as *more* typical), Fisher's sum lets the others drown it; the
+    harmonic mean is dominated by the smallest p-values, yet still adds up
+    several moderate ones (measured in bench/bench_detect.py).
+
+    T is made conformal once more: p = (1 + #{T_ref ≥ T}) / (n + 1), T_ref the
+    statistics of the calibration texts, each computed leave-one-out against
+    the other n − 1 — so whatever the correlation between detectors, p is
+    (approximately: the tails are fitted on the same texts) uniform on
+    in-distribution texts and `p < far` alerts at rate far.
     """
 
     name = "combined"
 
-    def fit(self, cal_scores: dict[str, np.ndarray]) -> "Combined":
+    def fit(self, cal_scores: dict[str, np.ndarray], tail_fraction: float = 0.1) -> "Combined":
         self.names = sorted(cal_scores)
         self.ref = {k: np.asarray(cal_scores[k], dtype=np.float64) for k in self.names}
-        n = {len(v) for v in self.ref.values()}
-        if len(n) != 1 or n.pop() < 1:
-            raise ValueError("Combined.fit: every detector needs the same number (>= 1) of calibration scores")
-        R = np.stack([self.ref[k] for k in self.names], axis=1)  # [n, k]
-        self.R = R
-        # counts_ge[i, j] = #{calibration points with score_j >= R[i, j]} (itself included)
-        self.counts_ge = (R[None, :, :] >= R[:, None, :]).sum(axis=1).astype(np.float64)
+        sizes = {len(v) for v in self.ref.values()}
+        if len(sizes) != 1 or min(sizes) < 2:
+            raise ValueError("Combined.fit: every detector needs the same number (>= 2) of calibration scores")
+        self.n = sizes.pop()
+        self.tail_fraction = float(tail_fraction)
+        self.sorted = {k: np.sort(v) for k, v in self.ref.items()}
+        m = min(self.n, max(5, int(self.tail_fraction * self.n)))
+        self.tail = {}
+        for k in self.names:
+            r = self.sorted[k]
+            t = r[self.n - m]
+            beta = float((r[self.n - m:] - t).mean())
+            if not beta > 0:  # discrete scores (spike counts): one unit of the score's spread
+                beta = float(r.std()) or 1.0
+            self.tail[k] = (float(t), beta, m)
+        self.t_ref = self._statistic(self.ref, loo=True)
         return self
 
+    def _u(self, k: str, s: np.ndarray, loo: bool) -> np.ndarray:
+        """−log p_j of scores s of detector k; loo: s are the calibration scores themselves."""
+        r = self.sorted[k]
+        ge = self.n - np.searchsorted(r, s, side="left")
+        if loo:  # a calibration text is compared with the other n − 1
+            p = ge / float(self.n)
+        else:
+            p = (1.0 + ge) / (self.n + 1.0)
+        # Beyond every score it is compared with, keep ordering the far-out texts.
+        # A calibration text is compared with the other n − 1: the largest one
+        # extends past the second largest, exactly as a new text past the largest.
+        beta = self.tail[k][1]
+        if loo:
+            top, floor = r[-2], 1.0 / self.n
+            beyond = (s > top) & (s >= r[-1])
+        else:
+            top, floor = r[-1], 1.0 / (self.n + 1.0)
+            beyond = s > top
+        p = np.where(beyond, floor * np.exp(-np.maximum(s - top, 0.0) / beta), p)
+        return -np.log(np.clip(p, 1e-300, 1.0))
+
+    def transform(self, scores: dict[str, np.ndarray], loo: bool = False) -> np.ndarray:
+        """[m, k]: −log p_j of every text and detector (columns in self.names order)."""
+        return np.stack([self._u(k, np.asarray(scores[k], dtype=np.float64), loo) for k in self.names], axis=1)
+
+    def _statistic(self, scores, loo: bool = False) -> np.ndarray:
+        U = self.transform(scores, loo)  # [m, k]
+        top = U.max(axis=1, keepdims=True)
+        return (top + np.log(np.exp(U - top).sum(axis=1, keepdims=True)))[:, 0]  # log Σ_j 1/p_j, stable
+
     def p_values(self, scores: dict[str, np.ndarray]) -> np.ndarray:
-        S = np.stack([np.asarray(scores[k], dtype=np.float64) for k in self.names], axis=1)  # [m, k]
-        n = self.R.shape[0]
-        out = np.empty(S.shape[0])
-        for t, s in enumerate(S):
-            new_ge = 1.0 + (self.R >= s[None, :]).sum(axis=0)  # [k]
-            t_new = -2.0 * np.log(new_ge / (n + 1)).sum()
-            ref_ge = self.counts_ge + (s[None, :] >= self.R)  # [n, k]
-            t_ref = -2.0 * np.log(ref_ge / (n + 1)).sum(axis=1)
-            out[t] = (1.0 + np.count_nonzero(t_ref >= t_new - 1e-12)) / (n + 1)
-        return out
+        T = self._statistic(scores)
+        ref = np.sort(self.t_ref)
+        ge = len(ref) - np.searchsorted(ref, T - 1e-12, side="left")
+        return (1.0 + ge) / (len(ref) + 1.0)
 
     def score(self, scores: dict[str, np.ndarray]) -> np.ndarray:
         return -np.log10(self.p_values(scores))
 
     def state(self) -> dict:
-        return {"calibration_scores": {k: v.tolist() for k, v in self.ref.items()}}
+        return {"statistic": "harmonic_mean_p", "calibration_scores": {k: v.tolist() for k, v in self.ref.items()},
+                "tail_fraction": self.tail_fraction}
 
     @classmethod
     def from_state(cls, st: dict) -> "Combined":
-        return cls().fit({k: np.asarray(v) for k, v in st["calibration_scores"].items()})
+        return cls().fit({k: np.asarray(v) for k, v in st["calibration_scores"].items()},
+                         float(st.get("tail_fraction", 0.1)))
+
+
+# Every detector a calibration file may hold (EigenTrack is trained, not fitted on references alone).
+ALL_DETECTORS = dict(DETECTORS, **{EigenTrack.name: EigenTrack})
 
 
 def auroc(neg, pos) -> float:

@@ -14,6 +14,9 @@ from prometheus_client.registry import Collector
 ENTROPY_BUCKETS = tuple(round(0.25 * i, 2) for i in range(1, 18))
 LAMBDA_BUCKETS = tuple(10.0**e for e in range(-4, 7))
 SPIKE_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 32)
+# Risk is a probability: 0.05 steps resolve any --risk-high/--risk-low choice to
+# a bucket edge near it; 0.99 separates "certain" from "high".
+RISK_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 20)) + (0.99,)
 
 _TAP_COUNTERS = {
     "frames_emitted": "Frames the taps produced",
@@ -108,6 +111,36 @@ class Metrics:
         )
         self.requests_evicted = Counter(
             "eigenwatch_requests_evicted", "Request states evicted to bound memory", ["reason"], registry=registry
+        )
+        # EigenTrack risk (sidecar run with --risk-model; monitor/live_risk.py).
+        self.risk = Histogram(
+            "eigenwatch_risk", "EigenTrack risk of every scored step (all risk-model layers at one token count)",
+            ["model"], buckets=RISK_BUCKETS, registry=registry,
+        )
+        self.request_max_risk = Histogram(
+            "eigenwatch_request_max_risk", "Highest EigenTrack risk of a request, observed once when it finishes",
+            ["model"], buckets=RISK_BUCKETS, registry=registry,
+        )
+        self.risk_steps = Counter(
+            "eigenwatch_risk_steps", "Steps scored by the EigenTrack risk model", ["model"], registry=registry
+        )
+        self.risk_skipped = Counter(
+            "eigenwatch_risk_skipped_frames",
+            "Frames that got no risk, by reason (other_model, descriptor_names, incomplete, out_of_order, "
+            "finished, model_error)", ["model", "reason"], registry=registry,
+        )
+        self.risk_errors = Counter(
+            "eigenwatch_risk_errors", "Risk-model calls that failed or returned non-finite values (ingest goes on)",
+            ["model"], registry=registry,
+        )
+        self.risk_alerted_requests = Gauge(
+            "eigenwatch_risk_alerted_requests",
+            "Unfinished requests in the eigentrack alerted state (risk rose above the high threshold and has "
+            "not fallen below the low one)", ["model"], registry=registry,
+        )
+        self.risk_threshold = Gauge(
+            "eigenwatch_risk_threshold", "EigenTrack alert thresholds in use (bound: high raises, low re-arms)",
+            ["model", "bound"], registry=registry,
         )
         self.taps = TapStatsCollector()
         registry.register(self.taps)

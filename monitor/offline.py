@@ -35,11 +35,14 @@ from pathlib import Path
 
 import numpy as np
 
-from eigenwatch.monitor.detect import DETECTORS, Combined
+from eigenwatch.monitor.corrupt import corrupt_all
+from eigenwatch.monitor.detect import ALL_DETECTORS, DETECTORS, Combined
+from eigenwatch.monitor.sequences import frames_to_sequence, sequence_line
 
 CALIBRATION_FORMAT = "eigenwatch.calibration/v1"
 PROBE = "The quick brown fox jumps over the lazy dog. 0123456789 éß中文 <|probe|>"
 RIDGE = 1e-3
+ENGINES = ("hf", "vllm")
 
 
 class OfflineError(Exception):
@@ -126,10 +129,12 @@ def read_jsonl(path: str | Path, stats: InputStats) -> list[tuple[str, str]]:
 
 @dataclass
 class Loaded:
-    model: object
+    model: object  # the HF module; None for --engine vllm (vLLM loads the weights itself)
     tokenizer: object
+    config: object
     key: str  # the model name in CALIB.json: "tiny"/"minilm" or the directory name
     path: Path
+    runner: str  # "generate" or "pooling"
     max_positions: int | None
 
 
@@ -139,9 +144,18 @@ def model_key(name: str, path: Path) -> str:
     return name if name in MODEL_ALIASES else Path(path).resolve().name
 
 
-def load_model(name: str) -> Loaded:
-    import torch
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+def max_positions(cfg, tok) -> int | None:
+    """The longest input the model takes: its position table, or the tokenizer's limit if smaller."""
+    maxpos = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    tmax = getattr(tok, "model_max_length", None)
+    if isinstance(tmax, int) and tmax < 10**7:
+        maxpos = min(maxpos, tmax) if maxpos else tmax
+    return maxpos
+
+
+def load_model(name: str, engine: str = "hf") -> Loaded:
+    """Tokenizer and config always; the HF weights only for --engine hf."""
+    from transformers import AutoConfig, AutoTokenizer
 
     from eigenwatch.hooks.models import resolve_model
 
@@ -149,20 +163,21 @@ def load_model(name: str) -> Loaded:
         path, runner = resolve_model(name)
     except (ValueError, RuntimeError) as exc:
         raise OfflineError(str(exc)) from None
-    cls = AutoModel if runner == "pooling" else AutoModelForCausalLM
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = cls.from_pretrained(path, dtype=torch.float32).to(device).eval()
     tok = AutoTokenizer.from_pretrained(path)
-    cfg = model.config
-    maxpos = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
-    tmax = getattr(tok, "model_max_length", None)
-    if isinstance(tmax, int) and tmax < 10**7:
-        maxpos = min(maxpos, tmax) if maxpos else tmax
-    return Loaded(model, tok, model_key(name, path), Path(path), maxpos)
+    cfg = AutoConfig.from_pretrained(path)
+    model = None
+    if engine == "hf":
+        import torch
+        from transformers import AutoModel, AutoModelForCausalLM
+
+        cls = AutoModel if runner == "pooling" else AutoModelForCausalLM
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model = cls.from_pretrained(path, dtype=torch.float32).to(device).eval()
+    return Loaded(model, tok, cfg, model_key(name, path), Path(path), runner, max_positions(cfg, tok))
 
 
 def fingerprint(loaded: Loaded) -> dict:
-    cfg = loaded.model.config
+    cfg = loaded.config
     raw = (loaded.path / "config.json").read_bytes()
     try:
         canon = json.dumps(json.loads(raw), sort_keys=True).encode()
@@ -170,7 +185,7 @@ def fingerprint(loaded: Loaded) -> dict:
         canon = raw
     ids = loaded.tokenizer(PROBE)["input_ids"][:64]
     return {
-        "architecture": (getattr(cfg, "architectures", None) or [type(loaded.model).__name__])[0],
+        "architecture": (getattr(cfg, "architectures", None) or [getattr(cfg, "model_type", "?")])[0],
         "model_type": getattr(cfg, "model_type", ""),
         "hidden_size": int(getattr(cfg, "hidden_size", 0) or 0),
         "num_layers": int(getattr(cfg, "num_hidden_layers", 0) or 0),
@@ -178,6 +193,24 @@ def fingerprint(loaded: Loaded) -> dict:
         "config_sha256": hashlib.sha256(canon).hexdigest(),
         "tokenizer_probe_sha256": hashlib.sha256(json.dumps(list(map(int, ids))).encode()).hexdigest(),
     }
+
+
+def tokenize(tok, items, limit: int | None, stats: InputStats) -> list[tuple[str, list[int]]]:
+    """[(id, token ids)]: texts over `limit` tokens truncated (warned, counted),
+    texts under 2 tokens skipped (a window needs 2 rows). Both engines use this."""
+    out: list[tuple[str, list[int]]] = []
+    for rid, text in items:
+        enc = tok(text)["input_ids"]
+        if limit is not None and len(enc) > limit:
+            stats.truncated += 1
+            log(f"warning: text {rid!r} has {len(enc)} tokens, truncated to {limit}")
+            enc = tok(text, truncation=True, max_length=limit)["input_ids"]
+        if len(enc) < 2:
+            stats.too_short += 1
+            log(f"skipped: text {rid!r} has {len(enc)} token(s); a window needs 2")
+            continue
+        out.append((rid, [int(t) for t in enc]))
+    return out
 
 
 # ---------------------------------------------------------------- features
@@ -190,15 +223,49 @@ def llmcheck_hidden(H: np.ndarray, ridge: float = RIDGE) -> float:
     return float(np.mean(0.5 * np.log(s * s + ridge)))
 
 
+def frame_features(frames, layers: tuple[int, ...]) -> dict | None:
+    """The frame-derived features of one text (both engines): "sequence" and
+    "token_counts" (monitor/sequences.py), "spectra" {layer: [(eigenvalues /
+    trace_mean, window, dim, sigma2 / trace_mean, token_count)]} and
+    "desc_mean" (per layer mean descriptor vector, layers concatenated).
+    None when some layer has no frame."""
+    from eigenwatch.kernels.descriptors import INDEX
+
+    i_sig, i_tm = INDEX["sigma2"], INDEX["trace_mean"]
+    frames = sorted(frames, key=lambda f: (f.layer, f.token_count, f.final))  # one order for both engines
+    spectra: dict[int, list] = {l: [] for l in layers}
+    descs: dict[int, list] = {l: [] for l in layers}
+    for f in frames:
+        if f.layer not in descs:
+            continue
+        tm = float(f.descriptors[i_tm])
+        descs[f.layer].append(np.nan_to_num(np.asarray(f.descriptors, dtype=np.float64),
+                                            nan=0.0, posinf=0.0, neginf=0.0))
+        if tm > 0:
+            spectra[f.layer].append((np.asarray(f.eigenvalues, dtype=np.float64) / tm, int(f.window), int(f.dim),
+                                     float(f.descriptors[i_sig]) / tm, int(f.token_count)))
+    if any(not descs[l] for l in layers):
+        return None
+    counts, seq = frames_to_sequence(frames, layers)
+    return {"sequence": seq, "token_counts": counts, "spectra": spectra,
+            "desc_mean": np.concatenate([np.mean(descs[l], axis=0) for l in layers])}
+
+
 def extract(loaded: Loaded, items, layers, window: int, stride: int, max_length: int | None,
             stats: InputStats, desc: str) -> tuple[list[str], list[dict], tuple[int, ...]]:
-    """Run every text through the tap; returns (ids, features, tapped layers)."""
+    """Run every text through the tap; returns (ids, features, tapped layers).
+    With --engine vllm (loaded.model is None) the texts go through vLLM and the
+    same tap inside it (monitor/offline_vllm.py)."""
+    if loaded.model is None:
+        from eigenwatch.monitor.offline_vllm import extract_vllm
+
+        return extract_vllm(loaded.path, loaded.runner, loaded.key, items, layers, window, stride,
+                            max_length, stats, desc)
     import torch
     from tqdm import tqdm
 
     from eigenwatch.hooks.layers import find_decoder_layers, residual_stream
     from eigenwatch.hooks.hf import HFTap
-    from eigenwatch.kernels.descriptors import INDEX
 
     try:
         tap = HFTap(loaded.model, layers=layers, window=window, stride=stride, model_name=loaded.key)
@@ -218,21 +285,11 @@ def extract(loaded: Loaded, items, layers, window: int, stride: int, max_length:
 
     handles = [stack[i].register_forward_hook(pool_hook(i)) for i in tap.layers]
     mid = tap.layers[len(tap.layers) // 2]
-    i_sig, i_tm = INDEX["sigma2"], INDEX["trace_mean"]
     ids_out: list[str] = []
     feats: list[dict] = []
-    limit = max_length or loaded.max_positions
+    prepared = tokenize(loaded.tokenizer, items, max_length or loaded.max_positions, stats)
     try:
-        for rid, text in tqdm(items, desc=desc, unit="text", file=sys.stderr, dynamic_ncols=True):
-            enc = loaded.tokenizer(text)["input_ids"]
-            if limit is not None and len(enc) > limit:
-                stats.truncated += 1
-                log(f"warning: text {rid!r} has {len(enc)} tokens, truncated to {limit}")
-                enc = loaded.tokenizer(text, truncation=True, max_length=limit)["input_ids"]
-            if len(enc) < 2:
-                stats.too_short += 1
-                log(f"skipped: text {rid!r} has {len(enc)} token(s); a window needs 2")
-                continue
+        for rid, enc in tqdm(prepared, desc=desc, unit="text", file=sys.stderr, dynamic_ncols=True):
             captured.clear()
             try:
                 frames = tap.frames(rid, list(enc))
@@ -240,16 +297,8 @@ def extract(loaded: Loaded, items, layers, window: int, stride: int, max_length:
                 stats.failed += 1
                 log(f"skipped: text {rid!r}: {exc}")
                 continue
-            spectra: dict[int, list] = {l: [] for l in tap.layers}
-            descs: dict[int, list] = {l: [] for l in tap.layers}
-            for f in frames:
-                tm = float(f.descriptors[i_tm])
-                d = np.nan_to_num(np.asarray(f.descriptors, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-                descs[f.layer].append(d)
-                if tm > 0:
-                    spectra[f.layer].append((np.asarray(f.eigenvalues, dtype=np.float64) / tm,
-                                             f.window, f.dim, float(f.descriptors[i_sig]) / tm))
-            if any(not descs[l] for l in tap.layers) or any(l not in captured for l in tap.layers):
+            part = frame_features(frames, tap.layers)
+            if part is None or any(l not in captured for l in tap.layers):
                 stats.failed += 1
                 log(f"skipped: text {rid!r}: the tap produced no frame for some layer")
                 continue
@@ -258,12 +307,8 @@ def extract(loaded: Loaded, items, layers, window: int, stride: int, max_length:
                 stats.failed += 1
                 log(f"skipped: text {rid!r}: NaN/Inf activations")
                 continue
-            feats.append({
-                "spectra": spectra,
-                "desc_mean": np.concatenate([np.mean(descs[l], axis=0) for l in tap.layers]),
-                "pooled": {l: H[l].mean(axis=0) for l in tap.layers},
-                "llmcheck": llmcheck_hidden(H[mid]),
-            })
+            feats.append(dict(part, pooled={l: H[l].mean(axis=0) for l in tap.layers},
+                              llmcheck=llmcheck_hidden(H[mid])))
             ids_out.append(rid)
     finally:
         for h in handles:
@@ -275,10 +320,8 @@ def extract(loaded: Loaded, items, layers, window: int, stride: int, max_length:
 # ---------------------------------------------------------------- commands
 
 def check_engine(engine: str) -> None:
-    if engine != "hf":
-        raise OfflineError(
-            f"--engine {engine}: not implemented yet (only --engine hf is available in this version; "
-            "the vLLM engine path is planned)")
+    if engine not in ENGINES:
+        raise OfflineError(f"--engine: expected one of {', '.join(ENGINES)}, got {engine!r}")
 
 
 def parse_layers(text: str | None) -> tuple[int, ...] | None:
@@ -312,7 +355,7 @@ def calibrate(args) -> int:
         raise OfflineError("--calib-fraction: expected a number in (0, 1)")
     stats = InputStats()
     items = read_jsonl(args.texts, stats)
-    loaded = load_model(args.model)
+    loaded = load_model(args.model, args.engine)
     ids, feats, tapped = extract(loaded, items, layers, args.window, args.stride, args.max_length,
                                  stats, "calibrate")
     n = len(feats)
@@ -324,7 +367,20 @@ def calibrate(args) -> int:
     fit_feats = [feats[i] for i in fit_idx]
     cal_feats = [feats[i] for i in cal_idx]
 
+    # Positives for the GRU (--risk-model auto): a corrupted copy of each fit-split
+    # text (monitor/corrupt.py); the calibration split stays untouched for the p-values.
+    c_fit: list[dict] = []
+    if args.risk_model == "auto":
+        text_of = dict(items)
+        fit_ids = [ids[i] for i in fit_idx]
+        corrupted = corrupt_all([text_of[r] for r in fit_ids], args.seed)
+        _, c_fit, _ = extract(loaded, [(f"{r}~corrupted", t) for r, t in zip(fit_ids, corrupted)], tapped,
+                              args.window, args.stride, args.max_length, InputStats(), "calibrate: corrupted")
+
     detectors = {name: cls().fit(fit_feats) for name, cls in DETECTORS.items()}
+    eigentrack, risk_info = risk_model(args, loaded.key, tapped, fit_feats, c_fit)
+    if eigentrack is not None:
+        detectors[eigentrack.name] = eigentrack
     cal_scores = {name: d.score(cal_feats) for name, d in detectors.items()}
     combined = Combined().fit(cal_scores)
     if min(fars) < 1.0 / (n_cal + 1):
@@ -357,9 +413,13 @@ def calibrate(args) -> int:
             "llmcheck": {"layer": tapped[len(tapped) // 2], "ridge": RIDGE},
             "detectors": {name: d.state() for name, d in detectors.items()},
             "combined": combined.state(),
+            "corrupted": {"n_fit": len(c_fit), "recipe": "monitor/corrupt.py"},
             "input": {k: v for k, v in stats.__dict__.items() if k != "problems"},
         },
     }
+    if eigentrack is not None:
+        doc["offline"]["eigentrack"] = risk_info
+        doc["risk"] = live_risk_thresholds(eigentrack, cal_feats, fars[0])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
@@ -369,6 +429,76 @@ def calibrate(args) -> int:
     log(f"eigenwatch calibrate: wrote {out} (model {loaded.key}, layers {list(tapped)}, "
         f"{len(fit_feats)} fit + {n_cal} calibration texts)")
     return 0
+
+
+def risk_model(args, key: str, layers, neg_feats: list[dict], pos_feats: list[dict]):
+    """(EigenTrack detector, info) from --risk-model: "auto" trains the GRU on the
+    fit split's sequences (label 0) against their corrupted copies (label 1);
+    a path loads a model made by `eigenwatch train`; "none": (None, None)."""
+    from eigenwatch.kernels.descriptors import DESCRIPTOR_NAMES
+    from eigenwatch.monitor.detect import EigenTrack
+
+    choice = args.risk_model
+    if choice == "none":
+        return None, None
+    if choice != "auto":
+        from eigenwatch.monitor.risk import RiskModelError
+
+        try:
+            blob = Path(choice).read_bytes()
+            det = EigenTrack.from_onnx(blob, choice)
+        except OSError as exc:
+            raise OfflineError(f"--risk-model: cannot read {choice!r}: {exc.strerror or exc}") from None
+        except RiskModelError as exc:
+            raise OfflineError(f"--risk-model: {exc}") from None
+        want = (key, tuple(layers), tuple(DESCRIPTOR_NAMES))
+        have = (det.risk.model, det.risk.layers, det.risk.descriptor_names)
+        if have != want:
+            raise OfflineError(f"--risk-model: {choice} was trained for model {have[0]!r} layers {list(have[1])} "
+                               f"({len(have[2])} descriptors), not model {key!r} layers {list(layers)} "
+                               f"({len(want[2])} descriptors); retrain with `eigenwatch train`")
+        return det, {"source": str(choice), "sha256": det.risk.sha256, "trained_by": "eigenwatch train"}
+    if len(neg_feats) < 4 or len(pos_feats) < 4:
+        log("warning: --risk-model auto: too few texts to train the EigenTrack GRU (need 4 reference and 4 "
+            "corrupted in the fit split); calibrating without it")
+        return None, None
+    import tempfile
+
+    from eigenwatch.monitor.sequences import Sequences
+    from eigenwatch.monitor.train import export_onnx, model_meta, train_model
+
+    xs = [f["sequence"] for f in neg_feats] + [f["sequence"] for f in pos_feats]
+    keep = [i for i, x in enumerate(xs) if len(x)]
+    labels = np.array([0] * len(neg_feats) + [1] * len(pos_feats))
+    seqs = Sequences([f"t{i}" for i in keep], labels[keep], [xs[i] for i in keep], key, tuple(layers),
+                     tuple(DESCRIPTOR_NAMES))
+    net, info = train_model(seqs, hidden=args.gru_hidden, epochs=args.gru_epochs, seed=args.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "eigentrack.onnx"
+        export_onnx(net, path, model_meta(seqs, info))
+        blob = path.read_bytes()
+    det = EigenTrack.from_onnx(blob, "eigentrack (trained by calibrate)")
+    log(f"eigenwatch calibrate: EigenTrack GRU trained on {info['n_train']} sequences: validation AUROC "
+        f"{info['val_auroc']:.3f} (reference vs corrupted copies, {info['n_val']} held out)")
+    return det, {"source": "auto", "sha256": det.risk.sha256, "trained_by": "eigenwatch calibrate",
+                 "val_auroc": info["val_auroc"], "n_train": info["n_train"], "n_val": info["n_val"]}
+
+
+def live_risk_thresholds(det, cal_feats: list[dict], far: float) -> dict:
+    """The live sidecar's hysteresis for the EigenTrack risk: alert when a request's
+    risk exceeds alert_high = the (1 − far) conformal quantile of the calibration
+    texts' largest per-step risk (so about `far` of in-distribution requests alert
+    once); re-arm below clear_low = the median calibration step risk, capped below
+    alert_high."""
+    risks = det.step_risks(cal_feats)
+    peaks = np.sort([float(r.max()) for r in risks if len(r)])
+    n = len(peaks)
+    k = min(n - 1, int(np.ceil((1 - far) * (n + 1))) - 1)
+    high = float(min(peaks[k], 1 - 1e-6))
+    low = float(np.median(np.concatenate([r for r in risks if len(r)])))
+    low = min(low, 0.5 * high)
+    return {"model_sha256": det.risk.sha256, "alert_high": high, "clear_low": max(low, 1e-9), "far": far,
+            "n_calibration": n}
 
 
 def load_offline_calibration(path: str | Path) -> dict:
@@ -409,10 +539,10 @@ def score(args) -> int:
     off = doc["offline"]
     stats = InputStats()
     items = read_jsonl(args.texts, stats)
-    loaded = load_model(args.model)
+    loaded = load_model(args.model, args.engine)
     check_fingerprint(doc, loaded, args.calibration)
     try:
-        detectors = {name: DETECTORS[name].from_state(st) for name, st in off["detectors"].items()}
+        detectors = {name: ALL_DETECTORS[name].from_state(st) for name, st in off["detectors"].items()}
         combined = Combined.from_state(off["combined"])
         far = float(off["alert_far"])
     except (KeyError, TypeError, ValueError) as exc:
@@ -423,6 +553,7 @@ def score(args) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     alerts = 0
+    spike = detectors.get("spectral_spike")
     with out.open("w") as fh:
         if feats:
             raw = {name: d.score(feats) for name, d in detectors.items()}
@@ -430,23 +561,65 @@ def score(args) -> int:
             for i, rid in enumerate(ids):
                 alert = bool(p[i] < far)
                 alerts += alert
-                fh.write(json.dumps({
+                line = {
                     "id": rid,
                     "score": float(-math.log10(p[i])),
                     "detectors": {name: float(v[i]) for name, v in raw.items()},
                     "alert": alert,
                     "p_value": float(p[i]),
-                }) + "\n")
+                }
+                if spike is not None:
+                    line["spectrum"] = spike.top_window(feats[i])
+                fh.write(json.dumps(line) + "\n")
     log(stats.summary("scored", len(feats)))
     log(f"eigenwatch score: wrote {out}: {len(feats)} line(s), {alerts} alert(s) at false-alarm rate {far}")
     return 0
+
+
+def extract_sequences(args) -> int:
+    """`eigenwatch extract`: descriptor sequences of texts, labelled, for `eigenwatch train`."""
+    from eigenwatch.kernels.descriptors import DESCRIPTOR_NAMES
+
+    check_engine(args.engine)
+    layers = parse_layers(args.layers)
+    if args.window < 2 or args.stride < 1:
+        raise OfflineError("--window must be >= 2 and --stride >= 1")
+    stats = InputStats()
+    items = read_jsonl(args.texts, stats)
+    loaded = load_model(args.model, args.engine)
+    ids, feats, tapped = extract(loaded, items, layers, args.window, args.stride, args.max_length,
+                                 stats, "extract")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w") as fh:
+        for rid, f in zip(ids, feats):
+            fh.write(sequence_line(rid, args.label, loaded.key, tapped, DESCRIPTOR_NAMES,
+                                   f["token_counts"], f["sequence"]) + "\n")
+    log(stats.summary("extracted", len(feats)))
+    log(f"eigenwatch extract: wrote {out}: {len(feats)} sequence(s), label {args.label}, "
+        f"model {loaded.key}, layers {list(tapped)}")
+    return 0
+
+
+def add_extract_args(p) -> None:
+    p.add_argument("--model", required=True, help="model directory, or 'tiny' / 'minilm'")
+    p.add_argument("--texts", required=True, help="texts: JSONL, one {\"id\", \"text\"} per line")
+    p.add_argument("--label", type=int, required=True, choices=[0, 1],
+                   help="0: in-distribution texts, 1: shifted / anomalous texts")
+    p.add_argument("--out", required=True, help="sequence file to write (JSONL, input of `eigenwatch train`)")
+    p.add_argument("--engine", default="hf", choices=ENGINES, help="hf: transformers (default); vllm: the vLLM engine with the same tap")
+    p.add_argument("--layers", default=None, help="tapped layers, e.g. 1,2,3 (default: three spread over depth)")
+    p.add_argument("--window", type=int, default=32, help="rows per window (default %(default)s)")
+    p.add_argument("--stride", type=int, default=16, help="a frame every N tokens (default %(default)s)")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="truncate texts to this many tokens (default: the model's max positions)")
 
 
 def add_calibrate_args(p) -> None:
     p.add_argument("--model", required=True, help="model directory, or 'tiny' / 'minilm'")
     p.add_argument("--texts", required=True, help="reference texts: JSONL, one {\"id\", \"text\"} per line")
     p.add_argument("--out", required=True, help="calibration JSON to write")
-    p.add_argument("--engine", default="hf", choices=["hf", "vllm"], help="hf (default); vllm is not implemented yet")
+    p.add_argument("--engine", default="hf", choices=ENGINES, help="hf: transformers (default); vllm: the vLLM engine with the same tap")
     p.add_argument("--layers", default=None, help="tapped layers, e.g. 1,2,3 (default: three spread over depth)")
     p.add_argument("--window", type=int, default=32, help="rows per window (default %(default)s)")
     p.add_argument("--stride", type=int, default=16, help="a frame every N tokens (default %(default)s)")
@@ -456,7 +629,13 @@ def add_calibrate_args(p) -> None:
                    help="false-alarm rates; the first is the alert rate of `score` (default %(default)s)")
     p.add_argument("--calib-fraction", type=float, default=0.5,
                    help="share of reference texts held out for conformal calibration (default %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the fit/calibration split (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the fit/calibration split, the corruptions and the GRU (default %(default)s)")
+    p.add_argument("--risk-model", default="auto",
+                   help="EigenTrack GRU: 'auto' trains one on the reference texts vs corrupted copies (default), "
+                        "a path loads one made by `eigenwatch train`, 'none' leaves it out")
+    p.add_argument("--gru-hidden", type=int, default=32, help="GRU width for --risk-model auto (default %(default)s)")
+    p.add_argument("--gru-epochs", type=int, default=60, help="GRU epochs for --risk-model auto (default %(default)s)")
 
 
 def add_score_args(p) -> None:
@@ -464,7 +643,7 @@ def add_score_args(p) -> None:
     p.add_argument("--calibration", required=True, help="CALIB.json written by `eigenwatch calibrate`")
     p.add_argument("--texts", required=True, help="texts to score: JSONL, one {\"id\", \"text\"} per line")
     p.add_argument("--out", required=True, help="SCORES.jsonl to write")
-    p.add_argument("--engine", default="hf", choices=["hf", "vllm"], help="hf (default); vllm is not implemented yet")
+    p.add_argument("--engine", default="hf", choices=ENGINES, help="hf: transformers (default); vllm: the vLLM engine with the same tap")
     p.add_argument("--max-length", type=int, default=None,
                    help="truncate texts to this many tokens (default: as calibrated)")
 

@@ -38,7 +38,9 @@ def sidecar_argv(args, listen: str) -> list[str]:
         out += ["--spike-threshold", str(args.spike_threshold)]
     if args.save_calibration:
         out += ["--save-calibration", args.save_calibration]
-    return out
+    from .live_risk import risk_argv
+
+    return out + risk_argv(args)
 
 
 def cmd_serve(args) -> int:

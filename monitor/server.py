@@ -21,8 +21,11 @@ from prometheus_client import CollectorRegistry, start_http_server
 from eigenwatch.v1 import monitor_pb2, monitor_pb2_grpc
 
 from .detectors import SEVERITY_NAMES, SpikeDetector, dump_calibration
+from .live_risk import DETECTOR as RISK_DETECTOR
+from .live_risk import WARNING as RISK_SEVERITY
+from .live_risk import LiveRisk, LiveRiskSetup
 from .metrics import Metrics
-from .state import MAX_ALERTS_PER_REQUEST, RequestStore
+from .state import MAX_ALERTS_PER_REQUEST, REPORT_HISTORY, History, LayerState, RequestStore
 
 log = logging.getLogger("eigenwatch.sidecar")
 
@@ -45,6 +48,7 @@ class SidecarConfig:
     idle_timeout_s: float = 900.0
     save_calibration: str | None = None
     token: str | None = None  # require `authorization: Bearer <token>` on the Monitor service
+    report_history: int = REPORT_HISTORY  # frames per layer (and risk steps) a report keeps
 
 
 def validate_frame(f: monitor_pb2.Frame, n_names: int, eigs: np.ndarray | None = None,
@@ -87,12 +91,17 @@ class _LayerMetrics:
 
 
 class MonitorService(monitor_pb2_grpc.MonitorServicer):
-    def __init__(self, cfg: SidecarConfig, detector: SpikeDetector, metrics: Metrics):
+    def __init__(self, cfg: SidecarConfig, detector: SpikeDetector, metrics: Metrics,
+                 risk: LiveRiskSetup | None = None):
         self.cfg = cfg
         self.detector = detector
         self.metrics = metrics
         self.store = RequestStore(cfg.max_requests, cfg.idle_timeout_s)
-        self.store.on_evict = lambda st, reason: self.metrics.requests_evicted.labels(reason).inc()
+        self.store.on_evict = self._evicted
+        self.risk = None if risk is None else LiveRisk(risk, metrics, history=cfg.report_history,
+                                                       on_alert=self._risk_alert)
+        if self.risk is not None:
+            self.store.on_finish = self.risk.finish  # requests the idle sweep closes
         # id -> (queue, filter); protobuf messages are unhashable, so no set of tuples.
         self.watchers: dict[int, tuple[asyncio.Queue, monitor_pb2.WatchAlertsRequest]] = {}
         self.detector.on_calibrated = self._calibrated
@@ -124,6 +133,10 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
                     )
                 first_error = None
                 index_of = {n: i for i, n in enumerate(names)}
+                names_t = tuple(names)
+                risk = self.risk
+                risk_idx = risk.batch_index(names_t) if risk is not None else None
+                finished = []
                 for j, frame in enumerate(batch.frames):
                     eigs = np.asarray(frame.eigenvalues, dtype=np.float64)
                     desc = np.asarray(frame.descriptors, dtype=np.float64)
@@ -133,8 +146,18 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
                         self.metrics.frames_rejected.labels(problem[0]).inc()
                         first_error = first_error or f"batch {index}: frames[{j}].{problem[0]}: {problem[1]}"
                         continue
-                    self._apply(frame, index_of, eigs, desc)
+                    st, done = self._apply(frame, index_of, names_t, eigs, desc)
+                    if risk is not None:
+                        risk.add(st, frame, desc, risk_idx)
+                        if done:
+                            finished.append(st)
                     accepted += 1
+                if risk is not None:
+                    # All steps this batch completed, in one model call (per round), then
+                    # the requests it finished let go of their model state.
+                    risk.flush()
+                    for st in finished:
+                        risk.finish(st)
                 if first_error is not None:
                     # The valid frames of the batch were kept; the stream ends so the
                     # sender sees the error (a tap reconnects and goes on).
@@ -143,10 +166,13 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
             self.metrics.ingest_streams.dec()
         return monitor_pb2.IngestSummary(frames_accepted=accepted, frames_rejected=rejected)
 
-    def _apply(self, f: monitor_pb2.Frame, index_of: dict[str, int], eigs: np.ndarray, desc: np.ndarray) -> None:
+    def _apply(self, f: monitor_pb2.Frame, index_of: dict[str, int], names: tuple[str, ...], eigs: np.ndarray,
+               desc: np.ndarray):
+        """Frame -> request state, metrics, spike detector. Returns (state, whether this frame finished it)."""
         st, new = self.store.get_or_create(f.engine_request_id, f.request_id, f.model, f.skipped_tokens)
         if new:
             self.metrics.requests.labels(f.model).inc()
+            st.descriptor_names = names
         m = self._layer_metrics(f.model, f.layer)
         m.ingested.inc()
         m.entropy.observe(float(desc[index_of["spectral_entropy"]]))
@@ -154,14 +180,15 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
 
         ls = st.layers.get(f.layer)
         if ls is None:
-            from .state import LayerState
-
-            ls = st.layers[f.layer] = LayerState()
+            width = len(st.descriptor_names)
+            ls = st.layers[f.layer] = LayerState(history=History(self.cfg.report_history, width))
         ls.frames += 1
         ls.token_count = max(ls.token_count, f.token_count)
         ls.window, ls.dim = f.window, f.dim
         ls.last_descriptors = desc
         ls.last_eigenvalues = eigs.astype(np.float32)
+        if names == st.descriptor_names:  # a tap that changed descriptor versions mid-request: keep the first
+            ls.history.append(f.token_count, desc)
 
         res = self.detector.observe(f.model, f.layer, eigs, f.window, f.dim,
                                     float(desc[index_of["sigma2"]]), float(desc[index_of["trace_mean"]]))
@@ -174,12 +201,24 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
             # (one odd window is not a finding), once per severity level.
             if res.severity and ls.over_streak >= self.cfg.persist and res.severity > st.fired.get(key, 0):
                 st.fired[key] = res.severity
-                self._raise(st, f, self.detector.name, res.severity, res.spikes, res.threshold,
+                self._raise(st, self.detector.name, res.severity, res.spikes, res.threshold,
                             f"{res.spikes} eigenvalues above the calibrated MP edge at layer {f.layer} "
-                            f"(threshold {int(res.threshold)})")
-        if new or (f.final and not st.finished):
+                            f"(threshold {int(res.threshold)})", f.layer, f.token_count)
+        done = f.final and not st.finished
+        if new or done:
             st.finished = st.finished or f.final
             self._refresh_active()  # O(requests), so only when the set of active ones changes
+        return st, done
+
+    def _risk_alert(self, st, risk: float, token_count: int) -> None:
+        # layer -1: the risk reads several layers (listed in Report.risk.layers).
+        self._raise(st, RISK_DETECTOR, RISK_SEVERITY, risk, self.risk.th.high, self.risk.alert_message(risk),
+                    -1, token_count)
+
+    def _evicted(self, st, reason: str) -> None:
+        self.metrics.requests_evicted.labels(reason).inc()
+        if self.risk is not None:
+            self.risk.finish(st)
 
     def _layer_metrics(self, model: str, layer: int) -> "_LayerMetrics":
         # prometheus-client's .labels() costs a lock and a dict lookup per call:
@@ -203,23 +242,24 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
             self.metrics.active_requests.labels(model).set(0)
         self._active_models = set(active)
 
-    def _raise(self, st, f, detector: str, severity: int, value: float, threshold: float, message: str) -> None:
+    def _raise(self, st, detector: str, severity: int, value: float, threshold: float, message: str,
+               layer: int, token_count: int) -> None:
         alert = monitor_pb2.Alert(
-            request_id=f.request_id,
-            engine_request_id=f.engine_request_id,
-            model=f.model,
-            layer=f.layer,
+            request_id=st.request_id,
+            engine_request_id=st.engine_request_id,
+            model=st.model,
+            layer=layer,
             detector=detector,
             severity=severity,
             value=float(value),
             threshold=float(threshold),
             message=message,
-            token_count=f.token_count,
+            token_count=token_count,
             time=time.time(),
         )
         if len(st.alerts) < MAX_ALERTS_PER_REQUEST:
             st.alerts.append(alert)
-        self.metrics.alerts.labels(f.model, detector, SEVERITY_NAMES.get(severity, str(severity))).inc()
+        self.metrics.alerts.labels(st.model, detector, SEVERITY_NAMES.get(severity, str(severity))).inc()
         for queue, flt in list(self.watchers.values()):
             if flt.model and flt.model != alert.model:
                 continue
@@ -279,18 +319,25 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
             model=st.model,
             finished=st.finished,
             skipped_tokens=st.skipped_tokens,
-            descriptor_names=DESCRIPTOR_NAMES,
+            # The order the request's frames carried their descriptors in (a tap of
+            # another descriptor version sends other names).
+            descriptor_names=st.descriptor_names or DESCRIPTOR_NAMES,
             alerts=st.alerts,
         )
         for layer, ls in sorted(st.layers.items()):
-            rep.layers.append(
-                monitor_pb2.LayerReport(
-                    layer=layer, frames=ls.frames, token_count=ls.token_count, window=ls.window, dim=ls.dim,
-                    last_descriptors=[] if ls.last_descriptors is None else ls.last_descriptors.tolist(),
-                    last_eigenvalues=[] if ls.last_eigenvalues is None else ls.last_eigenvalues.tolist(),
-                    max_spikes=ls.max_spikes,
-                )
+            lr = monitor_pb2.LayerReport(
+                layer=layer, frames=ls.frames, token_count=ls.token_count, window=ls.window, dim=ls.dim,
+                last_descriptors=[] if ls.last_descriptors is None else ls.last_descriptors.tolist(),
+                last_eigenvalues=[] if ls.last_eigenvalues is None else ls.last_eigenvalues.tolist(),
+                max_spikes=ls.max_spikes,
             )
+            if ls.history is not None:
+                counts, values = ls.history.items()
+                lr.history.extend(monitor_pb2.DescriptorSample(token_count=int(c), descriptors=v.tolist())
+                                  for c, v in zip(counts, values))
+            rep.layers.append(lr)
+        if self.risk is not None and st.risk is not None:
+            rep.risk.CopyFrom(self.risk.report(st.risk))
         return rep
 
     async def sweep_forever(self, every_s: float = 30.0) -> None:
@@ -343,14 +390,14 @@ class Sidecar:
     """A running sidecar: gRPC server + /metrics. Use `await start()`, `await stop()`."""
 
     def __init__(self, cfg: SidecarConfig, detector: SpikeDetector | None = None,
-                 registry: CollectorRegistry | None = None):
+                 registry: CollectorRegistry | None = None, risk: LiveRiskSetup | None = None):
         self.cfg = cfg
         self.registry = registry or CollectorRegistry()
         self.metrics = Metrics(self.registry)
         self.detector = detector or SpikeDetector(
             calibration_frames=cfg.calibration_frames, quantile=cfg.quantile, spike_threshold=cfg.spike_threshold
         )
-        self.service = MonitorService(cfg, self.detector, self.metrics)
+        self.service = MonitorService(cfg, self.detector, self.metrics, risk)
         self.server: grpc.aio.Server | None = None
         self.port: int | None = None
         self.metrics_port: int | None = None

@@ -9,6 +9,49 @@ from dataclasses import dataclass, field
 import numpy as np
 
 MAX_ALERTS_PER_REQUEST = 64
+# Frames per layer a report keeps (GetReport's LayerReport.history); --report-history.
+REPORT_HISTORY = 256
+
+
+class History:
+    """The last `cap` (token_count, vector) pairs, oldest first, in one array
+    that grows by doubling up to `cap` rows: a short request costs a few rows,
+    the longest ones cap·width values. Descriptor histories are float32 (256 ×
+    23 descriptors ≈ 24 KB per layer; the window's eigenvalues travel as float32
+    anyway); risk histories are float64 (width 1)."""
+
+    __slots__ = ("cap", "counts", "values", "n", "head")
+
+    def __init__(self, cap: int, width: int, dtype=np.float32):
+        self.cap = cap
+        size = max(1, min(cap, 8))
+        self.counts = np.zeros(size, dtype=np.int64)
+        self.values = np.zeros((size, width), dtype=dtype)
+        self.n = 0  # rows filled
+        self.head = 0  # next row to write once the ring is full (n == cap)
+
+    def append(self, count: int, vec: np.ndarray) -> None:
+        if self.cap <= 0:
+            return
+        if self.n < self.cap:
+            if self.n == len(self.counts):
+                size = min(self.cap, 2 * self.n)
+                self.counts = np.resize(self.counts, size)
+                self.values = np.resize(self.values, (size, self.values.shape[1]))
+            self.counts[self.n] = count
+            self.values[self.n] = vec
+            self.n += 1
+            return
+        self.counts[self.head] = count
+        self.values[self.head] = vec
+        self.head = (self.head + 1) % self.cap
+
+    def items(self) -> tuple[np.ndarray, np.ndarray]:
+        """(token_counts [n], values [n, width]), oldest first."""
+        if self.n < self.cap or self.head == 0:
+            return self.counts[:self.n], self.values[:self.n]
+        order = np.r_[self.head:self.cap, 0:self.head]
+        return self.counts[order], self.values[order]
 
 
 @dataclass
@@ -21,6 +64,7 @@ class LayerState:
     last_eigenvalues: np.ndarray | None = None
     max_spikes: int = 0
     over_streak: int = 0  # consecutive frames over the spike threshold
+    history: History | None = None  # last frames' descriptors, for reports
 
 
 @dataclass
@@ -34,6 +78,8 @@ class RequestState:
     layers: dict[int, LayerState] = field(default_factory=dict)
     alerts: list = field(default_factory=list)  # monitor_pb2.Alert
     fired: dict = field(default_factory=dict)  # (detector, layer) -> highest severity raised
+    descriptor_names: tuple[str, ...] | None = None  # order of the descriptor values kept (first batch's)
+    risk: object = None  # live_risk.RequestRisk when the risk model scores this request
 
 
 class RequestStore:
@@ -45,6 +91,7 @@ class RequestStore:
         self._by_engine: OrderedDict[str, RequestState] = OrderedDict()
         self._by_external: dict[str, str] = {}
         self.on_evict = None  # callback(state, reason)
+        self.on_finish = None  # callback(state) when the idle sweep closes a request
 
     def __len__(self) -> int:
         return len(self._by_engine)
@@ -103,4 +150,6 @@ class RequestStore:
             if not st.finished and now - st.updated > self.idle_timeout_s:
                 st.finished = True
                 n += 1
+                if self.on_finish is not None:
+                    self.on_finish(st)
         return n

@@ -17,6 +17,7 @@ import sys
 import numpy as np
 import pytest
 
+from eigenwatch.kernels.descriptors import count_spikes
 from eigenwatch.monitor.detect import (
     Combined,
     DescriptorMahalanobis,
@@ -96,6 +97,10 @@ def test_calibrate_then_score_end_to_end(calibrated):
     assert doc["model_fingerprint"]["name"] == "tiny"
     assert doc["offline"]["layers"] == [1, 2, 3] and doc["offline"]["far"] == [FAR, 0.05]
     assert "calibrated on 60 text(s)" in calibrated["stderr"]
+    assert "EigenTrack GRU trained on" in calibrated["stderr"]
+    et = doc["offline"]["detectors"]["eigentrack"]
+    assert et["model"] == "tiny" and et["layers"] == [1, 2, 3] and et["sha256"] == doc["risk"]["model_sha256"]
+    assert 0 < doc["risk"]["clear_low"] < doc["risk"]["alert_high"] < 1 and doc["risk"]["far"] == FAR
     assert "calibrate:" in calibrated["stderr"]  # the tqdm bar
 
     out = d / "mixed.scores.jsonl"
@@ -109,9 +114,14 @@ def test_calibrate_then_score_end_to_end(calibrated):
         assert isinstance(row["alert"], bool)
         assert isinstance(row["score"], float) and np.isfinite(row["score"]) and row["score"] >= 0
         assert set(row["detectors"]) == {"spectral_spike", "descriptor_mahalanobis",
-                                         "hidden_mahalanobis", "llmcheck_hidden"}
+                                         "hidden_mahalanobis", "llmcheck_hidden", "eigentrack"}
         assert all(np.isfinite(v) for v in row["detectors"].values())
         assert row["alert"] == (row["p_value"] < FAR)
+        # the most spiky window, for `eigenwatch report`: its spike count is the detector's rule
+        sp = row["spectrum"]
+        assert sp["layer"] in (1, 2, 3) and sp["window"] == 32 and len(sp["eigenvalues"]) == 32
+        assert sp["spikes"] == count_spikes(np.array(sp["eigenvalues"]), sp["window"], sp["dim"], sp["sigma2"])
+        assert row["detectors"]["spectral_spike"] == sp["spikes"] - sp["spike_threshold"]
     held = [row for row in rows if row["id"].startswith("held-")]
     assert [row["id"] for row in held] == [f"held-{i}" for i in range(40)]
     rate = sum(row["alert"] for row in held) / len(held)
@@ -187,19 +197,69 @@ def test_calibration_from_another_model_is_refused(calibrated, capsys):
     assert not (d / "never.jsonl").exists()
 
 
-def test_vllm_engine_is_not_silently_replaced(calibrated, capsys):
-    r = _cli("score", "--model", "tiny", "--calibration", str(calibrated["calib"]),
-             "--texts", str(calibrated["held"]), "--out", str(calibrated["dir"] / "v.jsonl"), "--engine", "vllm")
-    assert r.returncode == 2
-    assert "--engine vllm: not implemented yet" in r.stderr
-    from eigenwatch.monitor.cli import main
+def test_sidecar_runs_the_gru_calibrate_trained(calibrated):
+    # CALIB.json carries the ONNX model and its live thresholds: `eigenwatch sidecar
+    # --calibration CALIB.json` scores live risk with no other file.
+    import argparse
 
-    rc = main(["calibrate", "--model", "tiny", "--texts", str(calibrated["held"]),
-               "--out", str(calibrated["dir"] / "v.json"), "--engine", "vllm"])
-    assert rc == 2 and "not implemented yet" in capsys.readouterr().err
+    from eigenwatch.monitor.cli import add_sidecar_args
+    from eigenwatch.monitor.live_risk import load_live_risk
+
+    p = argparse.ArgumentParser()
+    add_sidecar_args(p)
+    setup = load_live_risk(p.parse_args(["--calibration", str(calibrated["calib"])]))
+    doc = json.loads(calibrated["calib"].read_text())
+    assert setup is not None and setup.model.sha256 == doc["risk"]["model_sha256"]
+    assert setup.model.layers == (1, 2, 3) and setup.model.model == "tiny"
+    assert setup.thresholds.calibrated
+    assert (setup.thresholds.high, setup.thresholds.low) == (doc["risk"]["alert_high"], doc["risk"]["clear_low"])
+
+
+def test_risk_model_for_other_layers_is_refused(calibrated, tmp_path, capsys):
+    from eigenwatch.kernels.descriptors import DESCRIPTOR_NAMES
+    from eigenwatch.monitor.cli import main
+    from eigenwatch.monitor.sequences import Sequences
+    from eigenwatch.monitor.train import export_onnx, model_meta, train_model
+
+    rng = np.random.default_rng(0)
+    F = 2 * len(DESCRIPTOR_NAMES)
+    seqs = Sequences([str(i) for i in range(16)], np.arange(16) % 2, [rng.normal(size=(3, F)) for _ in range(16)],
+                     "tiny", (1, 2), tuple(DESCRIPTOR_NAMES))
+    net, info = train_model(seqs, hidden=4, epochs=2, progress=False)
+    onnx_path = tmp_path / "two-layers.onnx"
+    export_onnx(net, onnx_path, model_meta(seqs, info))
+    ref = _dump(tmp_path / "ref.jsonl", calibrated["texts"][:6], "r")
+    rc = main(["calibrate", "--model", "tiny", "--texts", str(ref), "--out", str(tmp_path / "c.json"),
+               "--layers", "1,2,3", "--risk-model", str(onnx_path)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--risk-model" in err and "layers [1, 2]" in err and "layers [1, 2, 3]" in err
+    assert not (tmp_path / "c.json").exists()
 
 
 # ---------------------------------------------------------------- detectors
+
+
+def test_combined_keeps_a_shift_only_one_detector_sees():
+    # One detector separates the shifted texts, three are blind to them and one
+    # scores them *lower* (as the spectral detectors do on a domain shift): the
+    # harmonic-mean combination keeps more of the one detector's AUROC than
+    # Fisher's sum of −log p. (Neither can match an oracle that knows which
+    # detector to trust: bench/bench_detect.py measures what that costs.)
+    rng = np.random.default_rng(3)
+    n_cal, n_neg, n_pos = 200, 400, 400
+
+    def draw(n, shift):
+        return {"good": rng.normal(size=n) + shift, "blind1": rng.normal(size=n), "blind2": rng.normal(size=n),
+                "blind3": rng.normal(size=n), "anti": rng.normal(size=n) - shift}
+
+    comb = Combined().fit(draw(n_cal, 0.0))
+    neg, pos = draw(n_neg, 0.0), draw(n_pos, 2.0)
+    best = auroc(neg["good"], pos["good"])
+    mine = auroc(comb.score(neg), comb.score(pos))
+    U_neg, U_pos = comb.transform(neg), comb.transform(pos)
+    fisher = auroc(U_neg.sum(axis=1), U_pos.sum(axis=1))
+    print(f"\nbest single {best:.3f}, combined {mine:.3f}, Fisher {fisher:.3f}")
+    assert fisher + 0.03 < mine < best
 
 
 def _feats(rng, n, p=6, d=40, shift=0.0):
@@ -286,7 +346,7 @@ def test_spectral_spike_detector_counts_excess_spikes():
 
         s2 = describe(e, W, d)[INDEX["sigma2"]] / tm
         assert gamma > 0
-        return (e / tm, W, d, s2)
+        return (e / tm, W, d, s2, W)
 
     ref = [{"spectra": {1: [window() for _ in range(3)]}} for _ in range(10)]
     det = SpectralSpike().fit(ref)

