@@ -353,6 +353,9 @@ def calibrate(args) -> int:
         raise OfflineError("--window must be >= 2 and --stride >= 1")
     if not 0 < args.calib_fraction < 1:
         raise OfflineError("--calib-fraction: expected a number in (0, 1)")
+    for flag, v in (("--gru-hidden", args.gru_hidden), ("--gru-epochs", args.gru_epochs)):
+        if v < 1:
+            raise OfflineError(f"{flag}: expected an integer >= 1, got {v}")
     stats = InputStats()
     items = read_jsonl(args.texts, stats)
     loaded = load_model(args.model, args.engine)
@@ -601,30 +604,30 @@ def extract_sequences(args) -> int:
     return 0
 
 
+def add_tap_args(p) -> None:
+    """The tap's settings: `extract` and `calibrate` take the same ones (`score` reads them from CALIB.json)."""
+    p.add_argument("--engine", default="hf", choices=ENGINES, help="hf: transformers (default); vllm: the vLLM engine with the same tap")
+    p.add_argument("--layers", default=None, help="tapped layers, e.g. 1,2,3 (default: three spread over depth)")
+    p.add_argument("--window", type=int, default=32, help="rows per window (default %(default)s)")
+    p.add_argument("--stride", type=int, default=16, help="a frame every N tokens (default %(default)s)")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="truncate texts to this many tokens (default: the model's max positions)")
+
+
 def add_extract_args(p) -> None:
     p.add_argument("--model", required=True, help="model directory, or 'tiny' / 'minilm'")
     p.add_argument("--texts", required=True, help="texts: JSONL, one {\"id\", \"text\"} per line")
     p.add_argument("--label", type=int, required=True, choices=[0, 1],
                    help="0: in-distribution texts, 1: shifted / anomalous texts")
     p.add_argument("--out", required=True, help="sequence file to write (JSONL, input of `eigenwatch train`)")
-    p.add_argument("--engine", default="hf", choices=ENGINES, help="hf: transformers (default); vllm: the vLLM engine with the same tap")
-    p.add_argument("--layers", default=None, help="tapped layers, e.g. 1,2,3 (default: three spread over depth)")
-    p.add_argument("--window", type=int, default=32, help="rows per window (default %(default)s)")
-    p.add_argument("--stride", type=int, default=16, help="a frame every N tokens (default %(default)s)")
-    p.add_argument("--max-length", type=int, default=None,
-                   help="truncate texts to this many tokens (default: the model's max positions)")
+    add_tap_args(p)
 
 
 def add_calibrate_args(p) -> None:
     p.add_argument("--model", required=True, help="model directory, or 'tiny' / 'minilm'")
     p.add_argument("--texts", required=True, help="reference texts: JSONL, one {\"id\", \"text\"} per line")
     p.add_argument("--out", required=True, help="calibration JSON to write")
-    p.add_argument("--engine", default="hf", choices=ENGINES, help="hf: transformers (default); vllm: the vLLM engine with the same tap")
-    p.add_argument("--layers", default=None, help="tapped layers, e.g. 1,2,3 (default: three spread over depth)")
-    p.add_argument("--window", type=int, default=32, help="rows per window (default %(default)s)")
-    p.add_argument("--stride", type=int, default=16, help="a frame every N tokens (default %(default)s)")
-    p.add_argument("--max-length", type=int, default=None,
-                   help="truncate texts to this many tokens (default: the model's max positions)")
+    add_tap_args(p)
     p.add_argument("--far", default="0.01,0.05",
                    help="false-alarm rates; the first is the alert rate of `score` (default %(default)s)")
     p.add_argument("--calib-fraction", type=float, default=0.5,

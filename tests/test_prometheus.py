@@ -4,7 +4,6 @@ promtool's linter, and the ingested count is queryable through Prometheus."""
 import json
 import shutil
 import subprocess
-import time
 import urllib.parse
 import urllib.request
 

@@ -5,7 +5,6 @@ import gc
 import os
 import random
 import threading
-import time
 
 import grpc
 import pytest
