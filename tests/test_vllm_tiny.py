@@ -165,8 +165,10 @@ def test_prefix_cache_hits_are_reported_as_skipped(llm, sidecar):
 
 
 def test_sidecar_killed_mid_generation(llm, sidecar):
-    prompts = token_prompts([30, 80, 12], seed=4)
-    params = greedy(700)
+    # Long enough that the kill lands mid-generation however fast the host is:
+    # 6 requests x 900 tokens, killed after ~30 of their ~1000 frames arrived.
+    prompts = token_prompts([30, 80, 12, 50, 20, 64], seed=4)
+    params = greedy(900)
     # Baseline: the same engine with the tap uninstalled, then installed again.
     assert llm.collective_rpc("eigenwatch_uninstall") == [True]
     baseline = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
