@@ -13,6 +13,9 @@ Features of one text (built by `eigenwatch.monitor.offline`) are a dict:
   layers concatenated in layer order.
 - ``pooled``: {layer: mean-pooled hidden state (vector of size d)}.
 - ``llmcheck``: the LLM-Check hidden score of the middle tapped layer.
+- ``token_maha``: {layer: mean over the text's tokens of d²/d} under the
+  token-level reference Gaussian, when the extraction was given a fitted
+  ``TokenMahalanobis`` (its ``observe`` turns a text's token sums into it).
 
 Detectors:
 
@@ -25,13 +28,16 @@ Detectors:
   then a Ledoit–Wolf shrunk Gaussian; score = squared Mahalanobis distance / p.
 - ``HiddenMahalanobis``: per tapped layer a Ledoit–Wolf shrunk Gaussian on the
   mean-pooled hidden states; score = mean over layers of d²/d_layer.
+- ``TokenMahalanobis``: per tapped layer an OAS-shrunk Gaussian over every
+  token of the fit texts (fitted from token sums, ``TokenMoments``); score =
+  mean over layers of the text's mean token d²/d.
 - ``LLMCheckHidden``: two-sided robust deviation |s − median| / (1.4826·MAD) of
   the LLM-Check hidden score from the reference.
 - ``Combined``: split conformal. Each detector's p-value against its scores on
-  calibration texts not used to fit it, p_j = (1 + #{ref_j ≥ s_j}) / (n + 1);
-  Fisher's statistic T = −2 Σ_j log p_j; because the detectors are correlated
-  T is not χ²-distributed, so T is itself made conformal (full conformal over
-  the calibration texts + the new one, see the class): p = (1 + #{T_ref ≥ T}) / (n + 1).
+  calibration texts not used to fit it (an exponential tail orders the texts
+  beyond the calibration maximum); the harmonic mean of those p-values,
+  T = log Σ_j 1/p_j, is made conformal once more against the calibration
+  texts' own T (leave-one-out): p = (1 + #{T_ref ≥ T}) / (n + 1).
   score = −log10 p; alert when p < the chosen false-alarm rate.
 """
 
@@ -94,6 +100,57 @@ class ShrinkageGaussian:
         self.lam, self.U = lam[:r], U[:, :r]
         self.p = p
         return self
+
+    @classmethod
+    def from_moments(cls, n: int, total, scatter) -> "ShrinkageGaussian":
+        """The same model from sums over n rows: Σx [p] and XᵀX [p, p] (float64),
+        for when the rows themselves are too many to keep (every token of every
+        reference text). The shrinkage is OAS (Chen, Wiesel, Eldar & Hero 2010),
+        which needs only tr(S) and tr(S²) — Ledoit–Wolf needs every row. When p >
+        MAX_COMPONENTS, the dropped directions get the mean of their eigenvalues
+        (not 0 as in `fit`, where n ≤ MAX_COMPONENTS rows leave nothing to drop):
+        here the covariance is full rank and its small directions are real."""
+        if n < 2:
+            raise ValueError(f"ShrinkageGaussian.from_moments: need >= 2 rows, got {n}")
+        total = np.asarray(total, dtype=np.float64)
+        scatter = np.asarray(scatter, dtype=np.float64)
+        p = total.shape[0]
+        if scatter.shape != (p, p):
+            raise ValueError(f"ShrinkageGaussian.from_moments: scatter is {scatter.shape}, expected ({p}, {p})")
+        g = cls()
+        g.mean = total / n
+        S = scatter / n - np.outer(g.mean, g.mean)
+        lam, U = np.linalg.eigh(0.5 * (S + S.T))
+        lam = np.maximum(lam[::-1], 0.0)
+        U = U[:, ::-1]
+        mu = float(lam.sum() / p)
+        if mu <= 0:  # all rows identical: unit covariance
+            g.shrinkage, g.a, g.b = 1.0, 1.0, 0.0
+            g.lam, g.U, g.p = np.zeros(0), np.zeros((p, 0)), p
+            return g
+        # OAS: ρ = (tr(S²)/p² + μ²) / ((n + 1)(tr(S²)/p² − μ²/p)), capped at 1.
+        m2 = float((lam ** 2).sum()) / (p * p)
+        den = (n + 1.0) * (m2 - mu * mu / p)
+        shrink = 1.0 if den <= 0 else min(1.0, (m2 + mu * mu) / den)
+        r = min(p, MAX_COMPONENTS)
+        rest = float(lam[r:].mean()) if r < p else 0.0
+        g.shrinkage = float(shrink)
+        g.b = 1.0 - shrink
+        g.a = max(shrink * mu + g.b * rest, 1e-12 * mu)
+        g.lam, g.U, g.p = lam[:r] - rest, U[:, :r], p
+        return g
+
+    def mean_sqdist_moments(self, n: int, total, scatter) -> float:
+        """Mean over n rows of their squared Mahalanobis distance, from the rows'
+        Σx [p] and XᵀX [p, p]: tr(Σ⁻¹ C), C = (1/n) Σ_t (x_t − m)(x_t − m)ᵀ."""
+        mu = np.asarray(total, dtype=np.float64) / n
+        S = np.asarray(scatter, dtype=np.float64) / n
+        m = self.mean
+        tr_c = float(np.trace(S) - 2.0 * mu @ m + m @ m)
+        um, uu = self.U.T @ m, self.U.T @ mu  # [r]
+        ucu = np.einsum("ir,ir->r", self.U, S @ self.U) - 2.0 * uu * um + um * um  # u_kᵀ C u_k
+        w = self.b * self.lam / (self.a + self.b * self.lam)
+        return max(float(tr_c - (w * ucu).sum()) / self.a, 0.0)
 
     def sqdist(self, X) -> np.ndarray:
         """Squared Mahalanobis distances of the rows of X to the mean."""
@@ -260,6 +317,65 @@ class LLMCheckHidden:
         return d
 
 
+class TokenMoments:
+    """Sums over every token of the texts seen, per tapped layer: what
+    `TokenMahalanobis.from_moments` fits. Passed as `token=` to the extraction,
+    which calls `observe` once per text and layer (the same sums the vLLM
+    worker's capture mode returns, so both engines feed it alike)."""
+
+    def __init__(self):
+        self.sums: dict[int, list] = {}
+
+    def observe(self, layer: int, n: int, total: np.ndarray, scatter: np.ndarray) -> None:
+        acc = self.sums.get(layer)
+        if acc is None:
+            self.sums[layer] = [int(n), np.array(total, dtype=np.float64), np.array(scatter, dtype=np.float64)]
+        else:
+            acc[0] += int(n)
+            acc[1] += total
+            acc[2] += scatter
+        return None
+
+
+class TokenMahalanobis:
+    """Token-level Mahalanobis distance: per tapped layer, one shrunk Gaussian
+    (OAS) over every token of the fit texts; a text's value at a layer is the
+    mean over its tokens of d²/d, computed from the text's (n, Σx, XᵀX) so it
+    needs no rows kept; score = mean over layers. Where the pooled Mahalanobis
+    averages the tokens first (and a few odd tokens vanish in the mean), this
+    one averages distances: a text made of unusual tokens stays far however
+    they average out."""
+
+    name = "token_mahalanobis"
+
+    @classmethod
+    def from_moments(cls, acc: TokenMoments) -> "TokenMahalanobis":
+        if not acc.sums:
+            raise ValueError("TokenMahalanobis.from_moments: no tokens were observed")
+        d = cls()
+        d.gauss = {l: ShrinkageGaussian.from_moments(*acc.sums[l]) for l in sorted(acc.sums)}
+        return d
+
+    def observe(self, layer: int, n: int, total: np.ndarray, scatter: np.ndarray) -> float | None:
+        g = self.gauss.get(layer)
+        return None if g is None else g.mean_sqdist_moments(n, total, scatter) / g.p
+
+    def fit(self, feats: list[dict]) -> "TokenMahalanobis":
+        return self  # fitted from the token sums during extraction (TokenMoments)
+
+    def score(self, feats: list[dict]) -> np.ndarray:
+        return np.array([np.mean([f["token_maha"][l] for l in self.gauss]) for f in feats])
+
+    def state(self) -> dict:
+        return {"layers": {str(l): g.state() for l, g in self.gauss.items()}}
+
+    @classmethod
+    def from_state(cls, st: dict) -> "TokenMahalanobis":
+        d = cls()
+        d.gauss = {int(l): ShrinkageGaussian.from_state(g) for l, g in st["layers"].items()}
+        return d
+
+
 DETECTORS = {c.name: c for c in (SpectralSpike, DescriptorMahalanobis, HiddenMahalanobis, LLMCheckHidden)}
 
 
@@ -412,8 +528,9 @@ class Combined:
                          float(st.get("tail_fraction", 0.1)))
 
 
-# Every detector a calibration file may hold (EigenTrack is trained, not fitted on references alone).
-ALL_DETECTORS = dict(DETECTORS, **{EigenTrack.name: EigenTrack})
+# Every detector a calibration file may hold (EigenTrack is trained, TokenMahalanobis fitted from
+# token sums during extraction: neither from the per-text features alone).
+ALL_DETECTORS = dict(DETECTORS, **{EigenTrack.name: EigenTrack, TokenMahalanobis.name: TokenMahalanobis})
 
 
 def auroc(neg, pos) -> float:

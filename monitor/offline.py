@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from eigenwatch.monitor.corrupt import corrupt_all
-from eigenwatch.monitor.detect import ALL_DETECTORS, DETECTORS, Combined
+from eigenwatch.monitor.detect import ALL_DETECTORS, DETECTORS, Combined, TokenMahalanobis, TokenMoments
 from eigenwatch.monitor.sequences import frames_to_sequence, sequence_line
 
 CALIBRATION_FORMAT = "eigenwatch.calibration/v1"
@@ -251,16 +251,28 @@ def frame_features(frames, layers: tuple[int, ...]) -> dict | None:
             "desc_mean": np.concatenate([np.mean(descs[l], axis=0) for l in layers])}
 
 
+def token_features(token, sums: dict) -> dict:
+    """Hand each tapped layer's token sums {layer: (n, Σx, XᵀX)} of one text to
+    `token` (detect.TokenMoments accumulates them, a fitted TokenMahalanobis
+    returns the text's value); {"token_maha": {layer: value}} when there are
+    values, else {}. Both engines call this with the same sums."""
+    if token is None:
+        return {}
+    vals = {l: token.observe(l, *sums[l]) for l in sorted(sums)}
+    vals = {l: v for l, v in vals.items() if v is not None}
+    return {"token_maha": vals} if vals else {}
+
+
 def extract(loaded: Loaded, items, layers, window: int, stride: int, max_length: int | None,
-            stats: InputStats, desc: str) -> tuple[list[str], list[dict], tuple[int, ...]]:
+            stats: InputStats, desc: str, token=None) -> tuple[list[str], list[dict], tuple[int, ...]]:
     """Run every text through the tap; returns (ids, features, tapped layers).
     With --engine vllm (loaded.model is None) the texts go through vLLM and the
-    same tap inside it (monitor/offline_vllm.py)."""
+    same tap inside it (monitor/offline_vllm.py). `token`: see token_features."""
     if loaded.model is None:
         from eigenwatch.monitor.offline_vllm import extract_vllm
 
         return extract_vllm(loaded.path, loaded.runner, loaded.key, items, layers, window, stride,
-                            max_length, stats, desc)
+                            max_length, stats, desc, token)
     import torch
     from tqdm import tqdm
 
@@ -307,8 +319,9 @@ def extract(loaded: Loaded, items, layers, window: int, stride: int, max_length:
                 stats.failed += 1
                 log(f"skipped: text {rid!r}: NaN/Inf activations")
                 continue
+            sums = {l: (len(h), h.sum(axis=0), h.T @ h) for l, h in H.items()} if token is not None else {}
             feats.append(dict(part, pooled={l: H[l].mean(axis=0) for l in tap.layers},
-                              llmcheck=llmcheck_hidden(H[mid])))
+                              llmcheck=llmcheck_hidden(H[mid]), **token_features(token, sums)))
             ids_out.append(rid)
     finally:
         for h in handles:
@@ -359,28 +372,41 @@ def calibrate(args) -> int:
     stats = InputStats()
     items = read_jsonl(args.texts, stats)
     loaded = load_model(args.model, args.engine)
-    ids, feats, tapped = extract(loaded, items, layers, args.window, args.stride, args.max_length,
-                                 stats, "calibrate")
-    n = len(feats)
-    if n < 4:
-        raise OfflineError(f"--texts: calibration needs at least 4 usable texts, got {n}")
-    order = np.random.default_rng(args.seed).permutation(n)
-    n_cal = min(n - 2, max(2, int(round(n * args.calib_fraction))))
-    cal_idx, fit_idx = order[:n_cal], order[n_cal:]
-    fit_feats = [feats[i] for i in fit_idx]
-    cal_feats = [feats[i] for i in cal_idx]
+    # Split before extracting: the token-level Gaussian is fitted from the fit
+    # texts' token sums as they stream past, and only then can the calibration
+    # texts be given their token-level distances.
+    def too_few(fit: int, cal: int):
+        return OfflineError(f"--texts: calibration needs at least 4 usable texts (2 to fit, 2 to calibrate), "
+                            f"got {fit + cal} ({fit} + {cal}); see the warnings above for skipped ones")
+
+    if len(items) < 4:
+        raise too_few(max(len(items) - 2, 0), min(len(items), 2))
+    order = np.random.default_rng(args.seed).permutation(len(items))
+    n_cal = min(len(items) - 2, max(2, int(round(len(items) * args.calib_fraction))))
+    acc = TokenMoments()
+    fit_ids, fit_feats, tapped = extract(loaded, [items[i] for i in order[n_cal:]], layers, args.window,
+                                         args.stride, args.max_length, stats, "calibrate: fit", acc)
+    if len(fit_feats) < 2:
+        raise too_few(len(fit_feats), 0)
+    token_det = TokenMahalanobis.from_moments(acc)
+    _, cal_feats, _ = extract(loaded, [items[i] for i in order[:n_cal]], tapped, args.window,
+                              args.stride, args.max_length, stats, "calibrate: calibration", token_det)
+    n, n_cal = len(fit_feats) + len(cal_feats), len(cal_feats)
+    if n_cal < 2:
+        raise too_few(len(fit_feats), n_cal)
+    feats = fit_feats + cal_feats
 
     # Positives for the GRU (--risk-model auto): a corrupted copy of each fit-split
     # text (monitor/corrupt.py); the calibration split stays untouched for the p-values.
     c_fit: list[dict] = []
     if args.risk_model == "auto":
         text_of = dict(items)
-        fit_ids = [ids[i] for i in fit_idx]
         corrupted = corrupt_all([text_of[r] for r in fit_ids], args.seed)
         _, c_fit, _ = extract(loaded, [(f"{r}~corrupted", t) for r, t in zip(fit_ids, corrupted)], tapped,
                               args.window, args.stride, args.max_length, InputStats(), "calibrate: corrupted")
 
     detectors = {name: cls().fit(fit_feats) for name, cls in DETECTORS.items()}
+    detectors[token_det.name] = token_det
     eigentrack, risk_info = risk_model(args, loaded.key, tapped, fit_feats, c_fit)
     if eigentrack is not None:
         detectors[eigentrack.name] = eigentrack
@@ -552,7 +578,7 @@ def score(args) -> int:
         raise OfflineError(f"--calibration: {args.calibration}: damaged 'offline' section ({exc!r})") from None
     max_length = args.max_length if args.max_length is not None else off.get("max_length")
     ids, feats, _ = extract(loaded, items, tuple(off["layers"]), int(off["window"]), int(off["stride"]),
-                            max_length, stats, "score")
+                            max_length, stats, "score", detectors.get(TokenMahalanobis.name))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     alerts = 0

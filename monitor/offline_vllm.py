@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from eigenwatch.monitor.offline import (RIDGE, InputStats, OfflineError, frame_features, log, max_positions,
-                                        tokenize)
+                                        token_features, tokenize)
 
 
 BATCH = 64  # texts per engine call: bounds the tap's per-request state and what waits here
@@ -246,7 +246,8 @@ def _wait_frames(llm, collector, req_ids: list[str], layers: tuple[int, ...], ti
             collector.cond.wait(timeout=0.1)
 
 
-def _features(rid, ids, frames: list[_Frame], cap, layers: tuple[int, ...], stats: InputStats) -> dict | None:
+def _features(rid, ids, frames: list[_Frame], cap, layers: tuple[int, ...], stats: InputStats,
+              token=None) -> dict | None:
     part = frame_features(frames, layers)
 
     def fail(why: str) -> None:
@@ -268,11 +269,12 @@ def _features(rid, ids, frames: list[_Frame], cap, layers: tuple[int, ...], stat
         fail("the tap produced no frame for some layer")
         return None
     mid = layers[len(layers) // 2]
-    return dict(part, pooled={l: sums[l][1] / sums[l][0] for l in layers}, llmcheck=llmcheck_scatter(*sums[mid]))
+    return dict(part, pooled={l: sums[l][1] / sums[l][0] for l in layers}, llmcheck=llmcheck_scatter(*sums[mid]),
+                **token_features(token, sums))
 
 
 def extract_vllm(model_path: Path, runner: str, key: str, items, layers, window: int, stride: int,
-                 max_length: int | None, stats: InputStats, desc: str, *, batch: int = BATCH,
+                 max_length: int | None, stats: InputStats, desc: str, token=None, *, batch: int = BATCH,
                  enforce_eager: bool = True,
                  frame_timeout_s: float = FRAME_TIMEOUT_S) -> tuple[list[str], list[dict], tuple[int, ...]]:
     """`offline.extract` on the vLLM engine: returns (ids, features, tapped layers).
@@ -365,7 +367,7 @@ def extract_vllm(model_path: Path, runner: str, key: str, items, layers, window:
                         stats.failed += 1
                         log(f"skipped: text {rid!r}: the tap reported {errors} hook error(s) in its batch (see the log)")
                         continue
-                    f = _features(rid, ids, frames, popped.get(req), tapped, stats)
+                    f = _features(rid, ids, frames, popped.get(req), tapped, stats, token)
                     if f is not None:
                         feats.append(f)
                         ids_out.append(rid)

@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 
 from eigenwatch.monitor import offline
+from eigenwatch.monitor.detect import TokenMahalanobis, TokenMoments
 
 WINDOW, STRIDE, MAX_LENGTH = 16, 8, 96
 EIG_RTOL, EIG_ATOL = 1e-4, 1e-4
@@ -64,15 +65,16 @@ def _run_both(name):
     t0 = time.monotonic()
     hf_stats = offline.InputStats()
     loaded = offline.load_model(name)
-    hf = offline.extract(loaded, TEXTS, None, WINDOW, STRIDE, MAX_LENGTH, hf_stats, "hf")
+    hf_tok, vl_tok = TokenMoments(), TokenMoments()  # token sums for the token-level Mahalanobis
+    hf = offline.extract(loaded, TEXTS, None, WINDOW, STRIDE, MAX_LENGTH, hf_stats, "hf", hf_tok)
     del loaded
     gc.collect()
     t1 = time.monotonic()
     vl_stats = offline.InputStats()
-    vl = extract_vllm(path, runner, name, TEXTS, None, WINDOW, STRIDE, MAX_LENGTH, vl_stats, "vllm")
+    vl = extract_vllm(path, runner, name, TEXTS, None, WINDOW, STRIDE, MAX_LENGTH, vl_stats, "vllm", vl_tok)
     t2 = time.monotonic()
     print(f"\n{name}: hf {t1 - t0:.1f} s, vllm (with engine start) {t2 - t1:.1f} s")
-    return {"hf": hf, "vllm": vl, "hf_stats": hf_stats, "vllm_stats": vl_stats}
+    return {"hf": hf, "vllm": vl, "hf_stats": hf_stats, "vllm_stats": vl_stats, "hf_tok": hf_tok, "vllm_tok": vl_tok}
 
 
 @pytest.fixture(scope="module", params=["tiny", "minilm"])
@@ -150,6 +152,28 @@ def test_pooled_states_and_llmcheck_agree(both):
     _report(both["name"], "pooled", np.concatenate([f["pooled"][l] for f in fv for l in layers]),
             np.concatenate([f["pooled"][l] for f in fh for l in layers]))
     _report(both["name"], "llmcheck", [f["llmcheck"] for f in fv], [f["llmcheck"] for f in fh])
+
+
+@pytest.mark.vllm
+def test_token_sums_and_token_mahalanobis_agree(both):
+    # The token-level Mahalanobis is fitted from every token's sums: both engines
+    # must hand the same (n, Σx, XᵀX) per layer, and a model fitted on the HF
+    # sums must give each text the same value from either engine's sums.
+    (ids, fh, layers), (_, fv, _) = both["hf"], both["vllm"]
+    th, tv = both["hf_tok"].sums, both["vllm_tok"].sums
+    assert sorted(th) == sorted(tv) == list(layers)
+    for l in layers:
+        assert th[l][0] == tv[l][0] > 0
+        np.testing.assert_allclose(tv[l][1], th[l][1], rtol=POOL_RTOL, atol=POOL_ATOL * th[l][0], err_msg=f"layer {l}")
+        scale = np.abs(th[l][2]).max()
+        np.testing.assert_allclose(tv[l][2], th[l][2], rtol=POOL_RTOL, atol=POOL_RTOL * scale, err_msg=f"layer {l}")
+    det = TokenMahalanobis.from_moments(both["hf_tok"])
+    tok_h = np.array([det.observe(l, *th[l]) for l in layers])  # mean token d²/d over all the texts
+    tok_v = np.array([det.observe(l, *tv[l]) for l in layers])
+    assert np.isfinite(tok_h).all()
+    np.testing.assert_allclose(tok_v, tok_h, rtol=1e-3)
+    _report(both["name"], "token scatter", np.concatenate([tv[l][2].ravel() for l in layers]),
+            np.concatenate([th[l][2].ravel() for l in layers]))
 
 
 def test_capture_sums_are_exact_bounded_and_never_raise():

@@ -23,8 +23,11 @@ from eigenwatch.monitor.detect import (
     DescriptorMahalanobis,
     HiddenMahalanobis,
     LLMCheckHidden,
+    MAX_COMPONENTS,
     ShrinkageGaussian,
     SpectralSpike,
+    TokenMahalanobis,
+    TokenMoments,
     auroc,
     conformal_p,
 )
@@ -113,8 +116,8 @@ def test_calibrate_then_score_end_to_end(calibrated):
     for row in rows:
         assert isinstance(row["alert"], bool)
         assert isinstance(row["score"], float) and np.isfinite(row["score"]) and row["score"] >= 0
-        assert set(row["detectors"]) == {"spectral_spike", "descriptor_mahalanobis",
-                                         "hidden_mahalanobis", "llmcheck_hidden", "eigentrack"}
+        assert set(row["detectors"]) == {"spectral_spike", "descriptor_mahalanobis", "hidden_mahalanobis",
+                                         "token_mahalanobis", "llmcheck_hidden", "eigentrack"}
         assert all(np.isfinite(v) for v in row["detectors"].values())
         assert row["alert"] == (row["p_value"] < FAR)
         # the most spiky window, for `eigenwatch report`: its spike count is the detector's rule
@@ -315,6 +318,89 @@ def test_shrinkage_gaussian_matches_dense_formula_and_handles_n_below_dim(n, p):
     # Round trip through JSON.
     g2 = ShrinkageGaussian.from_state(json.loads(json.dumps(g.state())))
     np.testing.assert_allclose(g2.sqdist(Y), d2, rtol=1e-12)
+
+
+def _oas_reference(X):
+    """float64 reference: the OAS-shrunk covariance of the rows of X, written out
+    densely (Chen et al. 2010, eq. 23 in the form scikit-learn uses), with the
+    eigenvalues past MAX_COMPONENTS replaced by their mean."""
+    n, p = X.shape
+    Z = X - X.mean(0)
+    S = Z.T @ Z / n
+    mu = np.trace(S) / p
+    alpha = np.mean(S ** 2)
+    rho = min(1.0, (alpha + mu ** 2) / ((n + 1) * (alpha - mu ** 2 / p)))
+    lam, U = np.linalg.eigh(S)
+    lam, U = lam[::-1].copy(), U[:, ::-1]
+    if p > MAX_COMPONENTS:
+        lam[MAX_COMPONENTS:] = lam[MAX_COMPONENTS:].mean()
+    return rho, (1 - rho) * (U * lam) @ U.T + rho * mu * np.eye(p)
+
+
+@pytest.mark.parametrize("n, p", [(2000, 20), (45, 40), (3, 7), (900, MAX_COMPONENTS + 44)])
+def test_shrinkage_gaussian_from_moments_is_oas_and_matches_dense_formula(n, p):
+    rng = np.random.default_rng(n * 7 + p)
+    X = rng.normal(size=(n, p)) @ rng.normal(size=(p, p)) * 0.1 + 5.0  # correlated, off-centre
+    g = ShrinkageGaussian.from_moments(n, X.sum(0), X.T @ X)
+    rho, sigma = _oas_reference(X)
+    assert g.shrinkage == pytest.approx(rho, rel=1e-9) and 0 < g.shrinkage <= 1
+    Y = X[:5][np.arange(5) % n] + rng.normal(size=(5, p)) * 0.1
+    D = Y - X.mean(0)
+    want = np.einsum("ij,jk,ik->i", D, np.linalg.inv(sigma), D)
+    np.testing.assert_allclose(g.sqdist(Y), want, rtol=1e-6)
+    # the mean distance of a block of rows, from that block's sums alone
+    assert g.mean_sqdist_moments(5, Y.sum(0), Y.T @ Y) == pytest.approx(want.mean(), rel=1e-6)
+    g2 = ShrinkageGaussian.from_state(json.loads(json.dumps(g.state())))
+    np.testing.assert_allclose(g2.sqdist(Y), want, rtol=1e-6)
+
+
+def test_oas_shrinkage_is_scikit_learns():
+    covariance = pytest.importorskip("sklearn.covariance")
+    rng = np.random.default_rng(5)
+    for n, p in ((60, 30), (500, 12)):
+        X = rng.normal(size=(n, p)) @ rng.normal(size=(p, p))
+        g = ShrinkageGaussian.from_moments(n, X.sum(0), X.T @ X)
+        assert g.shrinkage == pytest.approx(covariance.OAS().fit(X).shrinkage_, rel=1e-9)
+
+
+def test_token_mahalanobis_from_streamed_token_sums():
+    # Texts are blocks of token rows; the detector never sees the rows, only
+    # each text's (n, Σx, XᵀX) per layer, as both engines hand them over.
+    rng = np.random.default_rng(11)
+    p, layers = 24, (1, 3)
+    mix = {l: rng.normal(size=(p, p)) for l in layers}
+
+    def text(n, shift=0.0):
+        return {l: rng.normal(size=(n, p)) @ mix[l] + shift for l in layers}
+
+    def sums(rows):
+        return {l: (len(x), x.sum(0), x.T @ x) for l, x in rows.items()}
+
+    ref = [text(int(rng.integers(5, 40))) for _ in range(30)]
+    acc = TokenMoments()
+    for t in ref:
+        for l, sm in sums(t).items():
+            assert acc.observe(l, *sm) is None
+    det = TokenMahalanobis.from_moments(acc)
+    for l in layers:
+        rows = np.concatenate([t[l] for t in ref])
+        direct = ShrinkageGaussian.from_moments(len(rows), rows.sum(0), rows.T @ rows)
+        np.testing.assert_allclose(det.gauss[l].sqdist(rows[:9]), direct.sqdist(rows[:9]), rtol=1e-9)
+    near = [text(20) for _ in range(6)]
+    far = [text(20, shift=0.8) for _ in range(6)]
+    feats = []
+    for t in near + far:
+        vals = {l: det.observe(l, *sm) for l, sm in sums(t).items()}
+        for l in layers:  # = the mean over the text's tokens of d²/d
+            assert vals[l] == pytest.approx(det.gauss[l].sqdist(t[l]).mean() / p, rel=1e-8)
+        feats.append({"token_maha": vals})
+    det2 = TokenMahalanobis.from_state(json.loads(json.dumps(det.state())))
+    sc = det2.score(feats)
+    np.testing.assert_allclose(sc, det.score(feats), rtol=1e-9)
+    assert np.isfinite(sc).all() and sc[6:].min() > sc[:6].max()
+    assert det.observe(7, *sums(near[0])[1]) is None  # a layer it was not fitted on
+    with pytest.raises(ValueError, match="no tokens"):
+        TokenMahalanobis.from_moments(TokenMoments())
 
 
 def test_detectors_far_point_scores_higher_and_no_nan_with_few_texts():
