@@ -184,6 +184,22 @@ def test_bad_input_lines_empty_and_truncation(calibrated, capsys):
     assert "1 truncated" in err.splitlines()[-2]
 
 
+def test_calibrate_refuses_too_few_usable_texts(tmp_path, capsys):
+    # Fewer than 4 lines, and 5 lines of which 3 are a single token (too short
+    # for a window): calibrate stops with an error naming --texts, writes nothing.
+    from eigenwatch.monitor.cli import main
+
+    good = _chunks(2)
+    for name, texts in (("three", good + ["A third short text about tuples."]), ("short", good + ["x"] * 3)):
+        src = _dump(tmp_path / f"{name}.jsonl", texts, f"{name}-")
+        out = tmp_path / f"{name}.calib.json"
+        rc = main(["calibrate", "--model", "tiny", "--texts", str(src), "--out", str(out), "--risk-model", "none"])
+        err = capsys.readouterr().err
+        assert rc == 2, err
+        assert "--texts: calibration needs at least 4 usable texts (2 to fit, 2 to calibrate)" in err
+        assert not out.exists()
+
+
 def test_calibration_from_another_model_is_refused(calibrated, capsys):
     from eigenwatch.monitor.cli import main
 
