@@ -3,8 +3,9 @@ ships with every CPython and Debian install (nothing is downloaded).
 
 In-distribution: technical English prose — the paragraphs of CPython's pydoc
 topics (`pydoc_data.topics`) and the docstrings of stdlib modules, cut into
-chunks of 40–90 words. The chunks are split by a fixed seed into disjoint
-parts: reference (what `eigenwatch calibrate` sees) and held-out in-distribution.
+chunks of 40–90 words. The chunks are shuffled and split by a fixed seed into
+disjoint parts: reference (what `eigenwatch calibrate` sees) and held-out
+in-distribution.
 
 Shifts of the held-out texts (each keeps the text's length in words):
 
@@ -92,10 +93,21 @@ def _chunk(texts: list[str], rng: random.Random, lo: int = 40, hi: int = 90) -> 
 
 
 def in_distribution(seed: int = 0) -> list[str]:
+    """The in-distribution chunks in a random order. The chunks themselves are
+    shuffled, not only the paragraphs: consecutive chunks often come from one
+    paragraph, and `eigenwatch calibrate` splits its reference texts at random
+    into fit and calibration texts, so neighbours land on both sides of that
+    split. Shuffling the chunks before cutting reference from held-out gives
+    the held-out texts the same relation to the fit texts as the calibration
+    texts have (exchangeable, what a conformal false-alarm rate is about).
+    Cutting the ordered chunks instead made held-out texts look less typical
+    than calibration texts to the GRU (KS p = 0.02, alert rate 8.3% at 5%)."""
     rng = random.Random(seed)
     paras = _prose_paragraphs()
     rng.shuffle(paras)
-    return _chunk(paras, rng)
+    chunks = _chunk(paras, rng)
+    rng.shuffle(chunks)
+    return chunks
 
 
 def _sentences(text: str) -> list[str]:

@@ -245,11 +245,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="sequence files from `eigenwatch extract`; both labels (0 and 1) must be present")
     p.add_argument("--out", required=True, help="ONNX model to write (read by the sidecar)")
     p.add_argument("--hidden", type=int, default=32, help="GRU hidden size (default %(default)s)")
-    p.add_argument("--epochs", type=int, default=60, help="passes over the training split (default %(default)s)")
+    p.add_argument("--epochs", type=int, default=60,
+                   help="most passes over the training split; early stopping usually ends sooner (default %(default)s)")
     p.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split, init and batches (default %(default)s)")
     p.add_argument("--val-fraction", type=float, default=0.2,
                    help="share of each label held out for the validation AUROC, in [0, 1) (default %(default)s)")
+    p.add_argument("--stop-fraction", type=float, default=0.2,
+                   help="share of the training split set aside to pick the epoch (early stopping), in [0, 1); "
+                        "0 runs every epoch (default %(default)s)")
+    p.add_argument("--patience", type=int, default=8,
+                   help="epochs without a better early-stopping loss before training ends (default %(default)s)")
     p.set_defaults(func=cmd_train)
 
     args, extra = parser.parse_known_args(argv)

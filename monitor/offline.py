@@ -507,10 +507,12 @@ def risk_model(args, key: str, layers, neg_feats: list[dict], pos_feats: list[di
         export_onnx(net, path, model_meta(seqs, info))
         blob = path.read_bytes()
     det = EigenTrack.from_onnx(blob, "eigentrack (trained by calibrate)")
-    log(f"eigenwatch calibrate: EigenTrack GRU trained on {info['n_train']} sequences: validation AUROC "
-        f"{info['val_auroc']:.3f} (reference vs corrupted copies, {info['n_val']} held out)")
+    log(f"eigenwatch calibrate: EigenTrack GRU trained on {info['n_train']} sequences (epoch {info['best_epoch']} "
+        f"kept, picked on {info['n_stop']} set aside): validation AUROC {info['val_auroc']:.3f} "
+        f"(reference vs corrupted copies, {info['n_val']} held out)")
     return det, {"source": "auto", "sha256": det.risk.sha256, "trained_by": "eigenwatch calibrate",
-                 "val_auroc": info["val_auroc"], "n_train": info["n_train"], "n_val": info["n_val"]}
+                 "val_auroc": info["val_auroc"], "n_train": info["n_train"], "n_stop": info["n_stop"],
+                 "n_val": info["n_val"], "best_epoch": info["best_epoch"]}
 
 
 def live_risk_thresholds(det, cal_feats: list[dict], far: float) -> dict:
@@ -664,7 +666,9 @@ def add_calibrate_args(p) -> None:
                    help="EigenTrack GRU: 'auto' trains one on the reference texts vs corrupted copies (default), "
                         "a path loads one made by `eigenwatch train`, 'none' leaves it out")
     p.add_argument("--gru-hidden", type=int, default=32, help="GRU width for --risk-model auto (default %(default)s)")
-    p.add_argument("--gru-epochs", type=int, default=60, help="GRU epochs for --risk-model auto (default %(default)s)")
+    p.add_argument("--gru-epochs", type=int, default=60,
+                   help="most GRU epochs for --risk-model auto; early stopping on a slice of the fit texts picks "
+                        "the epoch (default %(default)s)")
 
 
 def add_score_args(p) -> None:

@@ -128,7 +128,7 @@ def test_metadata_and_io(small):
     assert model.descriptor_names == tuple(DESCRIPTOR_NAMES)
     assert model.hidden_size == 8 and model.feature_dim == F
     assert int(model.meta["n_train"]) == info["n_train"] and int(model.meta["n_val"]) == info["n_val"]
-    assert info["n_train"] + info["n_val"] == len(seqs.ids) and info["n_val"] == 12
+    assert info["n_train"] + info["n_stop"] + info["n_val"] == len(seqs.ids) and info["n_val"] == 12
     assert int(model.meta["seed"]) == 3
     assert float(model.meta["val_auroc"]) == pytest.approx(info["val_auroc"])
     assert len(model.sha256) == 64
@@ -143,17 +143,25 @@ def test_training_is_deterministic(small):
     assert info2["val_ids"] == info["val_ids"]
 
 
-def test_auroc_is_honest():
-    """Learnable labels: validation AUROC > 0.9. Labels independent of x: the model still
-    fits its training split, but the held-out AUROC stays near chance."""
+def test_auroc_is_honest_and_early_stopping_stops_memorising():
+    """Learnable labels: validation AUROC > 0.9 (with early stopping, the default).
+    Labels independent of x: run for every epoch, the model fits its training split
+    but the held-out AUROC stays near chance; with early stopping it stops soon and
+    memorises far less."""
     good, good_info = train_model(synthetic(260, seed=1), hidden=16, epochs=40, seed=0, progress=False)
-    _, rand_info = train_model(synthetic(260, seed=2, informative=False), hidden=16, epochs=40, seed=0,
-                               progress=False)
-    print(f"\nlearnable: train AUROC {good_info['train_auroc']:.3f} val {good_info['val_auroc']:.3f}; "
-          f"random labels: train {rand_info['train_auroc']:.3f} val {rand_info['val_auroc']:.3f}")
-    assert good_info["val_auroc"] > 0.9
+    noise = synthetic(260, seed=2, informative=False)
+    _, rand_info = train_model(noise, hidden=16, epochs=40, seed=0, progress=False, stop_fraction=0.0)
+    _, rand_es = train_model(noise, hidden=16, epochs=40, seed=0, progress=False)
+    print(f"\nlearnable: train AUROC {good_info['train_auroc']:.3f} val {good_info['val_auroc']:.3f} "
+          f"(kept epoch {good_info['best_epoch']}); random labels, all epochs: train {rand_info['train_auroc']:.3f} "
+          f"val {rand_info['val_auroc']:.3f}; early stopping: kept epoch {rand_es['best_epoch']} of "
+          f"{rand_es['epochs_run']}, train {rand_es['train_auroc']:.3f} val {rand_es['val_auroc']:.3f}")
+    assert good_info["val_auroc"] > 0.9 and good_info["n_stop"] > 0
     assert abs(rand_info["val_auroc"] - 0.5) < 0.2  # n_val = 52: null s.d. of AUROC ~ 0.08
     assert rand_info["train_auroc"] > 0.8  # it memorised noise: only the held-out number tells
+    assert rand_info["n_stop"] == 0 and rand_info["epochs_run"] == 40
+    assert abs(rand_es["val_auroc"] - 0.5) < 0.2
+    assert rand_es["epochs_run"] < 40 and rand_es["train_auroc"] < rand_info["train_auroc"] - 0.1
 
 
 # ---------------------------------------------------------------- end to end with the tiny model
@@ -213,7 +221,7 @@ def test_extract_train_load_end_to_end(tmp_path, capsys):
     assert model.layers == tuple(line["layers"])
     assert model.descriptor_names == tuple(DESCRIPTOR_NAMES) == tuple(line["descriptor_names"])
     assert model.feature_dim == len(line["layers"]) * len(DESCRIPTOR_NAMES) and model.hidden_size == 8
-    assert int(model.meta["n_train"]) + int(model.meta["n_val"]) == 2 * len(SENTENCES)
+    assert int(model.meta["n_train"]) + int(model.meta["n_stop"]) + int(model.meta["n_val"]) == 2 * len(SENTENCES)
     assert int(model.meta["n_val"]) == 4  # 25 % of each label
     risk = model.sequence(np.asarray(line["x"]))
     assert risk.shape == (len(line["token_counts"]),) and np.all((risk > 0) & (risk < 1))
@@ -274,7 +282,8 @@ def test_one_label_and_bad_flags(tmp_path, capsys):
 
     both = _seq_file(tmp_path / "both.jsonl", [(0, [1, 2]), (1, [1, 2])] * 3)
     for flag, value, words in (("--val-fraction", "1.5", "[0, 1)"), ("--epochs", "0", ">= 1"),
-                               ("--hidden", "0", ">= 1"), ("--lr", "-1", "> 0")):
+                               ("--hidden", "0", ">= 1"), ("--lr", "-1", "> 0"),
+                               ("--stop-fraction", "1", "[0, 1)"), ("--patience", "0", ">= 1")):
         rc = cli_main(["train", "--data", str(both), "--out", str(out), flag, value])
         err = capsys.readouterr().err
         assert rc == 2 and flag in err and words in err and value in err
