@@ -13,6 +13,7 @@ monitor/corrupt.py, which is none of the shifts).
     .venv/bin/python bench/bench_detect.py --report out/       # also `eigenwatch report` HTML per model
     .venv/bin/python bench/bench_detect.py --far-seeds 5       # false-alarm rate over 5 calibration splits
     .venv/bin/python bench/bench_detect.py --keep work/        # keep texts, CALIB.json and SCORES.jsonl
+    .venv/bin/python bench/bench_detect.py --bound             # what re-weighting the combination could buy
 
 "baselines" are the anchors users compare against: LLM-Check's hidden score
 and the Mahalanobis distance of mean-pooled hidden states.
@@ -34,7 +35,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import detect_data  # noqa: E402
 
-from eigenwatch.monitor.detect import auroc  # noqa: E402
+from eigenwatch.monitor.detect import Combined, auroc  # noqa: E402
 
 BASELINES = ("hidden_mahalanobis", "llmcheck_hidden")
 EIGENWATCH = sys.executable.replace("python", "eigenwatch") if Path(
@@ -52,8 +53,48 @@ def run(*args: str) -> float:
     return time.perf_counter() - t0
 
 
+def weight_bound(cal_scores: dict, neg: list[dict], by: dict, draws: int = 2000, seed: int = 0) -> dict:
+    """The best any fixed weighting of every detector's conformal p-value could
+    do against the best baseline, with the weights chosen on these very shifts.
+
+    Statistic log Σ_j w_j / p_j (the combined score's harmonic mean, weighted);
+    w over each detector alone, all equal, and `draws` Dirichlet(½) draws. The
+    answer is the largest worst-shift margin (combined − best baseline) any of
+    them reaches, and that weighting's mean margin. It is an upper bound on
+    what re-weighting the combination could buy, not a detector: it has seen
+    the shifts.
+    """
+    comb = Combined().fit({k: np.asarray(v, dtype=np.float64) for k, v in cal_scores.items()})
+    names = comb.names
+
+    def matrix(rows):
+        return comb.transform({k: np.array([r["detectors"][k] for r in rows]) for k in names})  # [m, k] −log p
+
+    U_neg = matrix(neg)
+    shifts = [(matrix(by[s]), max(auroc([r["detectors"][b] for r in neg], [r["detectors"][b] for r in by[s]])
+                                    for b in BASELINES)) for s in detect_data.SHIFTS]
+    rng = np.random.default_rng(seed)
+    W = np.vstack([np.eye(len(names)), np.full(len(names), 1.0 / len(names)),
+                   rng.dirichlet(np.full(len(names), 0.5), size=draws)])
+    best = None
+    for w in W:
+        logw = np.log(np.maximum(w, 1e-300))
+
+        def stat(U):
+            Z = U + logw
+            top = Z.max(axis=1, keepdims=True)
+            return (top + np.log(np.exp(Z - top).sum(axis=1, keepdims=True)))[:, 0]
+
+        t_neg = stat(U_neg)
+        margins = np.array([auroc(t_neg, stat(U)) - base for U, base in shifts])
+        if best is None or margins.min() > best["worst"]:
+            best = {"worst": float(margins.min()), "mean": float(margins.mean()), "margins": margins.tolist(),
+                    "weights": {k: float(x) for k, x in zip(names, w)}}
+    return best
+
+
 def evaluate(model: str, engine: str, files: dict, work: Path, far: list[float], report: Path | None,
-             far_seeds: int = 1) -> dict:
+             far_seeds: int = 1, bound: bool = False) -> dict:
     calib = work / f"{model}.calib.json"
     print(f"\n== {model} ({engine} engine) ==")
     t_cal = run("calibrate", "--model", model, "--engine", engine, "--texts", files["reference"],
@@ -98,6 +139,14 @@ def evaluate(model: str, engine: str, files: dict, work: Path, far: list[float],
           f"({detect_data.SHIFTS[int(np.argmin(diffs))]}); combined ≥ best baseline on "
           f"{sum(d >= 0 for d in diffs)}/{len(diffs)} shifts")
     print(f"   combined − best single detector: mean {np.mean(diffs_all):+.3f}, worst {np.min(diffs_all):+.3f}")
+    voters = json.loads(calib.read_text())["offline"]["combined"]["calibration_scores"]
+    print(f"   combined score made of: {', '.join(sorted(voters))}")
+    wb = None
+    if bound:
+        wb = weight_bound(json.loads(calib.read_text())["offline"]["calibration_scores"], neg, by)
+        print(f"   bound: the best fixed weighting of all {len(wb['weights'])} detectors' p-values, chosen on these "
+              f"shifts, reaches worst {wb['worst']:+.3f} (mean {wb['mean']:+.3f}) against the best baseline; weights "
+              + ", ".join(f"{k} {v:.2f}" for k, v in wb["weights"].items() if v >= 0.005))
     p = np.array([r["p_value"] for r in neg])
     fars = {f: float((p < f).mean()) for f in far}
     n_cal = json.loads(calib.read_text())["offline"]["n_calibration"]
@@ -135,7 +184,7 @@ def evaluate(model: str, engine: str, files: dict, work: Path, far: list[float],
                         "--title", f"eigenwatch detectors on {model}"], check=True, capture_output=True)
         print(f"   report: {html}")
     return {"auroc": table, "mean": mean, "far": fars, "far_by_seed": far_runs, "n_heldout": len(neg),
-            "n_calibration": n_cal}
+            "n_calibration": n_cal, "combined_voters": sorted(voters), "weight_bound": wb}
 
 
 def main() -> None:
@@ -146,6 +195,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--far-seeds", type=int, default=1,
                     help="also calibrate with seeds 1..N-1 and report the false-alarm rate of each (default %(default)s)")
+    ap.add_argument("--bound", action="store_true",
+                    help="also search fixed weightings of all detectors on the shifts themselves: an upper bound "
+                         "on what re-weighting the combined score could buy")
     ap.add_argument("--report", type=Path, default=None, help="write an HTML report per model into this folder")
     ap.add_argument("--json", type=Path, default=None, help="write the numbers here")
     ap.add_argument("--keep", type=Path, default=None,
@@ -158,7 +210,7 @@ def main() -> None:
         work.mkdir(parents=True, exist_ok=True)
         files = detect_data.build(work / "data", seed=args.seed)
         for model in args.models.split(","):
-            results[model] = evaluate(model, args.engine, files, work, far, args.report, args.far_seeds)
+            results[model] = evaluate(model, args.engine, files, work, far, args.report, args.far_seeds, args.bound)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
 

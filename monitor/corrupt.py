@@ -1,9 +1,9 @@
 """Synthetic anomalies made from in-distribution text, for `eigenwatch calibrate`.
 
 `calibrate` only sees in-distribution reference texts, yet two of its parts
-learn from positives: the EigenTrack GRU and the weights of the combined
-score. Both learn from corrupted copies of the reference texts, made here with
-a fixed seed. The recipe is deliberately generic (none of bench/'s evaluation
+learn from positives: the EigenTrack GRU (corrupted copies of the fit texts)
+and the weights of the combined score (corrupted copies of the calibration
+texts, another seed). Both are made here, deterministically. The recipe is deliberately generic (none of bench/'s evaluation
 shifts): dropped words, duplicated spans, digit/punctuation noise, and a span
 of another reference text inserted. Each corruption keeps the text's length in
 words, so no detector can win on length alone.

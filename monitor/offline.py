@@ -36,7 +36,8 @@ from pathlib import Path
 import numpy as np
 
 from eigenwatch.monitor.corrupt import corrupt_all
-from eigenwatch.monitor.detect import ALL_DETECTORS, DETECTORS, Combined, TokenMahalanobis, TokenMoments
+from eigenwatch.monitor.detect import (ALL_DETECTORS, DETECTORS, Combined, TokenMahalanobis, TokenMoments,
+                                       combined_voters, corruption_weights)
 from eigenwatch.monitor.sequences import frames_to_sequence, sequence_line
 
 CALIBRATION_FORMAT = "eigenwatch.calibration/v1"
@@ -389,21 +390,29 @@ def calibrate(args) -> int:
     if len(fit_feats) < 2:
         raise too_few(len(fit_feats), 0)
     token_det = TokenMahalanobis.from_moments(acc)
-    _, cal_feats, _ = extract(loaded, [items[i] for i in order[:n_cal]], tapped, args.window,
+    cal_items = [items[i] for i in order[:n_cal]]
+    _, cal_feats, _ = extract(loaded, cal_items, tapped, args.window,
                               args.stride, args.max_length, stats, "calibrate: calibration", token_det)
     n, n_cal = len(fit_feats) + len(cal_feats), len(cal_feats)
     if n_cal < 2:
         raise too_few(len(fit_feats), n_cal)
     feats = fit_feats + cal_feats
 
-    # Positives for the GRU (--risk-model auto): a corrupted copy of each fit-split
-    # text (monitor/corrupt.py); the calibration split stays untouched for the p-values.
-    c_fit: list[dict] = []
+    # Corrupted copies (monitor/corrupt.py), extracted in one pass (one engine
+    # start under vLLM): of each fit text, the GRU's positives (--risk-model auto),
+    # and of each calibration text, with another seed, for the combined score's
+    # weights. The calibration texts themselves stay untouched for the p-values.
+    corrupted_items = []
     if args.risk_model == "auto":
         text_of = dict(items)
-        corrupted = corrupt_all([text_of[r] for r in fit_ids], args.seed)
-        _, c_fit, _ = extract(loaded, [(f"{r}~corrupted", t) for r, t in zip(fit_ids, corrupted)], tapped,
-                              args.window, args.stride, args.max_length, InputStats(), "calibrate: corrupted")
+        corrupted_fit = corrupt_all([text_of[r] for r in fit_ids], args.seed)
+        corrupted_items += [(f"{r}~corrupted", t) for r, t in zip(fit_ids, corrupted_fit)]
+    corrupted_cal = corrupt_all([t for _, t in cal_items], args.seed + 1)
+    corrupted_items += [(f"{r}~corrupted-cal", t) for (r, _), t in zip(cal_items, corrupted_cal)]
+    c_ids, c_feats, _ = extract(loaded, corrupted_items, tapped, args.window, args.stride, args.max_length,
+                                InputStats(), "calibrate: corrupted", token_det)
+    c_fit = [f for r, f in zip(c_ids, c_feats) if r.endswith("~corrupted")]
+    c_cal = [f for r, f in zip(c_ids, c_feats) if r.endswith("~corrupted-cal")]
 
     detectors = {name: cls().fit(fit_feats) for name, cls in DETECTORS.items()}
     detectors[token_det.name] = token_det
@@ -411,7 +420,16 @@ def calibrate(args) -> int:
     if eigentrack is not None:
         detectors[eigentrack.name] = eigentrack
     cal_scores = {name: d.score(cal_feats) for name, d in detectors.items()}
-    combined = Combined().fit(cal_scores)
+    voters = combined_voters(cal_scores)
+    weights, corruption_auroc = None, {}
+    if len(c_cal) >= 2:
+        weights, corruption_auroc = corruption_weights({k: cal_scores[k] for k in voters},
+                                                       {k: detectors[k].score(c_cal) for k in voters})
+    combined = Combined().fit({k: cal_scores[k] for k in voters}, weights=weights)
+    log("calibrate: combined score from " + ", ".join(
+        f"{k} (weight {combined.weights[k]:.2f}" + (f", AUROC {corruption_auroc[k]:.3f} on corrupted copies)"
+                                                   if k in corruption_auroc else ")") for k in voters)
+        + f"; reported beside them: {', '.join(sorted(set(cal_scores) - set(voters))) or 'none'}")
     if min(fars) < 1.0 / (n_cal + 1):
         log(f"warning: --far {min(fars)} is below 1/(n+1) = {1 / (n_cal + 1):.4f} for {n_cal} calibration "
             "texts: that rate can never alert; use more reference texts")
@@ -442,7 +460,11 @@ def calibrate(args) -> int:
             "llmcheck": {"layer": tapped[len(tapped) // 2], "ridge": RIDGE},
             "detectors": {name: d.state() for name, d in detectors.items()},
             "combined": combined.state(),
-            "corrupted": {"n_fit": len(c_fit), "recipe": "monitor/corrupt.py"},
+            # every detector's scores on the calibration texts (the combined keeps its voters'):
+            # per-detector p-values and bench/bench_detect.py --bound read them
+            "calibration_scores": {k: v.tolist() for k, v in sorted(cal_scores.items())},
+            "corrupted": {"n_fit": len(c_fit), "n_calibration": len(c_cal), "recipe": "monitor/corrupt.py",
+                          "calibration_seed": args.seed + 1, "auroc": corruption_auroc},
             "input": {k: v for k, v in stats.__dict__.items() if k != "problems"},
         },
     }

@@ -253,3 +253,18 @@ def test_score_cli_gives_the_same_scores_on_both_engines(tmp_path):
         for k, v in a["detectors"].items():
             assert b["detectors"][k] == pytest.approx(v, rel=1e-3, abs=1e-3), (rid, k)
         assert b["p_value"] == pytest.approx(a["p_value"], abs=1e-9) and b["alert"] == a["alert"], rid
+
+    # `calibrate --engine vllm` (three extraction passes, each its own engine) fits the same
+    # detectors: the same calibration scores, corruption AUROCs and combined weights as HF.
+    calib_v = tmp_path / "calib.vllm.json"
+    cli("calibrate", "--model", "tiny", "--engine", "vllm", "--texts", str(ref), "--out", str(calib_v),
+        "--window", str(WINDOW), "--stride", str(STRIDE), "--max-length", str(MAX_LENGTH), "--gru-epochs", "5")
+    off = {e: json.loads(c.read_text())["offline"] for e, c in (("hf", calib), ("vllm", calib_v))}
+    assert off["vllm"]["engine"] == "vllm" and off["vllm"]["n_calibration"] == off["hf"]["n_calibration"]
+    assert set(off["vllm"]["calibration_scores"]) == set(off["hf"]["calibration_scores"])
+    for k, v in off["hf"]["calibration_scores"].items():
+        if k != "eigentrack":  # a GRU trained on features equal to ~1e-6 need not end equal to 1e-3
+            np.testing.assert_allclose(off["vllm"]["calibration_scores"][k], v, rtol=1e-3, atol=1e-3, err_msg=k)
+    assert off["vllm"]["corrupted"]["n_calibration"] == off["hf"]["corrupted"]["n_calibration"] > 0
+    for k in ("hidden_mahalanobis", "llmcheck_hidden", "token_mahalanobis"):
+        assert off["vllm"]["corrupted"]["auroc"][k] == pytest.approx(off["hf"]["corrupted"]["auroc"][k], abs=0.02)

@@ -29,7 +29,9 @@ from eigenwatch.monitor.detect import (
     TokenMahalanobis,
     TokenMoments,
     auroc,
+    combined_voters,
     conformal_p,
+    corruption_weights,
 )
 
 FAR = 0.1
@@ -105,6 +107,22 @@ def test_calibrate_then_score_end_to_end(calibrated):
     assert et["model"] == "tiny" and et["layers"] == [1, 2, 3] and et["sha256"] == doc["risk"]["model_sha256"]
     assert 0 < doc["risk"]["clear_low"] < doc["risk"]["alert_high"] < 1 and doc["risk"]["far"] == FAR
     assert "calibrate:" in calibrated["stderr"]  # the tqdm bar
+    # The combined score is made of one detector per source of evidence; every
+    # detector's calibration scores are kept beside it.
+    voters = ["eigentrack", "hidden_mahalanobis", "llmcheck_hidden", "token_mahalanobis"]
+    assert sorted(doc["offline"]["combined"]["calibration_scores"]) == voters
+    comb = doc["offline"]["combined"]
+    assert sorted(comb["weights"]) == voters and abs(sum(comb["weights"].values()) - 1) < 1e-12
+    corr = doc["offline"]["corrupted"]
+    assert sorted(corr["auroc"]) == voters and corr["n_calibration"] == doc["offline"]["n_calibration"]
+    # the weight of each voter follows its AUROC on the corrupted calibration texts
+    order = sorted(voters, key=lambda k: corr["auroc"][k])
+    assert [comb["weights"][k] for k in order] == sorted(comb["weights"].values())
+    assert "calibrate: combined score from eigentrack (weight " in calibrated["stderr"]
+    cal_scores = doc["offline"]["calibration_scores"]
+    assert set(cal_scores) == set(doc["offline"]["detectors"])
+    assert all(len(v) == doc["offline"]["n_calibration"] for v in cal_scores.values())
+    assert all(cal_scores[k] == doc["offline"]["combined"]["calibration_scores"][k] for k in voters)
 
     out = d / "mixed.scores.jsonl"
     r = _cli("score", "--model", "tiny", "--calibration", str(calib), "--texts", str(calibrated["mixed"]),
@@ -279,6 +297,45 @@ def test_combined_keeps_a_shift_only_one_detector_sees():
     fisher = auroc(U_neg.sum(axis=1), U_pos.sum(axis=1))
     print(f"\nbest single {best:.3f}, combined {mine:.3f}, Fisher {fisher:.3f}")
     assert fisher + 0.03 < mine < best
+
+
+def test_combined_voters_one_per_source_of_evidence():
+    six = ["spectral_spike", "descriptor_mahalanobis", "hidden_mahalanobis", "llmcheck_hidden",
+           "token_mahalanobis", "eigentrack"]
+    assert combined_voters(six) == ["eigentrack", "hidden_mahalanobis", "llmcheck_hidden", "token_mahalanobis"]
+    # Without a GRU (--risk-model none) the descriptor family speaks through its Mahalanobis detector,
+    # and a lone spectral_spike still votes; detectors outside the family always do.
+    assert combined_voters([k for k in six if k != "eigentrack"]) == [
+        "descriptor_mahalanobis", "hidden_mahalanobis", "llmcheck_hidden", "token_mahalanobis"]
+    assert combined_voters(["spectral_spike", "hidden_mahalanobis"]) == ["hidden_mahalanobis", "spectral_spike"]
+    assert combined_voters({"a_new_detector": 0, "spectral_spike": 1}) == ["a_new_detector", "spectral_spike"]
+
+
+def test_corruption_weights_silence_a_detector_at_chance():
+    # "sees" separates corrupted from clean texts, "blind" does not, "anti" scores them lower:
+    # the weights follow the squared excess AUROC, so the blind and inverted ones get (almost) no say.
+    rng = np.random.default_rng(5)
+    clean = {"sees": rng.normal(size=300), "blind": rng.normal(size=300), "anti": rng.normal(size=300)}
+    corrupted = {"sees": rng.normal(size=300) + 1.5, "blind": rng.normal(size=300), "anti": rng.normal(size=300) - 1}
+    w, aucs = corruption_weights(clean, corrupted)
+    assert aucs["sees"] > 0.8 and abs(aucs["blind"] - 0.5) < 0.07 and aucs["anti"] < 0.3
+    comb = Combined().fit(clean, weights=w)
+    assert comb.weights["sees"] > 0.95 and comb.weights["anti"] < 1e-3 and abs(sum(comb.weights.values()) - 1) < 1e-12
+    # The weighted combination keeps (nearly) the AUROC of the detector that sees the shift;
+    # with equal weights the blind and inverted ones dilute it.
+    neg = {k: rng.normal(size=400) for k in clean}
+    pos = {"sees": rng.normal(size=400) + 1.5, "blind": rng.normal(size=400), "anti": rng.normal(size=400) - 1}
+    equal = Combined().fit(clean)
+    a_w, a_eq = auroc(comb.score(neg), comb.score(pos)), auroc(equal.score(neg), equal.score(pos))
+    print(f"\nsees alone {auroc(neg['sees'], pos['sees']):.3f}, weighted {a_w:.3f}, equal {a_eq:.3f}")
+    assert a_w > a_eq + 0.02 and a_w > auroc(neg["sees"], pos["sees"]) - 0.02
+    # The weights travel with the calibration file; bad weights are refused by name.
+    again = Combined.from_state(json.loads(json.dumps(comb.state())))
+    assert np.array_equal(again.p_values(neg), comb.p_values(neg))
+    assert np.array_equal(Combined.from_state({k: v for k, v in equal.state().items() if k != "weights"})
+                          .p_values(neg), equal.p_values(neg))  # files written before weights: equal
+    with pytest.raises(ValueError, match="weights must be finite and > 0"):
+        Combined().fit(clean, weights={"sees": 1.0, "blind": 0.0, "anti": 1.0})
 
 
 def _feats(rng, n, p=6, d=40, shift=0.0):
