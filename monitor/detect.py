@@ -458,11 +458,12 @@ def corruption_weights(clean: dict[str, np.ndarray], corrupted: dict[str, np.nda
     AUROC is out of sample. The square gives a detector near chance on this
     model almost no say (the hidden-state Mahalanobis of a random-weight
     model), where equal weights let its false alarms dilute the detectors
-    that see something. Measured in bench/bench_detect.py over two data seeds
-    and both models: against equal weights over the same four voters, the
-    worst shift against the best baseline rose in all four runs (MiniLM
-    −0.024 → −0.014 and −0.023 → −0.014; tiny −0.061 → −0.054 and
-    −0.166 → −0.086), the mean in three and tied in the fourth.
+    that see something. Measured with bench/bench_detect.py on two data seeds
+    and both models, against equal weights over the same four voters: the
+    combined score's worst shift against the best baseline rose in all four
+    runs (MiniLM −0.023 → −0.021 and −0.025 → −0.020; tiny −0.060 → −0.058
+    and −0.165 → −0.100), and so did its mean (MiniLM +0.081 → +0.087 and
+    +0.072 → +0.074; tiny −0.030 → −0.023 and −0.054 → −0.031).
     """
     aucs = {k: auroc(clean[k], corrupted[k]) for k in clean}
     return {k: max(a - 0.5, 0.0) ** 2 + floor for k, a in aucs.items()}, aucs
