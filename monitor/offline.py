@@ -44,6 +44,9 @@ CALIBRATION_FORMAT = "eigenwatch.calibration/v1"
 PROBE = "The quick brown fox jumps over the lazy dog. 0123456789 éß中文 <|probe|>"
 RIDGE = 1e-3
 ENGINES = ("hf", "vllm")
+# Fewer corrupted calibration texts than this and the voters' AUROCs are too
+# noisy to weight by (null s.d. of an AUROC ≈ 0.09 at 20 vs 20): equal weights.
+MIN_TEXTS_FOR_WEIGHTS = 20
 
 
 class OfflineError(Exception):
@@ -425,6 +428,10 @@ def calibrate(args) -> int:
     if len(c_cal) >= 2:
         weights, corruption_auroc = corruption_weights({k: cal_scores[k] for k in voters},
                                                        {k: detectors[k].score(c_cal) for k in voters})
+    if len(c_cal) < MIN_TEXTS_FOR_WEIGHTS or len(cal_feats) < MIN_TEXTS_FOR_WEIGHTS:
+        weights = None
+        log(f"calibrate: {len(cal_feats)} calibration texts and {len(c_cal)} corrupted copies, fewer than "
+            f"{MIN_TEXTS_FOR_WEIGHTS}: the combined score weights its detectors equally")
     combined = Combined().fit({k: cal_scores[k] for k in voters}, weights=weights)
     log("calibrate: combined score from " + ", ".join(
         f"{k} (weight {combined.weights[k]:.2f}" + (f", AUROC {corruption_auroc[k]:.3f} on corrupted copies)"

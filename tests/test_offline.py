@@ -273,6 +273,23 @@ def test_risk_model_for_other_layers_is_refused(calibrated, tmp_path, capsys):
     assert not (tmp_path / "c.json").exists()
 
 
+def test_small_calibration_without_gru_weights_equally(calibrated, tmp_path, capsys):
+    # --risk-model none: descriptor_mahalanobis speaks for the descriptor family;
+    # 5 calibration texts are too few to weight by, so the voters count equally.
+    from eigenwatch.monitor.cli import main
+
+    ref = _dump(tmp_path / "ref.jsonl", calibrated["texts"][:10], "r")
+    out = tmp_path / "small.json"
+    rc = main(["calibrate", "--model", "tiny", "--texts", str(ref), "--out", str(out), "--risk-model", "none"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    off = json.loads(out.read_text())["offline"]
+    assert off["n_calibration"] == 5 and "eigentrack" not in off["detectors"]
+    assert off["combined"]["weights"] == {k: 0.25 for k in ("descriptor_mahalanobis", "hidden_mahalanobis",
+                                                             "llmcheck_hidden", "token_mahalanobis")}
+    assert "fewer than 20: the combined score weights its detectors equally" in err
+
+
 # ---------------------------------------------------------------- detectors
 
 
