@@ -53,5 +53,8 @@ setup(
         "eigenwatch.kernels",
         "eigenwatch.hooks",
         "eigenwatch.monitor",
+        "eigenwatch.monitor.sidecar",
+        "eigenwatch.monitor.offline",
+        "eigenwatch.monitor.cli",
     ],
 )

@@ -6,7 +6,7 @@ the reference texts, `eigenwatch score` on held-out + shifted texts (the
 evaluation sets of bench/detect_data.py, built from text on this machine),
 then reads SCORES.jsonl. Nothing here is fitted on the shifts: calibrate only
 sees in-distribution text (its GRU learns from its own corruption recipe,
-monitor/corrupt.py, which is none of the shifts).
+monitor/offline/texts.py, which is none of the shifts).
 
     .venv/bin/python bench/bench_detect.py                     # minilm and tiny, HF engine
     .venv/bin/python bench/bench_detect.py --models minilm --engine vllm
@@ -35,7 +35,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import detect_data  # noqa: E402
 
-from eigenwatch.monitor.detect import Combined, auroc  # noqa: E402
+from eigenwatch.monitor.combined import Combined, auroc  # noqa: E402
 
 BASELINES = ("hidden_mahalanobis", "llmcheck_hidden")
 EIGENWATCH = sys.executable.replace("python", "eigenwatch") if Path(

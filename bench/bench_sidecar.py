@@ -26,7 +26,7 @@ import grpc
 import numpy as np
 
 from eigenwatch.kernels.descriptors import DESCRIPTOR_NAMES, describe
-from eigenwatch.monitor.procs import SidecarProcess
+from eigenwatch.monitor.cli.processes import SidecarProcess
 from eigenwatch.v1 import monitor_pb2, monitor_pb2_grpc
 
 
@@ -62,8 +62,8 @@ def make_batches(n_frames: int, batch: int, n_requests: int, window: int = 32, d
 
 def make_risk_model(path: Path) -> str:
     """An ONNX risk model with `eigenwatch train`'s architecture (hidden 32) for the bench's layers."""
-    from eigenwatch.monitor.sequences import Sequences
-    from eigenwatch.monitor.train import export_onnx, train_model
+    from eigenwatch.monitor.offline.sequences import Sequences
+    from eigenwatch.monitor.offline.train import export_onnx, train_model
 
     descs = np.array([d for _, d in spectra_pool()])  # [64, D]
     rng = np.random.default_rng(1)

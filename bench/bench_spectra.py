@@ -3,8 +3,8 @@ against recomputing per token, side by side in one run.
 
 CPU (always): R requests each get one new row per decode step; a spectrum is
 needed every `stride` tokens. Incremental = `WindowBank.append` (one new Gram
-row, O(W·k)) every token + centred `eigvalsh` of the Gram for the requests at
-a boundary. Recompute = for every token, the centred W×k window's Gram and
+row, O(W·k)) every token + `gram.spectra` (centred `eigvalsh`) of the Gram for
+the requests at a boundary: the taps' path (kernels/window_bank.py, gram.py). Recompute = for every token, the centred W×k window's Gram and
 `eigvalsh` from scratch (what a naive tap does), batched over requests.
 
 GPU (when CUDA and Triton are there; runs unchanged with only torch, triton and
@@ -16,7 +16,6 @@ numpy installed): bench/gpu_spectra.py against the DESIGN.md anchors.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
 import sys
 import time
@@ -25,30 +24,25 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import _source  # noqa: E402
 
-
-def load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-incremental = load("eigenwatch_bench_incremental", HERE.parent / "kernels" / "incremental.py")
+_source.ensure_kernels()
+from eigenwatch.kernels.gram import spectra  # noqa: E402
+from eigenwatch.kernels.window_bank import WindowBank  # noqa: E402
 
 
 def run_incremental(rows: torch.Tensor, w: int, stride: int) -> float:
     # rows: [steps, R, k]
     steps, r, k = rows.shape
-    bank = incremental.WindowBank(w, k, max_slots=r, initial_slots=r)
+    bank = WindowBank(w, k, max_slots=r, initial_slots=r)
     slots = list(range(r))
     t0 = time.perf_counter()
     for t in range(steps):
         bank.append(slots, rows[t])
         if (t + 1) % stride == 0 and t + 1 >= 2:
             grams, valid = bank.window_gram(slots)
-            incremental.gram_eigvalsh(grams, valid, k)
+            spectra(grams, valid, 1.0 / k)
     return time.perf_counter() - t0
 
 
@@ -89,8 +83,9 @@ def main() -> None:
     print(f"  {'incremental Gram row + eigvalsh every stride':52s} {mi / tokens * 1e6:9.2f} {mr / mi:7.2f}x faster")
 
     if torch.cuda.is_available():
-        gpu = load("eigenwatch_bench_gpu_spectra", HERE / "gpu_spectra.py")
-        for line in gpu.run_gpu_bench():
+        import gpu_spectra
+
+        for line in gpu_spectra.run_gpu_bench():
             print(line)
     else:
         print("GPU: no CUDA device here; run this same script on an H100/H200 for the GPU table")

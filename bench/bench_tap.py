@@ -71,7 +71,7 @@ def main() -> None:
         child(args)
         return
 
-    from eigenwatch.monitor.procs import SidecarProcess, tap_env
+    from eigenwatch.monitor.cli.processes import SidecarProcess, tap_env
 
     base = {k: v for k, v in os.environ.items() if not k.startswith("EIGENWATCH_")}
     tap_no_sidecar = {**base, "EIGENWATCH_ENABLE": "1", "EIGENWATCH_SIDECAR": "127.0.0.1:1",

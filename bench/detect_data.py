@@ -22,7 +22,7 @@ Shifts of the held-out texts (each keeps the text's length in words):
     code           chunks of CPython's own stdlib source code
 
 `eigenwatch calibrate` learns its GRU and the weights of the combined score
-from corrupted copies of the reference texts (monitor/corrupt.py: word drops,
+from corrupted copies of the reference texts (monitor/offline/texts.py: word drops,
 span duplication, 8% digit noise, spans of other texts inserted), a recipe
 that is none of the shifts above: the table measures transfer to shifts the
 detectors never saw.

@@ -12,30 +12,40 @@ Per case (R slots, window W, row width d) and input dtype (bf16, fp32):
 Times are medians of triton.testing.do_bench, in ms; ratios are anchor / ours.
 "err" is our max eigenvalue error against float64 eigvalsh, relative to the
 largest eigenvalue. Numbers belong to the machine they were measured on; never
-a CI gate. Needs only torch, triton and numpy: the kernels are loaded from
-kernels/triton_spectra.py by path, without the eigenwatch package.
+a CI gate. Needs only torch, triton and numpy: without eigenwatch installed,
+bench/_source.py imports the kernels from this checkout.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import pathlib
+import sys
 import time
+from types import SimpleNamespace
 from typing import Callable
 
 import numpy as np
 import torch
 
-KERNELS = pathlib.Path(__file__).resolve().parent.parent / "kernels" / "triton_spectra.py"
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "tests"))
+import _source  # noqa: E402
+
+_source.ensure_kernels()
+import reference  # noqa: E402
+
 CASES = ((256, 32, 4096), (64, 64, 8192))  # (R, W, d), the window-spectra anchors of DESIGN.md
 DTYPES = (torch.bfloat16, torch.float32)
 
 
 def load_kernels():
-    spec = importlib.util.spec_from_file_location("_eigenwatch_triton_spectra", KERNELS)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    """The two Triton ops under one name (they need triton; without it this raises ImportError)."""
+    from eigenwatch.kernels import triton_eigvalsh, triton_gram_update
+
+    return SimpleNamespace(gram_update=triton_gram_update.gram_update,
+                           centred_eigvalsh=triton_eigvalsh.centred_eigvalsh,
+                           available=lambda: triton_gram_update.available() and triton_eigvalsh.available())
 
 
 def wall_ms(fn: Callable[[], object]) -> float:
@@ -47,11 +57,9 @@ def wall_ms(fn: Callable[[], object]) -> float:
 
 
 def ref_eigvalsh(ring: torch.Tensor, dim: int) -> np.ndarray:
-    """[R, W, d] -> [R, W] float64, descending eigenvalues of Xc Xcᵀ / dim, clamped at 0."""
+    """[R, W, d] -> [R, W] float64, descending eigenvalues of Xc Xcᵀ / dim (tests/reference.py)."""
     x = ring.detach().to("cpu", torch.float64).numpy()
-    xc = x - x.mean(axis=1, keepdims=True)
-    ev = np.linalg.eigvalsh(xc @ xc.transpose(0, 2, 1) / dim)[:, ::-1]
-    return np.clip(ev, 0.0, None)
+    return np.stack([reference.window_eigenvalues(w) * w.shape[1] / dim for w in x])
 
 
 def bench_case(ts, R: int, W: int, d: int, dtype: torch.dtype, device: str,

@@ -32,17 +32,39 @@ offline `--engine vllm` path reads them with `eigenwatch_pop_captured`.
 from __future__ import annotations
 
 import logging
+import re
 import threading
-from collections import OrderedDict
+from pathlib import Path
 
 import torch
 
+from .capture import TokenSums
 from .config import TapConfig, request_opt, resolve_layers
-from .layers import find_decoder_layers
 from .export import FrameExporter
-from .windows import BatchedWindowTap, FrameSeed, external_request_id
+from .layers import find_decoder_layers
+from .windows import FrameSeed, WindowTap
 
 log = logging.getLogger("eigenwatch.tap")
+
+# vLLM appends "-" + 8 hex chars to the client's request id (input_processor).
+_ENGINE_SUFFIX = re.compile(r"-[0-9a-f]{8}$")
+
+
+def external_request_id(engine_request_id: str) -> str:
+    return _ENGINE_SUFFIX.sub("", engine_request_id)
+
+
+def model_label(model_config) -> str:
+    """The `model` label of frames: the served model name when the user gave one,
+    else the last component of the model's path or repo id, never a whole
+    filesystem path (it would sit in every metric and alert)."""
+    served = model_config.served_model_name
+    if isinstance(served, (list, tuple)):
+        served = served[0] if served else None
+    model = str(model_config.model)
+    if served and str(served) != model:
+        return str(served)
+    return Path(model.rstrip("/")).name or model
 
 
 # The tap this worker process feeds (one per process: TP rank 0 only).
@@ -105,44 +127,27 @@ def _make_hook(layer_idx: int, calls: torch.Tensor):
     return hook
 
 
-class _Capture:
-    """One request's running sums at every tapped layer (capture mode)."""
-
-    __slots__ = ("external_id", "layers", "broken")
-
-    def __init__(self, external_id: str):
-        self.external_id = external_id
-        # layer -> [rows, sum [d] float64, scatter XᵀX [d, d] float64], on the CPU
-        self.layers: dict[int, list] = {}
-        self.broken = False  # an update failed half-way: the sums are not trustworthy
-
-    def result(self) -> dict[int, tuple]:
-        return {layer: (int(acc[0]), acc[1].numpy(), acc[2].numpy()) for layer, acc in sorted(self.layers.items())}
-
-
 class _VllmTap:
     def __init__(self, worker, cfg: TapConfig):
         self.worker = worker
         self.runner = worker.model_runner
         self.cfg = cfg
         model_cfg = worker.vllm_config.model_config
-        self.model_name = cfg.model or str(model_cfg.served_model_name or model_cfg.model)
+        self.model_name = cfg.model or model_label(model_cfg)
         self.exporter = FrameExporter(cfg.sidecar, self.model_name, max_batches=cfg.queue_batches)
         self.pending: list[FrameSeed] = []
-        self.windows = BatchedWindowTap(cfg.window, cfg.stride, cfg.max_requests, self.pending.append,
-                                        proj_dim=cfg.proj_dim or None)
+        self.windows = WindowTap(cfg.window, cfg.stride, cfg.max_requests, self.pending.append,
+                                 proj_dim=cfg.proj_dim or None)
         self.step = 0
         self.layout: tuple[list[str], list[int], list[tuple[str, int, int]]] | None = None
         self.opted_out: set[str] = set()
         self.hook_errors = 0
         self._logged: set[str] = set()
         self.active = True
-        # Capture mode: live sums by engine request id, and those of finished
-        # requests waiting to be popped (oldest evicted past max_requests).
+        # Capture mode: token sums by engine request id (finished ones wait to
+        # be popped; the oldest are evicted past max_requests).
         self.capture = False
-        self.captures: dict[str, _Capture] = {}
-        self.captured_done: OrderedDict[str, _Capture] = OrderedDict()
-        self.captures_evicted = 0
+        self.sums = TokenSums(max_done=cfg.max_requests)
 
         model = self.runner.get_model() if hasattr(self.runner, "get_model") else self.runner.model
         self.stack_name, stack = find_decoder_layers(model)
@@ -229,53 +234,21 @@ class _VllmTap:
     def _capture_rows(self, layer_idx: int, stream: torch.Tensor, items: list[tuple[str, int, int]]) -> None:
         # Own guard: a failed capture must not cost the frames of this step.
         try:
-            rows = stream.detach().to(device="cpu", dtype=torch.float64)  # [n, d]
-            for rid, lo, hi in items:
-                cap = self.captures.get(rid)
-                if cap is None:
-                    cap = self.captures[rid] = _Capture(external_request_id(rid))
-                if cap.broken:
-                    continue
-                x = rows[lo:hi]  # [m, d]
-                acc = cap.layers.get(layer_idx)
-                if acc is None:
-                    d = x.shape[1]
-                    acc = cap.layers[layer_idx] = [0, torch.zeros(d, dtype=torch.float64),
-                                                   torch.zeros(d, d, dtype=torch.float64)]
-                acc[0] += x.shape[0]
-                acc[1].add_(x.sum(dim=0))
-                acc[2].addmm_(x.T, x)
+            self.sums.add(layer_idx, stream, items)
         except Exception:
             self.hook_errors += 1
-            for rid, _, _ in items:  # some sums of these requests may miss rows now
-                cap = self.captures.get(rid)
-                if cap is None:
-                    cap = self.captures[rid] = _Capture(external_request_id(rid))
-                cap.broken = True
             self._log_once(f"capture{layer_idx}", "eigenwatch: capture failed at layer %d (logged once)", layer_idx)
 
     # ---- capture mode (called between steps, by collective_rpc) ------------------------
     def set_capture(self, enabled: bool) -> None:
         self.capture = bool(enabled)
         if not self.capture:
-            self.captures.clear()
-            self.captured_done.clear()
+            self.sums.clear()
 
     def pop_captured(self, request_ids: list[str]) -> dict[str, dict[int, tuple] | None]:
         """{id: {layer: (rows, sum, scatter)}} for each id (engine or external id)
         whose capture exists, None where it broke; the state is dropped."""
-        out: dict[str, dict[int, tuple] | None] = {}
-        for store in (self.captured_done, self.captures):
-            by_external = {cap.external_id: key for key, cap in store.items()}
-            for want in request_ids:
-                if want in out:
-                    continue
-                key = want if want in store else by_external.get(want)
-                if key is None or key not in store:
-                    continue
-                cap = store.pop(key)
-                out[want] = None if cap.broken else cap.result()
-        return out
+        return self.sums.pop(request_ids, alias=external_request_id)
 
     # ---- per step ---------------------------------------------------------------------
     def _execute_model(self, scheduler_output, *args, **kwargs):
@@ -301,17 +274,12 @@ class _VllmTap:
         for rid in scheduler_output.finished_req_ids:
             self.windows.finish(rid, self.step)
             self.opted_out.discard(rid)
-            cap = self.captures.pop(rid, None)
-            if cap is not None:
-                self.captured_done[rid] = cap
-                while len(self.captured_done) > self.cfg.max_requests:
-                    self.captured_done.popitem(last=False)
-                    self.captures_evicted += 1
+            self.sums.finish(rid)
         # A preempted request is recomputed from scratch later: its rows would
         # be seen twice. Forget it; it starts over when it is resumed.
         for rid in getattr(scheduler_output, "preempted_req_ids", None) or ():
             self.windows.drop(rid)
-            self.captures.pop(rid, None)
+            self.sums.drop(rid)
 
     def _after_step(self) -> None:
         self.layout = None
@@ -344,8 +312,8 @@ class _VllmTap:
             step=self.step,
             op_calls={layer: int(c.item()) for layer, c in self.op_calls.items()},
             capture=self.capture,
-            captured_requests=len(self.captures) + len(self.captured_done),
-            captures_evicted=self.captures_evicted,
+            captured_requests=len(self.sums),
+            captures_evicted=self.sums.evicted,
         )
         return out
 
@@ -365,13 +333,17 @@ class EigenwatchWorkerExtension:
                 from vllm.distributed import get_tensor_model_parallel_rank
 
                 if get_tensor_model_parallel_rank() != 0:
-                    return {"installed": False, "reason": "TP rank != 0"}
+                    # The residual stream is the same on every TP rank: rank 0's
+                    # frames are the request's, another rank's would be duplicates.
+                    self._eigenwatch_not_installed = "TP rank != 0"
+                    return {"installed": False, "reason": self._eigenwatch_not_installed}
             except Exception:
                 pass  # not initialised: single process
             try:
                 tap = _VllmTap(self, TapConfig.from_env())
             except Exception as exc:
                 log.exception("eigenwatch: tap not installed")
+                self._eigenwatch_not_installed = str(exc)
                 return {"installed": False, "reason": str(exc)}
             global _ACTIVE
             _ACTIVE = tap
@@ -381,7 +353,9 @@ class EigenwatchWorkerExtension:
 
     def eigenwatch_stats(self) -> dict:
         tap = getattr(self, "_eigenwatch_tap", None)
-        return {"installed": False} if tap is None else {"installed": True, **tap.stats()}
+        if tap is None:
+            return {"installed": False, "reason": getattr(self, "_eigenwatch_not_installed", "not installed")}
+        return {"installed": True, **tap.stats()}
 
     def eigenwatch_capture(self, enabled: bool) -> bool:
         """Turn capture mode on or off (off drops every captured sum); False

@@ -4,7 +4,9 @@ workers in fresh processes, so env vars are the one channel that reaches them)."
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from .frames import DEFAULT_SIDECAR
 
 ENV_PREFIX = "EIGENWATCH_"
 
@@ -29,15 +31,16 @@ def _env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
     return raw
 
 
-def parse_layers(raw: str | None) -> tuple[int, ...] | None:
-    """'1,2,-1' -> (1, 2, -1); '' or None -> None (choose three spread over depth)."""
+def parse_layers(raw: str | None, source: str = ENV_PREFIX + "LAYERS") -> tuple[int, ...] | None:
+    """'1,2,-1' -> (1, 2, -1); '' or None -> None (choose three spread over depth).
+    `source` names the setting in the error (the variable, or a flag)."""
     if raw is None or raw.strip() == "":
         return None
     try:
         return tuple(int(x) for x in raw.replace(" ", "").split(",") if x)
     except ValueError:
         raise ValueError(
-            f"{ENV_PREFIX}LAYERS: expected comma-separated layer indices like '4,16,28' "
+            f"{source}: expected comma-separated layer indices like '4,16,28' "
             f"(negative counts from the end), got {raw!r}"
         ) from None
 
@@ -66,7 +69,7 @@ def resolve_layers(requested: tuple[int, ...] | None, num_layers: int) -> tuple[
 @dataclass
 class TapConfig:
     # Where the sidecar listens: "host:port" or "unix:///path".
-    sidecar: str = "127.0.0.1:50151"
+    sidecar: str = DEFAULT_SIDECAR
     layers: tuple[int, ...] | None = None
     window: int = 32  # W rows per window
     stride: int = 16  # a frame every `stride` tokens (and one at request end)
@@ -80,7 +83,6 @@ class TapConfig:
     # bounds the window memory at W·k floats per request and layer.
     proj_dim: int = 0
     queue_batches: int = 256  # step batches waiting for the exporter
-    extra: dict = field(default_factory=dict)
 
     @classmethod
     def from_env(cls) -> "TapConfig":

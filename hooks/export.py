@@ -3,9 +3,10 @@ thread into the sidecar's Ingest client stream.
 
 The host (vLLM's engine thread) only calls `submit`, which never blocks and
 never raises: a full queue or an absent sidecar drops frames and counts them.
-The thread computes spectra (torch releases the GIL in linalg), reconnects
-with backoff when the sidecar goes away, and while it is away discards what
-piles up, so nothing stale is replayed and memory stays bounded.
+The thread turns each step's seeds into frames (hooks/windows.py: spectra and
+descriptors; torch releases the GIL in linalg), reconnects with backoff when
+the sidecar goes away, and while it is away discards what piles up, so
+nothing stale is replayed and memory stays bounded.
 """
 
 from __future__ import annotations
@@ -19,18 +20,18 @@ import uuid
 from dataclasses import dataclass
 
 import grpc
-import numpy as np
 
 from eigenwatch.kernels.descriptors import DESCRIPTOR_NAMES
 from eigenwatch.v1 import monitor_pb2, monitor_pb2_grpc
 
-from .windows import Frame, FrameSeed, finalize, seed_spectra
+from . import frames as wire
+from .windows import FrameSeed, to_frames
 
 log = logging.getLogger("eigenwatch.tap")
 
 _CHANNEL_OPTIONS = [
-    ("grpc.max_send_message_length", 16 << 20),
-    ("grpc.max_receive_message_length", 16 << 20),
+    ("grpc.max_send_message_length", wire.MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", wire.MAX_MESSAGE_BYTES),
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
     ("grpc.initial_reconnect_backoff_ms", 200),
@@ -50,23 +51,6 @@ class TapCounters:
     reconnects: int = 0
 
 
-def frame_to_proto(frame: Frame) -> monitor_pb2.Frame:
-    return monitor_pb2.Frame(
-        request_id=frame.request_id,
-        engine_request_id=frame.engine_request_id,
-        model=frame.model,
-        layer=frame.layer,
-        step=frame.step,
-        token_count=frame.token_count,
-        skipped_tokens=frame.skipped_tokens,
-        window=frame.window,
-        dim=frame.dim,
-        eigenvalues=frame.eigenvalues.tolist(),
-        descriptors=frame.descriptors.tolist(),
-        final=frame.final,
-    )
-
-
 class FrameExporter:
     def __init__(self, target: str, model: str, max_batches: int = 256, tap_id: str | None = None,
                  token: str | None = None):
@@ -81,6 +65,7 @@ class FrameExporter:
         self._connected = threading.Event()
         self._lock = threading.Lock()  # counters touched by two threads
         self._generation = 0  # bumped per stream, so a dead stream's generator exits
+        self._last_error, self._last_error_at = "", -1e9
         self._thread = threading.Thread(target=self._run, name="eigenwatch-export", daemon=True)
         self._thread.start()
 
@@ -141,20 +126,12 @@ class FrameExporter:
             )
 
     def _batch(self, seeds: list[FrameSeed]) -> monitor_pb2.FrameBatch:
-        frames = []
-        spectra = seed_spectra(seeds)  # one batched eigensolve per window shape
-        for seed, spectrum in zip(seeds, spectra):
-            try:
-                if spectrum is None:
-                    raise ValueError("window: contains NaN or Inf activations")
-                frame = finalize(seed, self.model, spectrum)
-                if not np.all(np.isfinite(frame.descriptors)):
-                    raise ValueError("non-finite descriptor")
-                frames.append(frame_to_proto(frame))
-            except ValueError as exc:  # NaN activations, degenerate windows
-                self._count_dropped(1)
-                log.debug("eigenwatch: dropped a frame of %s layer %d: %s", seed.request_id, seed.layer, exc)
-        return monitor_pb2.FrameBatch(descriptor_names=DESCRIPTOR_NAMES, frames=frames, stats=self._stats_proto())
+        frames, failed = to_frames(seeds, self.model)  # one batched eigensolve for the step
+        for seed, why in failed:  # NaN activations, degenerate windows: counted, never sent
+            log.debug("eigenwatch: dropped a frame of %s layer %d: %s", seed.request_id, seed.layer, why)
+        if failed:
+            self._count_dropped(len(failed))
+        return wire.batch(frames, self._stats_proto())
 
     def _requests(self, generation: int):
         # Runs on gRPC's sending thread. Idle streams still carry stats now and then.
@@ -216,7 +193,13 @@ class FrameExporter:
             except grpc.RpcError as exc:
                 with self._lock:
                     self.counters.reconnects += 1
-                log.warning("eigenwatch: Ingest stream to %s ended: %s", self.target, exc.code() if hasattr(exc, "code") else exc)
+                # The sidecar's reason (e.g. a calibration made for other tap settings), at most
+                # once a minute while it stays the same: a refused stream ends on every batch.
+                why = f"{exc.code().name}: {exc.details()}" if hasattr(exc, "code") else str(exc)
+                now = time.monotonic()
+                if why != self._last_error or now - self._last_error_at > 60.0:
+                    self._last_error, self._last_error_at = why, now
+                    log.warning("eigenwatch: Ingest stream to %s ended: %s", self.target, why)
             except Exception:  # never let the exporter thread die
                 log.exception("eigenwatch: exporter error; reconnecting")
             finally:

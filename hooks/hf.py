@@ -1,27 +1,29 @@
-"""The tap for Hugging Face transformers models (offline scoring, GPU hosts
-without vLLM). Same windows, same frames as the vLLM tap: forward hooks on the
-decoder blocks, rows in token order, one request per forward."""
+"""The tap for Hugging Face transformers models (offline scoring, hosts without
+vLLM): forward hooks on the decoder blocks feed the same windows
+(hooks/windows.py) and token sums (hooks/capture.py) as the vLLM tap, one
+request per forward, rows in token order."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
 
-from eigenwatch.hooks.layers import find_decoder_layers, residual_stream
-from eigenwatch.hooks.config import resolve_layers
-from eigenwatch.hooks.windows import Frame, FrameSeed, WindowTap, finalize
+from .capture import Sums, TokenSums
+from .config import resolve_layers
+from .frames import Frame
+from .layers import find_decoder_layers, residual_stream
+from .windows import FrameSeed, WindowTap, to_frames
 
 
 class HFTap:
-    def __init__(self, model: torch.nn.Module, layers: tuple[int, ...] | None = None,
-                 window: int = 32, stride: int = 16, model_name: str = "hf"):
+    def __init__(self, model: torch.nn.Module, layers: tuple[int, ...] | None = None, window: int = 32,
+                 stride: int = 16, model_name: str = "hf", proj_dim: int | None = None, capture: bool = False):
         self.model = model
         self.model_name = model_name
         self.stack_name, stack = find_decoder_layers(model)
         self.layers = resolve_layers(layers, len(stack))
         self._seeds: list[FrameSeed] = []
-        self.windows = WindowTap(window, stride, max_requests=1, emit=self._seeds.append)
+        self.windows = WindowTap(window, stride, max_requests=1, emit=self._seeds.append, proj_dim=proj_dim)
+        self.sums = TokenSums(max_done=1) if capture else None
         self._current: str | None = None
         self._handles = [stack[i].register_forward_hook(self._hook(i)) for i in self.layers]
 
@@ -31,15 +33,20 @@ class HFTap:
                 return None
             hidden = residual_stream(output)
             if hidden is not None:
-                rows = hidden[0] if hidden.ndim == 3 else hidden  # [1, T, d] -> [T, d]
-                self.windows.add_rows(self._current, layer_idx, rows, step=0)
+                rows = (hidden[0] if hidden.ndim == 3 else hidden).float()  # [1, T, d] -> [T, d]
+                items = [(self._current, 0, rows.shape[0])]
+                self.windows.add_layer(layer_idx, rows, items, step=0)
+                if self.sums is not None:
+                    self.sums.add(layer_idx, rows, items)
             return None
 
         return hook
 
     @torch.inference_mode()
-    def frames(self, request_id: str, input_ids: list[int]) -> list[Frame]:
-        """All frames of one request whose tokens are `input_ids` (prefill only)."""
+    def run(self, request_id: str, input_ids: list[int]) -> tuple[list[Frame], Sums | None]:
+        """One request whose tokens are `input_ids` (prefill only): its frames, and
+        with capture its token sums per tapped layer (None if they broke).
+        Raises ValueError when a window holds NaN/Inf activations."""
         self._seeds.clear()
         self.windows.begin(request_id)
         self._current = request_id
@@ -49,13 +56,19 @@ class HFTap:
             self.model(input_ids=ids, attention_mask=torch.ones_like(ids))
         finally:
             self._current = None
-        self.windows.finish(request_id, step=1)
-        return [finalize(s, self.model_name) for s in self._seeds]
+            self.windows.finish(request_id, step=1)
+        frames, failed = to_frames(self._seeds, self.model_name)
+        self._seeds.clear()
+        sums = None
+        if self.sums is not None:
+            self.sums.finish(request_id)
+            sums = self.sums.pop([request_id]).get(request_id)
+        if failed:
+            raise ValueError(failed[0][1])
+        return frames, sums
 
-    def frames_for_texts(self, tokenizer, items: Iterable[tuple[str, str]], max_length: int | None = None):
-        for rid, text in items:
-            ids = tokenizer(text, truncation=max_length is not None, max_length=max_length)["input_ids"]
-            yield rid, self.frames(rid, ids)
+    def frames(self, request_id: str, input_ids: list[int]) -> list[Frame]:
+        return self.run(request_id, input_ids)[0]
 
     def close(self) -> None:
         for h in self._handles:

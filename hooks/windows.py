@@ -1,38 +1,41 @@
-"""Per-request sliding windows of hidden rows -> frames (engine-agnostic).
+"""Per-request sliding windows of hidden rows -> frames: the one windowing path
+of both taps (vLLM's, many requests per step; transformers', one text per
+forward), so offline calibration and live serving compute the same numbers.
 
 Frames are emitted when a request's row count crosses a multiple of `stride`
-(the window is the W rows ending exactly there) and once at the end. So the
-frames of a request do not depend on how the engine chunked or batched it:
-the vLLM tap and the HF tap see the same frames for the same text.
+(the window is the W rows ending exactly there) and once at the end, so the
+frames of a request do not depend on how the engine chunked or batched it.
 
-The hot path (inside the host's forward) only copies rows; eigenvalues are
-computed later by `finalize` (the exporter thread for vLLM, inline for HF).
+Inside the host's forward only the window state moves: one `WindowBank` per
+tapped layer (kernels/window_bank.py), a decode step is one batched update
+per layer, no per-request tensor work. A due frame leaves as a `FrameSeed`
+holding its window's raw Gram (W×W); `to_frames` later turns a batch of seeds
+into frames with one batched eigensolve (kernels/gram.py) and the
+descriptors (kernels/descriptors.py): in the exporter thread for vLLM, inline
+for the HF tap. Not thread-safe: the engine thread only.
 """
 
 from __future__ import annotations
 
-import re
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from eigenwatch.kernels.descriptors import DESCRIPTOR_NAMES, describe
-from eigenwatch.kernels.spectra import window_spectrum
+from eigenwatch.kernels.descriptors import describe
+from eigenwatch.kernels.gram import spectra
+from eigenwatch.kernels.window_bank import Slots, WindowBank
 
-# vLLM appends "-" + 8 hex chars to the client's request id (input_processor).
-_ENGINE_SUFFIX = re.compile(r"-[0-9a-f]{8}$")
+from .frames import Frame
 
-
-def external_request_id(engine_request_id: str) -> str:
-    return _ENGINE_SUFFIX.sub("", engine_request_id)
+log = logging.getLogger("eigenwatch.tap")
 
 
-@dataclass
+@dataclass(slots=True)
 class FrameSeed:
-    """A window copied out of the forward pass, waiting for its spectrum:
-    either its rows, or (batched path) the raw Gram of its stored rows."""
+    """A window copied out of the forward pass, waiting for its spectrum."""
 
     request_id: str
     engine_request_id: str
@@ -40,242 +43,22 @@ class FrameSeed:
     step: int
     token_count: int
     skipped_tokens: int
-    rows: torch.Tensor | None  # [W', d] float32, W' <= W, a private copy
     final: bool
-    gram: torch.Tensor | None = None  # [W, W] raw inner products (batched path)
-    valid: int = 0  # rows of `gram` in use
-    dim: int = 0  # MP n for the gram: d, or the projected k
-    scale: float = 1.0  # eigenvalues of centred gram * scale (1/d)
-
-
-@dataclass
-class Frame:
-    request_id: str
-    engine_request_id: str
-    model: str
-    layer: int
-    step: int
-    token_count: int
-    skipped_tokens: int
-    window: int
-    dim: int
-    eigenvalues: np.ndarray  # [W] descending
-    descriptors: np.ndarray  # [len(DESCRIPTOR_NAMES)]
-    final: bool
-
-    def descriptor(self, name: str) -> float:
-        return float(self.descriptors[DESCRIPTOR_NAMES.index(name)])
-
-
-def seed_spectra(seeds: list[FrameSeed]) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
-    """(eigenvalues, row_sq_norms) for many seeds, None for a seed whose window
-    holds NaN/Inf. Gram seeds of one shape go through one batched eigensolve."""
-    from eigenwatch.kernels.incremental import centre_gram
-
-    out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(seeds)
-    groups: dict[tuple, list[int]] = {}
-    for i, s in enumerate(seeds):
-        if s.gram is None:
-            try:
-                out[i] = window_spectrum(s.rows)
-            except ValueError:  # NaN/Inf rows: finalize() says why
-                out[i] = None
-        else:
-            groups.setdefault((tuple(s.gram.shape), s.valid), []).append(i)
-    for (_, valid), idx in groups.items():
-        grams = torch.stack([seeds[i].gram for i in idx])  # [B, W, W]
-        scale = torch.tensor([seeds[i].scale for i in idx], dtype=torch.float64)[:, None, None]
-        c = (centre_gram(grams, valid)[:, :valid, :valid] * scale).cpu()  # [B, V, V] = Xc Xcᵀ / d
-        ok = torch.isfinite(c).flatten(1).all(1)
-        eigs = torch.zeros(c.shape[:2], dtype=torch.float64)
-        if bool(ok.any()):
-            eigs[ok] = torch.linalg.eigvalsh(c[ok]).flip(-1).clamp_min(0.0)
-        diag = torch.diagonal(c, dim1=1, dim2=2)
-        for j, i in enumerate(idx):
-            out[i] = (eigs[j], diag[j].clone()) if bool(ok[j]) else None
-    return out
-
-
-def seed_eigenvalues(seeds: list[FrameSeed]) -> list[torch.Tensor | None]:
-    return [None if sp is None else sp[0] for sp in seed_spectra(seeds)]
-
-
-def finalize(seed: FrameSeed, model: str, spectrum: tuple[torch.Tensor, torch.Tensor] | torch.Tensor | None = None) -> Frame:
-    """Spectrum and descriptors of a seed. Raises ValueError on bad windows.
-    `spectrum`: what seed_spectra() computed for it, if the caller batched that."""
-    if seed.gram is None:
-        w, d = seed.rows.shape
-    else:
-        w, d = seed.valid, seed.dim
-    if spectrum is None:
-        spectrum = window_spectrum(seed.rows) if seed.gram is None else seed_spectra([seed])[0]
-        if spectrum is None:
-            raise ValueError("window: contains NaN or Inf activations")
-    if isinstance(spectrum, torch.Tensor):  # eigenvalues only
-        eigs, row_sq = spectrum, None
-    else:
-        eigs, row_sq = spectrum
-    desc = describe(eigs.numpy(), w, d, row_sq_norms=None if row_sq is None else row_sq.numpy())
-    return Frame(
-        request_id=seed.request_id,
-        engine_request_id=seed.engine_request_id,
-        model=model,
-        layer=seed.layer,
-        step=seed.step,
-        token_count=seed.token_count,
-        skipped_tokens=seed.skipped_tokens,
-        window=w,
-        dim=d,
-        eigenvalues=eigs.numpy().astype(np.float32),
-        descriptors=desc,
-        final=seed.final,
-    )
-
-
-class _Track:
-    """A ring of the last W rows of one request at one layer: a decode step
-    writes one row in place (O(d)); windows are assembled only at boundaries."""
-
-    __slots__ = ("buf", "count")
-
-    def __init__(self):
-        self.buf: torch.Tensor | None = None  # [W, d] float32, row t at t % W
-        self.count = 0  # rows seen
-
-    def last(self, m: int) -> torch.Tensor:
-        """The last min(m, count, W) rows, oldest first."""
-        w = self.buf.shape[0]
-        m = min(m, self.count, w)
-        start = self.count - m
-        lo, hi = start % w, self.count % w
-        if m == 0:
-            return self.buf[:0]
-        if lo < hi:
-            return self.buf[lo:hi]
-        return torch.cat([self.buf[lo:], self.buf[:hi]])
-
-    def push(self, rows: torch.Tensor) -> None:
-        """rows: [n, d] float32, appended after the rows seen so far."""
-        n, d = rows.shape
-        w = self.buf.shape[0]
-        if n >= w:
-            rows, start = rows[-w:], self.count + n - w
-        else:
-            start = self.count
-        m = rows.shape[0]
-        lo = start % w
-        first = min(m, w - lo)
-        self.buf[lo : lo + first].copy_(rows[:first])
-        if first < m:
-            self.buf[: m - first].copy_(rows[first:])
-        self.count += n
+    gram: torch.Tensor  # [W, W] float32 raw inner products of the window's stored rows (a copy)
+    valid: int  # rows of `gram` in use (leading block)
+    dim: int  # MP n: d, or the projected k
+    scale: float  # eigenvalues are those of the centred gram × scale (1/d)
 
 
 class _Request:
-    __slots__ = ("engine_id", "external_id", "skipped", "tracks")
-
-    def __init__(self, engine_id: str, skipped: int, external_id: str):
-        self.engine_id = engine_id
-        self.external_id = external_id
-        self.skipped = skipped
-        self.tracks: dict[int, _Track] = {}
-
-
-class WindowTap:
-    """Windows for many requests × layers. Not thread-safe: call it from the
-    engine thread only. `emit` receives FrameSeeds."""
-
-    def __init__(self, window: int, stride: int, max_requests: int, emit: Callable[[FrameSeed], None]):
-        if window < 2:
-            raise ValueError(f"window: a spectrum needs at least 2 rows, got {window}")
-        if stride < 1:
-            raise ValueError(f"stride: must be >= 1, got {stride}")
-        self.window = window
-        self.stride = stride
-        self.max_requests = max_requests
-        self.emit = emit
-        self.requests: dict[str, _Request] = {}
-        self.untracked = 0
-        self.rows_seen = 0
-
-    def begin(self, engine_id: str, skipped_tokens: int = 0, external_id: str | None = None) -> bool:
-        """Start tracking a request; False (and counted) when at the limit."""
-        if engine_id in self.requests:
-            return True
-        if len(self.requests) >= self.max_requests:
-            self.untracked += 1
-            return False
-        self.requests[engine_id] = _Request(engine_id, skipped_tokens, external_id or engine_id)
-        return True
-
-    def tracked(self, engine_id: str) -> bool:
-        return engine_id in self.requests
-
-    def add_rows(self, engine_id: str, layer: int, rows: torch.Tensor, step: int) -> None:
-        """rows: [n, d] of this request at this layer, in token order."""
-        req = self.requests.get(engine_id)
-        if req is None or rows.shape[0] == 0:
-            return
-        track = req.tracks.get(layer)
-        if track is None:
-            track = req.tracks[layer] = _Track()
-        n = rows.shape[0]
-        w, s = self.window, self.stride
-        self.rows_seen += n
-        rows = rows.detach()
-        if rows.dtype != torch.float32:
-            rows = rows.float()
-        if track.buf is None:
-            track.buf = torch.empty(w, rows.shape[1], dtype=torch.float32, device=rows.device)
-        c0 = track.count
-        first = (c0 // s + 1) * s
-        for t in range(first, c0 + n + 1, s):
-            k = t - c0  # rows of this chunk up to boundary t
-            if k >= w:
-                win = rows[k - w : k]
-            else:
-                win = torch.cat([track.last(w - k), rows[:k]])
-            if win.shape[0] >= 2:
-                self.emit(self._seed(req, layer, step, t, win, final=False))
-        track.push(rows)
-
-    def finish(self, engine_id: str, step: int) -> None:
-        """The request ended: one final frame per layer, then forget it."""
-        req = self.requests.pop(engine_id, None)
-        if req is None:
-            return
-        for layer, track in sorted(req.tracks.items()):
-            if track.count >= 2:
-                self.emit(self._seed(req, layer, step, track.count, track.last(self.window), final=True))
-
-    def drop(self, engine_id: str) -> None:
-        self.requests.pop(engine_id, None)
-
-    def _seed(self, req: _Request, layer: int, step: int, count: int, win: torch.Tensor, final: bool) -> FrameSeed:
-        return FrameSeed(
-            request_id=req.external_id,
-            engine_request_id=req.engine_id,
-            layer=layer,
-            step=step,
-            token_count=count,
-            skipped_tokens=req.skipped,
-            rows=win.detach().to(dtype=torch.float32, copy=True),
-            final=final,
-        )
-
-
-class _BatchedRequest:
     __slots__ = ("engine_id", "external_id", "skipped", "slot")
 
     def __init__(self, engine_id: str, skipped: int, external_id: str, slot: int):
         self.engine_id, self.external_id, self.skipped, self.slot = engine_id, external_id, skipped, slot
 
 
-class BatchedWindowTap:
-    """The same windows and frames as `WindowTap`, for all requests of a step
-    at once: one `WindowBank` per layer, a decode step is one batched update
-    per layer (no per-request tensor work), and frames carry the window's Gram
-    (W×W) instead of its rows. Not thread-safe: engine thread only."""
+class WindowTap:
+    """Windows of many requests × layers. `emit` receives FrameSeeds."""
 
     def __init__(self, window: int, stride: int, max_requests: int, emit: Callable[[FrameSeed], None],
                  proj_dim: int | None = None):
@@ -283,38 +66,41 @@ class BatchedWindowTap:
             raise ValueError(f"window: a spectrum needs at least 2 rows, got {window}")
         if stride < 1:
             raise ValueError(f"stride: must be >= 1, got {stride}")
+        if max_requests < 1:
+            raise ValueError(f"max_requests: must be >= 1, got {max_requests}")
         self.window, self.stride, self.max_requests = window, stride, max_requests
         self.emit = emit
-        self.proj_dim = proj_dim
-        self.banks: dict[int, "WindowBank"] = {}
-        self.requests: dict[str, _BatchedRequest] = {}
-        self._free = list(range(max_requests - 1, -1, -1))
-        self.untracked = 0
+        self.proj_dim = proj_dim or None
+        self.banks: dict[int, WindowBank] = {}
+        self.requests: dict[str, _Request] = {}
+        self.slots = Slots(max_requests)
+        self.untracked = 0  # requests refused at the limit
         self.rows_seen = 0
 
     def begin(self, engine_id: str, skipped_tokens: int = 0, external_id: str | None = None) -> bool:
+        """Start tracking a request; False (and counted) when at the limit."""
         if engine_id in self.requests:
             return True
-        if not self._free:
+        slot = self.slots.alloc()
+        if slot is None:
             self.untracked += 1
             return False
-        slot = self._free.pop()
         for bank in self.banks.values():
             bank.ensure(slot)
             bank.reset(slot)
-        self.requests[engine_id] = _BatchedRequest(engine_id, skipped_tokens, external_id or engine_id, slot)
+        self.requests[engine_id] = _Request(engine_id, skipped_tokens, external_id or engine_id, slot)
         return True
 
     def tracked(self, engine_id: str) -> bool:
         return engine_id in self.requests
 
-    def _bank(self, layer: int, rows: torch.Tensor):
+    def _bank(self, layer: int, rows: torch.Tensor) -> WindowBank:
         bank = self.banks.get(layer)
         if bank is None:
-            from eigenwatch.kernels.incremental import WindowBank
-
-            proj = self.proj_dim if self.proj_dim and self.proj_dim < rows.shape[1] else None
-            bank = self.banks[layer] = WindowBank(self.window, rows.shape[1], proj, max_slots=self.max_requests,
+            d = rows.shape[1]
+            proj = self.proj_dim if self.proj_dim and self.proj_dim < d else None
+            # seed=layer: the projection of a layer is the same in every tap of a model.
+            bank = self.banks[layer] = WindowBank(self.window, d, proj, max_slots=self.max_requests,
                                                   device=rows.device, seed=layer)
             for req in self.requests.values():
                 bank.ensure(req.slot)
@@ -329,6 +115,7 @@ class BatchedWindowTap:
         w, s = self.window, self.stride
         single = [(self.requests[r], lo) for r, lo, hi in items if hi - lo == 1 and r in self.requests]
         if single:
+            # Decode rows: one batched update for every request of the step.
             slots = [req.slot for req, _ in single]
             rows = stream[torch.tensor([lo for _, lo in single], device=stream.device)]
             bank.append(slots, rows)
@@ -341,6 +128,7 @@ class BatchedWindowTap:
         for r, lo, hi in items:
             if hi - lo == 1 or r not in self.requests:
                 continue
+            # A prefill chunk: every boundary inside it gets its window's Gram.
             req = self.requests[r]
             c0 = bank.count[req.slot]
             bounds = [t for t in range((c0 // s + 1) * s, c0 + (hi - lo) + 1, s) if t >= 2]
@@ -351,27 +139,66 @@ class BatchedWindowTap:
                 self.emit(self._seed(req, layer, step, t, full, v, bank, False))
 
     def finish(self, engine_id: str, step: int) -> None:
+        """The request ended: one final frame per layer (its last window), then forget it."""
         req = self.requests.pop(engine_id, None)
         if req is None:
             return
         for layer, bank in sorted(self.banks.items()):
-            n = bank.count[req.slot] if req.slot < bank.capacity else 0
+            n = bank.rows_in(req.slot)
             if n >= 2:
                 grams, valid = bank.window_gram([req.slot])
                 self.emit(self._seed(req, layer, step, n, grams[0], valid[0], bank, True))
             bank.reset(req.slot)
-        self._free.append(req.slot)
+        self.slots.release(req.slot)
 
     def drop(self, engine_id: str) -> None:
+        """Forget a request without frames (preempted: it is recomputed from scratch)."""
         req = self.requests.pop(engine_id, None)
         if req is not None:
             for bank in self.banks.values():
                 bank.reset(req.slot)
-            self._free.append(req.slot)
+            self.slots.release(req.slot)
 
-    def _seed(self, req, layer, step, count, gram, valid, bank, final) -> FrameSeed:
+    def _seed(self, req: _Request, layer: int, step: int, count: int, gram: torch.Tensor, valid: int,
+              bank: WindowBank, final: bool) -> FrameSeed:
         return FrameSeed(
             request_id=req.external_id, engine_request_id=req.engine_id, layer=layer, step=step,
-            token_count=count, skipped_tokens=req.skipped, rows=None, final=final,
+            token_count=count, skipped_tokens=req.skipped, final=final,
             gram=gram.detach().to(dtype=torch.float32), valid=valid, dim=bank.k, scale=1.0 / bank.dim,
         )
+
+
+def to_frames(seeds: list[FrameSeed], model: str) -> tuple[list[Frame], list[tuple[FrameSeed, str]]]:
+    """Frames of many seeds (one batched eigensolve), and the seeds that gave
+    none with the reason (NaN/Inf activations, a non-finite descriptor)."""
+    if not seeds:
+        return [], []
+    w = max(s.gram.shape[0] for s in seeds)
+    grams = torch.zeros((len(seeds), w, w), dtype=torch.float32, device=seeds[0].gram.device)
+    for i, s in enumerate(seeds):
+        n = s.gram.shape[0]
+        grams[i, :n, :n] = s.gram
+    valid = torch.tensor([s.valid for s in seeds], dtype=torch.int64)
+    scale = torch.tensor([s.scale for s in seeds], dtype=torch.float64)
+    eigs, row_sq, ok = spectra(grams, valid.to(grams.device), scale.to(grams.device))
+    eigs, row_sq, ok = eigs.double().cpu().numpy(), row_sq.double().cpu().numpy(), ok.cpu().numpy()
+    frames, failed = [], []
+    for i, s in enumerate(seeds):
+        if not ok[i]:
+            failed.append((s, "window: contains NaN or Inf activations"))
+            continue
+        v = s.valid
+        try:
+            desc = describe(eigs[i, :v], v, s.dim, row_sq_norms=row_sq[i, :v])
+        except ValueError as exc:  # a degenerate window the descriptors refuse
+            failed.append((s, str(exc)))
+            continue
+        if not np.all(np.isfinite(desc)):
+            failed.append((s, "non-finite descriptor"))
+            continue
+        frames.append(Frame(
+            request_id=s.request_id, engine_request_id=s.engine_request_id, model=model, layer=s.layer,
+            step=s.step, token_count=s.token_count, skipped_tokens=s.skipped_tokens, window=v, dim=s.dim,
+            eigenvalues=eigs[i, :v].astype(np.float32), descriptors=desc, final=s.final,
+        ))
+    return frames, failed

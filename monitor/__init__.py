@@ -1,5 +1,10 @@
-"""The sidecar: gRPC server, detectors, alerts, Prometheus metrics, CLI.
+"""The monitor: detectors, the calibration file, the sidecar, the offline tools, the CLI.
 
-Needs only numpy, grpcio and prometheus-client: never imports torch or vLLM
-(commands that need a model import the taps lazily, inside the command).
+At the top, what both lifecycles share: one module per detector
+(`spectral_spike`, `eigentrack`, `mahalanobis`, `llmcheck`, `combined`) and the
+calibration file's one owner (`calibration`). `sidecar/` is the long-running
+gRPC server, `offline/` the commands that run a model over texts, `cli/` the
+command line. The sidecar needs only numpy, grpcio, prometheus-client and
+onnxruntime: never torch or vLLM (commands that need a model import the taps
+lazily, inside the command).
 """

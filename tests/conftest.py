@@ -6,7 +6,7 @@ import urllib.request
 import grpc
 import pytest
 
-from eigenwatch.monitor.procs import SidecarProcess
+from eigenwatch.monitor.cli.processes import SidecarProcess
 from eigenwatch.v1 import monitor_pb2, monitor_pb2_grpc
 
 

@@ -1,10 +1,11 @@
 """EigenTrack descriptors appended to kernels/descriptors.py (gap23_rel,
 spikes_tw, kl_mp, w1_mp, sigma2_mppca_rel, row_norm_mean, l12_proxy,
-nuclear_rel) and kernels/spectra.window_spectrum.
+nuclear_rel) and the row norms the taps' window spectra carry.
 
 Every numeric value is checked against an independent float64 reference
-written here (scipy: MP CDF by quadrature in θ, TW1 by a Fredholm determinant,
-SVD / row norms of the window itself), never against the module under test.
+(tests/reference.py; scipy: MP CDF by quadrature in θ, TW1 by a Fredholm
+determinant, SVD / row norms of the window itself), never against the module
+under test.
 The statistics (false alarms of spikes_tw on pure noise, detection of a planted
 spike) are measured on seeded, batched simulations.
 """
@@ -17,7 +18,6 @@ import sys
 import textwrap
 import time
 import warnings
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -25,11 +25,16 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from scipy import integrate, optimize, special
 
 from eigenwatch.kernels import descriptors as desc_mod
 from eigenwatch.kernels.descriptors import DESCRIPTOR_DOCS, DESCRIPTOR_NAMES, INDEX, describe
-from eigenwatch.kernels.spectra import window_eigenvalues, window_spectrum
+from eigenwatch.kernels.gram import spectra
+from eigenwatch.kernels.window_bank import WindowBank
+
+import reference
+from reference import mp_quantile as ref_mp_quantile
+from reference import sigma2_iqr as ref_sigma2_iqr
+from reference import window_norm_features as ref_window_features
 
 REPO = Path(__file__).resolve().parents[1]
 PROPERTY = settings(max_examples=40, deadline=None, derandomize=True, database=None,
@@ -43,167 +48,22 @@ SCALE_FREE_NEW = ("gap23_rel", "spikes_tw", "kl_mp", "w1_mp", "sigma2_mppca_rel"
 ALPHA = 0.01
 
 
-# --------------------------------------------------------------------------- independent references
-
-
-@lru_cache(maxsize=None)
-def ref_mp_table(gamma: float, nodes: int = 40001) -> tuple[np.ndarray, np.ndarray]:
-    """Unit-σ² MP CDF (non-zero part) on x = λ− + (λ+−λ−)·sin²(θ/2), θ uniform:
-    the textbook density times dx/dθ, integrated by scipy's cumulative Simpson."""
-    lo, hi = (1 - math.sqrt(gamma)) ** 2, (1 + math.sqrt(gamma)) ** 2
-    theta = np.linspace(0.0, math.pi, nodes)
-    x = lo + (hi - lo) * (0.5 - 0.5 * np.cos(theta))
-    # f(x)·dx/dθ = √((hi−x)(x−lo))/(2πγx) · (hi−lo)/2·sinθ = (hi−lo)² sin²θ/(8πγx)
-    safe = np.where(x > 0, x, 1.0)
-    f = np.where(x > 0, (hi - lo) ** 2 * np.sin(theta) ** 2 / (8 * math.pi * gamma * safe), hi / (2 * math.pi * gamma))
-    cdf = np.concatenate([[0.0], integrate.cumulative_simpson(f, x=theta)])
-    return x, cdf / cdf[-1]
-
-
-def ref_mp_quantile(q, gamma: float) -> np.ndarray:
-    x, cdf = ref_mp_table(round(gamma, 12))
-    return np.interp(np.asarray(q, dtype=np.float64), cdf, x)
-
-
-def ref_mp_cdf(v, gamma: float) -> np.ndarray:
-    x, cdf = ref_mp_table(round(gamma, 12))
-    return np.interp(np.asarray(v, dtype=np.float64), x, cdf, left=0.0, right=1.0)
-
-
-def ref_tw1_cdf(s: float, nodes: int = 80, cut: float = 16.0) -> float:
-    """F1(s) = det(I − B_s) on L²(0, ∞), B_s(x, y) = Ai(x + y + s) (Ferrari–Spohn),
-    Gauss–Legendre on [0, cut] (Bornemann)."""
-    xg, wg = np.polynomial.legendre.leggauss(nodes)
-    x, w = (xg + 1) * cut / 2, wg * cut / 2
-    k = special.airy(x[:, None] + x[None, :] + s)[0]
-    sw = np.sqrt(w)
-    return float(np.linalg.det(np.eye(nodes) - sw[:, None] * k * sw[None, :]))
-
-
-@lru_cache(maxsize=None)
-def ref_tw1_quantile(q: float) -> float:
-    return optimize.brentq(lambda s: ref_tw1_cdf(s) - q, -4.0, 6.0, xtol=1e-12)
+# --------------------------------------------------------------------------- references
 
 
 def ref_tw_unit_margin(p: int, n: int, alpha: float = ALPHA) -> float:
-    """Johnstone (2001): λ_max(X Xᵀ/n) for X p×n, N(0, 1) entries, 1−alpha point."""
-    if n < 2:
-        return (1 + math.sqrt(p / n)) ** 2
-    a, b = math.sqrt(n - 1), math.sqrt(p)
-    return ((a + b) ** 2 + (a + b) * (1 / a + 1 / b) ** (1 / 3) * ref_tw1_quantile(1 - alpha)) / n
-
-
-def ref_sigma2_iqr(nz: np.ndarray, gamma: float) -> float:
-    asc = np.sort(nz)
-    p = asc.size
-    u = (np.arange(p) + 0.5) / p
-    keep = (u >= 0.25) & (u <= 0.75)
-    return float(asc[keep].sum() / ref_mp_quantile(u[keep], gamma).sum())
-
-
-def ref_kl(nz: np.ndarray, gamma: float, sigma2: float) -> float:
-    """The documented estimator: Rice-rule B equal-MP-mass bulk bins + 2 tail
-    bins, Krichevsky–Trofimov ½ pseudo-counts on both sides."""
-    n = nz.size
-    bins = int(max(4, min(200, round(2.0 * n ** (1.0 / 3.0)))))
-    lo, hi = sigma2 * (1 - math.sqrt(gamma)) ** 2, sigma2 * (1 + math.sqrt(gamma)) ** 2
-    inner = sigma2 * ref_mp_quantile(np.arange(1, bins) / bins, gamma)
-    edges = np.concatenate([[-np.inf, lo], inner, [hi, np.inf]])
-    counts, _ = np.histogram(nz, bins=edges)
-    model = np.concatenate([[0.0], np.full(bins, 1.0 / bins), [0.0]])
-    denom = n + 0.5 * (bins + 2)
-    p_hat, q_hat = (counts + 0.5) / denom, (n * model + 0.5) / denom
-    return float(np.sum(p_hat * np.log(p_hat / q_hat)))
-
-
-def ref_w1(nz: np.ndarray, gamma: float, sigma2: float) -> float:
-    """W1 = ∫|F_emp − F_MP| dx, the CDF form, on a fine grid (F_MP from the θ table)."""
-    e = np.sort(nz)
-    x, _ = ref_mp_table(round(gamma, 12))
-    xs = np.unique(np.concatenate([sigma2 * x, e, [0.0]]))
-    f_mp = ref_mp_cdf(xs / sigma2, gamma)
-    f_emp = np.searchsorted(e, xs, side="right") / e.size
-    # F_emp is constant on [xs_j, xs_j+1), F_MP linear in between (table resolution)
-    d0, d1, h = f_emp[:-1] - f_mp[:-1], f_emp[:-1] - f_mp[1:], np.diff(xs)
-    same = d0 * d1 >= 0
-    denom = np.where(same, 1.0, np.abs(d0) + np.abs(d1))
-    piece = np.where(same, 0.5 * h * (np.abs(d0) + np.abs(d1)), 0.5 * h * (d0**2 + d1**2) / denom)
-    return float(piece.sum())
-
-
-def ref_mppca(lam_all: np.ndarray, n: int) -> float:
-    """Veraart et al. 2016 as a loop over k on the m = min(p, n) non-zero
-    eigenvalues of the smaller-side Gram (eigenvalues of XᵀX/p = λ·n/p when p > n)."""
-    p = lam_all.size
-    m, big = min(p, n), max(p, n)
-    lam = sorted((v * n / big for v in lam_all), reverse=True)[:m]
-    for k in range(m):
-        rest = lam[k:]
-        s2 = sum(rest) / len(rest)
-        if rest[0] - rest[-1] <= 4 * math.sqrt((m - k) / big) * s2:
-            return s2
-    raise AssertionError("unreachable")
-
-
-@lru_cache(maxsize=None)
-def ref_mp_median(gamma: float) -> float:
-    return float(ref_mp_quantile(0.5, gamma))
+    return reference.tw_margin(p, n, alpha)
 
 
 def ref_new_features(eigs, window: int, dim: int, rows=None) -> dict[str, float]:
-    """Reference values of the appended descriptors from the eigenvalues (and
-    optionally the row squared norms), following DESCRIPTOR_DOCS."""
-    lam = np.sort(np.asarray(eigs, dtype=np.float64))[::-1]
-    lam = np.where(lam > 1e-12 * max(lam[0], 0.0), lam, 0.0)
-    gamma = (window - 1) / dim
-    p = min(window - 1, dim)
-    nz = lam[:p]
-    total = nz.sum()
-    out = dict.fromkeys(NEW_NAMES, 0.0)
-    if total <= 0:
-        return out
-    mean = total / p
-    pad = np.concatenate([nz, [0.0, 0.0, 0.0]])
-    out["gap23_rel"] = (pad[1] - pad[2]) / mean
-    s2_iqr = ref_sigma2_iqr(nz, gamma)
-    out["spikes_tw"] = float(np.sum(nz > s2_iqr * ref_tw_unit_margin(window - 1, dim)))
-    med = float(np.median(nz))
-    s2 = med / ref_mp_median(gamma)
-    s2_fit = s2 if s2 > 0 else mean / max(1.0, gamma)
-    if s2 > 0:  # documented tie rule: the median eigenvalue sits exactly on MP's median, counts above it
-        unit = nz / s2
-        unit[nz == med] = ref_mp_median(gamma)
-        out["kl_mp"] = ref_kl(unit, gamma, 1.0)
-    else:
-        out["kl_mp"] = ref_kl(nz, gamma, s2_fit)
-    out["w1_mp"] = ref_w1(nz, gamma, s2_fit) / mean
-    out["sigma2_mppca_rel"] = ref_mppca(lam[: window - 1], dim) / mean
-    out["nuclear_rel"] = float(np.sum(np.sqrt(nz)) / math.sqrt(window * total))
-    if rows is None:
-        out["row_norm_mean"] = math.sqrt(total / window)
-        out["l12_proxy"] = 1.0
-    else:
-        r = np.asarray(rows, dtype=np.float64)
-        out["row_norm_mean"] = float(np.mean(np.sqrt(r)))
-        out["l12_proxy"] = float(np.sum(np.sqrt(r)) / math.sqrt(window * r.sum()))
-    return out
+    """The appended descriptors of the reference (tests/reference.py: describe)."""
+    full = reference.describe(eigs, window, dim, rows)
+    return {n: full[n] for n in NEW_NAMES}
 
 
-def ref_window_features(x: np.ndarray) -> dict[str, float]:
-    """Norm features straight from the window (no eigenvalues): centred rows,
-    their norms, and the singular values of Xc/√d."""
-    x = np.asarray(x, dtype=np.float64)
-    w, d = x.shape
-    xc = (x - x.mean(axis=0)) / math.sqrt(d)
-    norms = np.linalg.norm(xc, axis=1)
-    fro = np.linalg.norm(xc)
-    sv = np.linalg.svd(xc, compute_uv=False)
-    return {
-        "row_sq_norms": norms**2,
-        "row_norm_mean": float(norms.mean()),
-        "l12_proxy": float(norms.sum() / (math.sqrt(w) * fro)),
-        "nuclear_rel": float(sv.sum() / (math.sqrt(w) * fro)),
-    }
+def window_spectrum(x) -> tuple[np.ndarray, np.ndarray]:
+    """float64 (eigenvalues, row_sq_norms) of a window [W, d]."""
+    return reference.window_spectrum(np.asarray(x, dtype=np.float64))
 
 
 def assert_features(got: np.ndarray, want: dict[str, float], *, rtol=1e-6, atol=1e-10, label=""):
@@ -283,7 +143,7 @@ def test_tw_fallback_in_process_warns_once(monkeypatch):
     from eigenwatch.kernels import rmt
 
     x = np.random.default_rng(5).standard_normal((16, 64))
-    eigs, rows = (t.numpy() for t in window_spectrum(torch.from_numpy(x)))
+    eigs, rows = window_spectrum(x)
     desc_mod._reset_tw_cache()
     rmt._tw1.cache_clear()
     monkeypatch.setitem(sys.modules, "TracyWidom", None)  # `import TracyWidom` raises ImportError
@@ -303,34 +163,31 @@ def test_tw_fallback_in_process_warns_once(monkeypatch):
     assert_features(d, ref_new_features(eigs, 16, 64, rows), label="after fallback")
 
 
-# --------------------------------------------------------------------------- window_spectrum
+# --------------------------------------------------------------------------- the taps' row norms
 
 
 @pytest.mark.parametrize("w,d", [(2, 1), (3, 9), (16, 15), (32, 256), (64, 7)])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
-def test_window_spectrum_matches_window_and_reference(w, d, dtype):
+def test_tap_row_norms_match_the_window(w, d, dtype):
+    """The row squared norms the taps hand to describe() (the diagonal of the
+    centred window Gram / d, kernels/gram.py) against the rows themselves."""
     rng = np.random.default_rng(7 * w + d)
     x = torch.from_numpy(rng.standard_normal((w, d)) * 2.0 + rng.normal(3.0, 1.0, size=d)).to(dtype)
-    eigs, rows = window_spectrum(x)
-    assert eigs.dtype == rows.dtype == torch.float64 and eigs.shape == rows.shape == (w,)
-    assert torch.equal(eigs, window_eigenvalues(x))  # same eigenvalues, bit for bit
+    bank = WindowBank(w, d, max_slots=1, initial_slots=1)
+    bank.extend(0, x, [])
+    grams, valid = bank.window_gram([0])
+    eigs, rows, ok = spectra(grams, valid, 1.0 / d)
+    eigs, rows = eigs[0].numpy(), rows[0].numpy()
     ref = ref_window_features(x.to(torch.float64).numpy())
     scale = max(float(ref["row_sq_norms"].max()), 1e-300)
-    np.testing.assert_allclose(rows.numpy(), ref["row_sq_norms"], rtol=1e-10, atol=1e-13 * scale)
-    assert float(rows.sum()) == pytest.approx(float(eigs.sum()), rel=1e-9, abs=1e-12 * scale)
-
-
-def test_window_spectrum_equal_rows_and_bad_input():
-    e, r = window_spectrum(torch.full((5, 8), 3.7))
-    assert torch.count_nonzero(e) == 0 and torch.count_nonzero(r) == 0
-    for bad, match in [(torch.zeros(1, 8), "at least 2 rows"), (torch.zeros(8), r"\[W, d\]"),
-                       (torch.zeros(4, 0), "width 0")]:
-        with pytest.raises(ValueError, match=match):
-            window_spectrum(bad)
-    x = torch.randn(4, 6)
-    x[1, 2] = float("nan")
-    with pytest.raises(ValueError, match="window: contains NaN"):
-        window_spectrum(x)
+    np.testing.assert_allclose(rows, ref["row_sq_norms"], rtol=2e-5, atol=2e-6 * scale)
+    assert float(rows.sum()) == pytest.approx(float(eigs.sum()), rel=1e-5)  # trace; clamped rounding noise aside
+    # equal rows: exactly zero
+    bank.reset(0)
+    bank.extend(0, torch.full((w, d), 3.7, dtype=dtype), [])
+    grams, valid = bank.window_gram([0])
+    e, r, _ = spectra(grams, valid, 1.0 / d)
+    assert not e.any() and not r.any()
 
 
 # --------------------------------------------------------------------------- values vs references
@@ -350,8 +207,7 @@ def test_new_features_match_reference(w, d, kind):
         x += 1.2 * np.outer(rng.standard_normal(w), rng.standard_normal(d))
     elif kind == "offset":
         x += rng.normal(50.0, 5.0, size=d)  # the common mean the centring removes
-    eigs_t, rows_t = window_spectrum(torch.from_numpy(x))
-    eigs, rows = eigs_t.numpy(), rows_t.numpy()
+    eigs, rows = window_spectrum(x)
     win = ref_window_features(x)
     got = describe(eigs, w, d, row_sq_norms=rows)
     assert got.dtype == np.float64 and np.all(np.isfinite(got))
@@ -400,7 +256,7 @@ def test_rank_deficient_window_fallbacks():
     rng = np.random.default_rng(3)
     a, b = rng.standard_normal(40), rng.standard_normal(40)
     x = np.stack([a, b, a, a, b, b, a, b, a, a])
-    eigs, rows = (t.numpy() for t in window_spectrum(torch.from_numpy(x)))
+    eigs, rows = window_spectrum(x)
     got = describe(eigs, 10, 40, row_sq_norms=rows)
     assert np.all(np.isfinite(got))
     assert got[INDEX["sigma2"]] == 0.0 and got[INDEX["spikes_tw"]] == 1.0 and got[INDEX["gap23_rel"]] == 0.0
@@ -415,7 +271,7 @@ def test_rank_deficient_window_fallbacks():
 
 def test_row_sq_norms_validation():
     x = np.random.default_rng(1).standard_normal((6, 20))
-    eigs, rows = (t.numpy() for t in window_spectrum(torch.from_numpy(x)))
+    eigs, rows = window_spectrum(x)
     describe(eigs, 6, 20, row_sq_norms=list(rows))  # any array-like
     cases = [
         (rows[:5], "expected 6 values"),
@@ -451,8 +307,7 @@ def windows(draw):
 
 
 def spectrum_np(x):
-    e, r = window_spectrum(torch.from_numpy(x))
-    return e.numpy(), r.numpy()
+    return window_spectrum(x)
 
 
 @PROPERTY

@@ -1,6 +1,7 @@
-"""One tap, two engines: `offline.extract` (Hugging Face) and
-`offline_vllm.extract_vllm` (the real vLLM engine, real plugin, real gRPC) give
-the same features for the same texts. One vLLM engine per model (module scope).
+"""One tap, two engines: `--engine hf` (transformers) and `--engine vllm` (the
+real vLLM engine, real plugin, real gRPC into a real sidecar) give the same
+features for the same texts (monitor/offline/engines.py, features.py). One
+vLLM engine per model (module scope).
 
 Tolerances. Both engines run the model in float32, but vLLM's CPU kernels
 (fused residual-add + RMSNorm, its rotary and attention kernels, oneDNN GEMMs)
@@ -19,14 +20,15 @@ MiniLM). Everything downstream is a smooth function of them:
   ½·mean log σ², so an absolute error is a relative error of σ²; measured ≤ 1e-7).
 """
 
-import gc
 import time
 
 import numpy as np
 import pytest
+import torch
 
-from eigenwatch.monitor import offline
-from eigenwatch.monitor.detect import TokenMahalanobis, TokenMoments
+from eigenwatch.monitor.mahalanobis import TokenMahalanobis, TokenMoments
+from eigenwatch.monitor.offline import engines, features
+from eigenwatch.monitor.offline.texts import InputStats
 
 WINDOW, STRIDE, MAX_LENGTH = 16, 8, 96
 EIG_RTOL, EIG_ATOL = 1e-4, 1e-4
@@ -47,31 +49,23 @@ TEXTS = [
 ]
 
 
-def test_llmcheck_from_scatter_equals_llmcheck_from_rows():
-    from eigenwatch.monitor.offline_vllm import llmcheck_scatter
-
-    rng = np.random.default_rng(0)
-    for t, d in [(5, 16), (16, 16), (40, 8), (2, 3)]:
-        x = rng.normal(size=(t, d)) * rng.uniform(0.1, 3, size=d) + rng.normal(size=d) * 5
-        got = llmcheck_scatter(t, x.sum(0), x.T @ x)
-        assert got == pytest.approx(offline.llmcheck_hidden(x), abs=1e-9), (t, d)
+def _extract(kind: str, name: str, token):
+    info = engines.model_info(name)
+    engine = engines.open_engine(kind, info, engines.Tap(None, WINDOW, STRIDE))
+    try:
+        stats = InputStats()
+        ids, feats = features.extract(engine, info, TEXTS, MAX_LENGTH, stats, kind, token)
+        return (ids, feats, tuple(engine.layers)), stats
+    finally:
+        engine.close()
 
 
 def _run_both(name):
-    from eigenwatch.hooks.models import resolve_model
-    from eigenwatch.monitor.offline_vllm import extract_vllm
-
-    path, runner = resolve_model(name)
     t0 = time.monotonic()
-    hf_stats = offline.InputStats()
-    loaded = offline.load_model(name)
     hf_tok, vl_tok = TokenMoments(), TokenMoments()  # token sums for the token-level Mahalanobis
-    hf = offline.extract(loaded, TEXTS, None, WINDOW, STRIDE, MAX_LENGTH, hf_stats, "hf", hf_tok)
-    del loaded
-    gc.collect()
+    hf, hf_stats = _extract("hf", name, hf_tok)
     t1 = time.monotonic()
-    vl_stats = offline.InputStats()
-    vl = extract_vllm(path, runner, name, TEXTS, None, WINDOW, STRIDE, MAX_LENGTH, vl_stats, "vllm", vl_tok)
+    vl, vl_stats = _extract("vllm", name, vl_tok)
     t2 = time.monotonic()
     print(f"\n{name}: hf {t1 - t0:.1f} s, vllm (with engine start) {t2 - t1:.1f} s")
     return {"hf": hf, "vllm": vl, "hf_stats": hf_stats, "vllm_stats": vl_stats, "hf_tok": hf_tok, "vllm_tok": vl_tok}
@@ -176,42 +170,42 @@ def test_token_sums_and_token_mahalanobis_agree(both):
             np.concatenate([th[l][2].ravel() for l in layers]))
 
 
-def test_capture_sums_are_exact_bounded_and_never_raise():
-    """The worker extension's capture state, without an engine: sums over
-    chunks, finished requests kept up to max_requests, a failed update marks
-    the request broken (popped as None) and counts a hook error."""
-    from collections import OrderedDict
+def test_token_sums_are_exact_bounded_and_mark_failures():
+    """hooks/capture.py, the one way both taps capture hidden states: sums over
+    chunks, finished requests kept up to max_done, a failed update marks the
+    request broken (popped as None); the vLLM worker counts it as a hook error
+    and never raises into vLLM."""
     from types import SimpleNamespace
 
-    import torch
+    from eigenwatch.hooks._vllm_worker import _VllmTap, external_request_id
+    from eigenwatch.hooks.capture import TokenSums
 
-    from eigenwatch.hooks._vllm_worker import _VllmTap
-
-    tap = _VllmTap.__new__(_VllmTap)  # only the capture half: no worker, no exporter
-    tap.cfg = SimpleNamespace(max_requests=2)
-    tap.windows = SimpleNamespace(finish=lambda rid, step: None, drop=lambda rid: None)
-    tap.opted_out, tap.step, tap.layout, tap.hook_errors, tap._logged = set(), 0, None, 0, set()
-    tap.captures, tap.captured_done, tap.captures_evicted, tap.capture = {}, OrderedDict(), 0, False
-    tap.set_capture(True)
+    sums = TokenSums(max_done=2)
     x = torch.randn(9, 5)
-    tap._capture_rows(2, x[:7], [("a-0000000a", 0, 3), ("b-0000000b", 3, 7)])
-    tap._capture_rows(2, x[7:], [("a-0000000a", 0, 2)])  # a's second chunk
-    tap._capture_rows(2, x[0], [("c-0000000c", 0, 1)])  # 1-D rows: the update fails
-    assert tap.hook_errors == 1
-    tap._before_step(SimpleNamespace(finished_req_ids=["a-0000000a", "b-0000000b", "c-0000000c"],
-                                     preempted_req_ids=[]))
-    assert list(tap.captured_done) == ["b-0000000b", "c-0000000c"] and tap.captures_evicted == 1
-    got = tap.pop_captured(["b", "c-0000000c", "a", "zzz"])
+    sums.add(2, x[:7], [("a-0000000a", 0, 3), ("b-0000000b", 3, 7)])
+    sums.add(2, x[7:], [("a-0000000a", 0, 2)])  # a's second chunk
+    with pytest.raises(Exception):
+        sums.add(2, x[0], [("c-0000000c", 0, 1)])  # 1-D rows: the update fails
+    for rid in ("a-0000000a", "b-0000000b", "c-0000000c"):
+        sums.finish(rid)
+    assert list(sums.done) == ["b-0000000b", "c-0000000c"] and sums.evicted == 1
+    got = sums.pop(["b", "c-0000000c", "a", "zzz"], alias=external_request_id)
     assert set(got) == {"b", "c-0000000c"} and got["c-0000000c"] is None
     n, s, S = got["b"][2]
     rows = x[3:7].double().numpy()
     assert n == 4 and s.dtype == np.float64
     np.testing.assert_allclose(s, rows.sum(0), rtol=1e-12)
     np.testing.assert_allclose(S, rows.T @ rows, rtol=1e-12)
-    assert not tap.captured_done and not tap.captures
-    tap._capture_rows(3, x, [("d-0000000d", 0, 9)])
-    tap.set_capture(False)
-    assert not tap.captures and tap.pop_captured(["d"]) == {}
+    assert len(sums) == 0
+
+    tap = _VllmTap.__new__(_VllmTap)  # only the capture half: no worker, no exporter
+    tap.sums, tap.hook_errors, tap._logged = TokenSums(), 0, set()
+    tap._capture_rows(3, x[0], [("d-0000000d", 0, 1)])  # fails inside: counted, not raised
+    assert tap.hook_errors == 1
+    tap.windows = SimpleNamespace(finish=lambda rid, step: None, drop=lambda rid: None)
+    tap.opted_out, tap.step, tap.layout = set(), 0, None
+    tap._before_step(SimpleNamespace(finished_req_ids=["d-0000000d"], preempted_req_ids=[]))
+    assert tap.pop_captured(["d"]) == {"d": None}
 
 
 @pytest.mark.vllm
@@ -254,7 +248,7 @@ def test_score_cli_gives_the_same_scores_on_both_engines(tmp_path):
             assert b["detectors"][k] == pytest.approx(v, rel=1e-3, abs=1e-3), (rid, k)
         assert b["p_value"] == pytest.approx(a["p_value"], abs=1e-9) and b["alert"] == a["alert"], rid
 
-    # `calibrate --engine vllm` (three extraction passes, each its own engine) fits the same
+    # `calibrate --engine vllm` (three extraction passes through one engine) fits the same
     # detectors: the same calibration scores, corruption AUROCs and combined weights as HF.
     calib_v = tmp_path / "calib.vllm.json"
     cli("calibrate", "--model", "tiny", "--engine", "vllm", "--texts", str(ref), "--out", str(calib_v),

@@ -18,21 +18,13 @@ import numpy as np
 import pytest
 
 from eigenwatch.kernels.descriptors import count_spikes
-from eigenwatch.monitor.detect import (
-    Combined,
-    DescriptorMahalanobis,
-    HiddenMahalanobis,
-    LLMCheckHidden,
-    MAX_COMPONENTS,
-    ShrinkageGaussian,
-    SpectralSpike,
-    TokenMahalanobis,
-    TokenMoments,
-    auroc,
-    combined_voters,
-    conformal_p,
-    corruption_weights,
-)
+from eigenwatch.monitor.combined import Combined, auroc, combined_voters, conformal_p, corruption_weights
+from eigenwatch.monitor.llmcheck import LLMCheckHidden
+from eigenwatch.monitor.mahalanobis import (MAX_COMPONENTS, DescriptorMahalanobis, HiddenMahalanobis,
+                                            ShrinkageGaussian, TokenMahalanobis, TokenMoments)
+from eigenwatch.monitor.spectral_spike import SpectralSpike
+
+import reference
 
 FAR = 0.1
 
@@ -143,6 +135,10 @@ def test_calibrate_then_score_end_to_end(calibrated):
         assert sp["layer"] in (1, 2, 3) and sp["window"] == 32 and len(sp["eigenvalues"]) == 32
         assert sp["spikes"] == count_spikes(np.array(sp["eigenvalues"]), sp["window"], sp["dim"], sp["sigma2"])
         assert row["detectors"]["spectral_spike"] == sp["spikes"] - sp["spike_threshold"]
+        # per layer, what a live sidecar's GetReport shows for the same request
+        assert sorted(row["layers"]) == ["1", "2", "3"]
+        assert all(l["frames"] >= 1 and l["max_spikes"] >= 0 and len(l["last_descriptors"]) == 23
+                   for l in row["layers"].values())
     held = [row for row in rows if row["id"].startswith("held-")]
     assert [row["id"] for row in held] == [f"held-{i}" for i in range(40)]
     rate = sum(row["alert"] for row in held) / len(held)
@@ -160,15 +156,16 @@ def test_calibrate_then_score_end_to_end(calibrated):
 
 
 def test_models_section_loads_in_the_sidecar(calibrated):
-    from eigenwatch.monitor.detectors import load_calibration
+    from eigenwatch.monitor.calibration import load
 
-    cal = load_calibration(calibrated["calib"])
-    assert set(cal) == {("tiny", 1), ("tiny", 2), ("tiny", 3)}
-    assert all(c.sigma2 > 0 and c.frames > 0 for c in cal.values())
+    cal = load(calibrated["calib"])
+    assert set(cal.spike) == {("tiny", 1), ("tiny", 2), ("tiny", 3)}
+    assert all(c.sigma2 > 0 and c.frames > 0 and c.dim == 256 for c in cal.spike.values())
+    assert cal.tap == {"window": 32, "stride": 16, "proj_dim": 0, "layers": [1, 2, 3]}
 
 
 def test_bad_input_lines_empty_and_truncation(calibrated, capsys):
-    from eigenwatch.monitor.cli import main
+    from eigenwatch.monitor.cli.main import main
 
     d = calibrated["dir"]
     good = ["The quick brown fox jumps over the lazy dog.", "A short plain sentence about lists.",
@@ -205,7 +202,7 @@ def test_bad_input_lines_empty_and_truncation(calibrated, capsys):
 def test_calibrate_refuses_too_few_usable_texts(tmp_path, capsys):
     # Fewer than 4 lines, and 5 lines of which 3 are a single token (too short
     # for a window): calibrate stops with an error naming --texts, writes nothing.
-    from eigenwatch.monitor.cli import main
+    from eigenwatch.monitor.cli.main import main
 
     good = _chunks(2)
     for name, texts in (("three", good + ["A third short text about tuples."]), ("short", good + ["x"] * 3)):
@@ -219,7 +216,7 @@ def test_calibrate_refuses_too_few_usable_texts(tmp_path, capsys):
 
 
 def test_calibration_from_another_model_is_refused(calibrated, capsys):
-    from eigenwatch.monitor.cli import main
+    from eigenwatch.monitor.cli.main import main
 
     d = calibrated["dir"]
     doc = json.loads(calibrated["calib"].read_text())
@@ -237,14 +234,12 @@ def test_calibration_from_another_model_is_refused(calibrated, capsys):
 def test_sidecar_runs_the_gru_calibrate_trained(calibrated):
     # CALIB.json carries the ONNX model and its live thresholds: `eigenwatch sidecar
     # --calibration CALIB.json` scores live risk with no other file.
-    import argparse
+    from eigenwatch.monitor.calibration import load
+    from eigenwatch.monitor.sidecar.config import SidecarConfig
+    from eigenwatch.monitor.sidecar.risk import load_live_risk
 
-    from eigenwatch.monitor.cli import add_sidecar_args
-    from eigenwatch.monitor.live_risk import load_live_risk
-
-    p = argparse.ArgumentParser()
-    add_sidecar_args(p)
-    setup = load_live_risk(p.parse_args(["--calibration", str(calibrated["calib"])]))
+    cfg = SidecarConfig(calibration=str(calibrated["calib"]))
+    setup = load_live_risk(cfg, load(cfg.calibration))
     doc = json.loads(calibrated["calib"].read_text())
     assert setup is not None and setup.model.sha256 == doc["risk"]["model_sha256"]
     assert setup.model.layers == (1, 2, 3) and setup.model.model == "tiny"
@@ -254,9 +249,9 @@ def test_sidecar_runs_the_gru_calibrate_trained(calibrated):
 
 def test_risk_model_for_other_layers_is_refused(calibrated, tmp_path, capsys):
     from eigenwatch.kernels.descriptors import DESCRIPTOR_NAMES
-    from eigenwatch.monitor.cli import main
-    from eigenwatch.monitor.sequences import Sequences
-    from eigenwatch.monitor.train import export_onnx, model_meta, train_model
+    from eigenwatch.monitor.cli.main import main
+    from eigenwatch.monitor.offline.sequences import Sequences
+    from eigenwatch.monitor.offline.train import export_onnx, model_meta, train_model
 
     rng = np.random.default_rng(0)
     F = 2 * len(DESCRIPTOR_NAMES)
@@ -276,7 +271,7 @@ def test_risk_model_for_other_layers_is_refused(calibrated, tmp_path, capsys):
 def test_small_calibration_without_gru_weights_equally(calibrated, tmp_path, capsys):
     # --risk-model none: descriptor_mahalanobis speaks for the descriptor family;
     # 5 calibration texts are too few to weight by, so the voters count equally.
-    from eigenwatch.monitor.cli import main
+    from eigenwatch.monitor.cli.main import main
 
     ref = _dump(tmp_path / "ref.jsonl", calibrated["texts"][:10], "r")
     out = tmp_path / "small.json"
@@ -410,29 +405,12 @@ def test_shrinkage_gaussian_matches_dense_formula_and_handles_n_below_dim(n, p):
     np.testing.assert_allclose(g2.sqdist(Y), d2, rtol=1e-12)
 
 
-def _oas_reference(X):
-    """float64 reference: the OAS-shrunk covariance of the rows of X, written out
-    densely (Chen et al. 2010, eq. 23 in the form scikit-learn uses), with the
-    eigenvalues past MAX_COMPONENTS replaced by their mean."""
-    n, p = X.shape
-    Z = X - X.mean(0)
-    S = Z.T @ Z / n
-    mu = np.trace(S) / p
-    alpha = np.mean(S ** 2)
-    rho = min(1.0, (alpha + mu ** 2) / ((n + 1) * (alpha - mu ** 2 / p)))
-    lam, U = np.linalg.eigh(S)
-    lam, U = lam[::-1].copy(), U[:, ::-1]
-    if p > MAX_COMPONENTS:
-        lam[MAX_COMPONENTS:] = lam[MAX_COMPONENTS:].mean()
-    return rho, (1 - rho) * (U * lam) @ U.T + rho * mu * np.eye(p)
-
-
 @pytest.mark.parametrize("n, p", [(2000, 20), (45, 40), (3, 7), (900, MAX_COMPONENTS + 44)])
 def test_shrinkage_gaussian_from_moments_is_oas_and_matches_dense_formula(n, p):
     rng = np.random.default_rng(n * 7 + p)
     X = rng.normal(size=(n, p)) @ rng.normal(size=(p, p)) * 0.1 + 5.0  # correlated, off-centre
     g = ShrinkageGaussian.from_moments(n, X.sum(0), X.T @ X)
-    rho, sigma = _oas_reference(X)
+    rho, sigma = reference.oas_covariance(X, MAX_COMPONENTS)
     assert g.shrinkage == pytest.approx(rho, rel=1e-9) and 0 < g.shrinkage <= 1
     Y = X[:5][np.arange(5) % n] + rng.normal(size=(5, p)) * 0.1
     D = Y - X.mean(0)
@@ -526,18 +504,23 @@ def test_spectral_spike_detector_counts_excess_spikes():
 
     ref = [{"spectra": {1: [window() for _ in range(3)]}} for _ in range(10)]
     det = SpectralSpike().fit(ref)
-    assert det.layers[1]["frames"] == 30 and det.layers[1]["sigma2"] > 0
+    assert det.layers[1].frames == 30 and det.layers[1].sigma2 > 0
     normal = det.score([{"spectra": {1: [window()]}} for _ in range(5)])
     spiky = det.score([{"spectra": {1: [window(), window(spike=8.0)]}} for _ in range(5)])
     assert spiky.min() > normal.max()
     assert det.score([{"spectra": {1: []}}]).tolist() == [0.0]
 
 
-def test_llmcheck_formula():
-    from eigenwatch.monitor.offline import llmcheck_hidden
+@pytest.mark.parametrize("t, d", [(12, 30), (2, 5), (40, 7), (17, 17)])
+def test_llmcheck_from_token_sums_equals_the_rows_formula(t, d):
+    # Both engines compute LLM-Check from token sums (n, Σx, XᵀX); the paper's
+    # formula reads the rows: mean ½·log(σ_i² + ridge) over the singular values.
+    from eigenwatch.monitor.llmcheck import llmcheck_scatter
 
-    rng = np.random.default_rng(0)
-    H = rng.normal(size=(12, 30))
+    rng = np.random.default_rng(t * 100 + d)
+    H = rng.normal(size=(t, d)) * 3 + 7  # off-centre, like hidden states
     Z = H - H.mean(0)
-    lam = np.clip(np.linalg.eigvalsh(Z @ Z.T), 0, None)  # σ_i²
-    assert llmcheck_hidden(H) == pytest.approx(np.mean(0.5 * np.log(lam + 1e-3)), rel=1e-9)
+    lam = np.clip(np.linalg.eigvalsh(Z @ Z.T if t <= d else Z.T @ Z), 0, None)[::-1][: min(t, d)]
+    assert reference.llmcheck_rows(H) == pytest.approx(np.mean(0.5 * np.log(lam + 1e-3)), rel=1e-9)
+    got = llmcheck_scatter(t, H.sum(0), H.T @ H)
+    assert got == pytest.approx(reference.llmcheck_rows(H), rel=1e-6, abs=1e-6)

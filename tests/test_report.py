@@ -1,7 +1,7 @@
 """`eigenwatch report`: synthetic SCORES files in, one HTML page out.
 
 Reference scores ~ N(0, 1), positive sets shifted; spectra come from real
-Gaussian windows processed like the tap does (kernels.spectra.window_spectrum,
+Gaussian windows processed like the tap does (float64 window spectra,
 then descriptors.describe for trace_mean and sigma2), one of them with planted
 rank-3 signal so it has spikes. AUROCs are checked against detect.auroc and the
 spike count against descriptors.count_spikes, both computed here independently.
@@ -21,10 +21,11 @@ import torch
 
 from eigenwatch.kernels.descriptors import INDEX, count_spikes, describe
 from eigenwatch.kernels.rmt import mp_edges
-from eigenwatch.kernels.spectra import window_spectrum
-from eigenwatch.monitor.cli import main
-from eigenwatch.monitor.detect import auroc
-from eigenwatch.monitor.report import COMBINED, roc_curve, spectrum_view
+
+import reference
+from eigenwatch.monitor.cli.main import main
+from eigenwatch.monitor.combined import auroc
+from eigenwatch.monitor.offline.report import COMBINED, roc_curve, spectrum_view
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 W, D = 32, 256
@@ -32,11 +33,11 @@ DETECTORS = ("descriptor_mahalanobis", "hidden_mahalanobis", "spectral_spike")
 
 
 def tap_window(X: torch.Tensor) -> tuple[np.ndarray, float]:
-    """(eigenvalues / trace_mean, sigma2 / trace_mean) of one window, as offline.extract does."""
-    eigs, rows = window_spectrum(X)
-    desc = describe(eigs.numpy(), X.shape[0], X.shape[1], row_sq_norms=rows.numpy())
+    """(eigenvalues / trace_mean, sigma2 / trace_mean) of one window, as offline features hold it."""
+    eigs, rows = reference.window_spectrum(X.numpy())
+    desc = describe(eigs, X.shape[0], X.shape[1], row_sq_norms=rows)
     tm = desc[INDEX["trace_mean"]]
-    return eigs.numpy() / tm, float(desc[INDEX["sigma2"]] / tm)
+    return eigs / tm, float(desc[INDEX["sigma2"]] / tm)
 
 
 def noise_windows(n: int, w: int, d: int, seed: int, scale: float = 3.0):
@@ -203,7 +204,7 @@ def test_no_spectrum_anywhere(data, capsys):
 
 
 def test_import_does_not_load_matplotlib():
-    code = "import sys, eigenwatch.monitor.report; assert 'matplotlib' not in sys.modules, 'matplotlib imported'"
+    code = "import sys, eigenwatch.monitor.offline.report; assert 'matplotlib' not in sys.modules, 'matplotlib imported'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 

@@ -3,7 +3,7 @@ margin, KL / W1 distances to MP.
 
 Convention (module docstring): X is p×n, S = X Xᵀ/n, γ = p/n. Every numeric
 check is against either the truth of a seeded simulation or an independent
-float64 reference written here (scipy quadrature, a Fredholm determinant for
+float64 reference (tests/reference.py: scipy quadrature, a Fredholm determinant for
 TW1, scipy.stats.wasserstein_distance), never against the module itself.
 """
 
@@ -17,9 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from scipy import integrate, optimize, special, stats
+from scipy import integrate, stats
 
 from eigenwatch.kernels import rmt
+
+import reference
 
 REPO = Path(__file__).resolve().parents[1]
 GAMMAS = (0.05, 0.3, 1.0, 2.5)
@@ -34,89 +36,6 @@ def spiked_eigs(rng, p: int, n: int, sigma2: float, spikes=()) -> np.ndarray:
     ell[: len(spikes)] = spikes
     x = np.sqrt(sigma2 * ell)[:, None] * rng.standard_normal((p, n))
     return np.linalg.eigvalsh(x @ x.T / n)
-
-
-def ref_mppca(eigs, n):
-    """Veraart et al. 2016, written as the paper's loop (p ≤ n)."""
-    lam = sorted(eigs, reverse=True)
-    p = len(lam)
-    for k in range(p):
-        rest = lam[k:]
-        s2 = sum(rest) / len(rest)
-        if rest[0] - rest[-1] <= 4 * math.sqrt((p - k) / n) * s2:
-            return s2, k
-    raise AssertionError("unreachable")
-
-
-def ref_bbp(ell, gamma, sigma2=1.0):
-    thr = 1 + math.sqrt(gamma)
-    return sigma2 * (ell * (1 + gamma / (ell - 1)) if ell > thr else thr**2)
-
-
-def ref_tw1_cdf(s: float, nodes: int = 80, cut: float = 16.0) -> float:
-    """F1(s) = det(I − B_s) on L²(0, ∞), B_s(x, y) = Ai(x + y + s) (Ferrari–Spohn),
-    by Gauss–Legendre on [0, cut] (Bornemann's method)."""
-    xg, wg = np.polynomial.legendre.leggauss(nodes)
-    x, w = (xg + 1) * cut / 2, wg * cut / 2
-    k = special.airy(x[:, None] + x[None, :] + s)[0]
-    sw = np.sqrt(w)
-    return float(np.linalg.det(np.eye(nodes) - sw[:, None] * k * sw[None, :]))
-
-
-def ref_johnstone(p, n, alpha, sigma2=1.0):
-    """Johnstone (2001) with the TW1 quantile solved from the Fredholm reference."""
-    s_alpha = optimize.brentq(lambda s: ref_tw1_cdf(s) - (1 - alpha), -3.0, 6.0, xtol=1e-12)
-    a, b = math.sqrt(n - 1), math.sqrt(p)
-    mu = (a + b) ** 2
-    sd = (a + b) * (1 / a + 1 / b) ** (1 / 3)
-    return sigma2 * (mu + sd * s_alpha) / n
-
-
-def ref_cdf_table(gamma: float, sigma2: float, nodes: int = 20001):
-    """MP CDF of the non-zero part on a Chebyshev-spaced grid: the textbook density
-    integrated in θ (x = λ− + (λ+−λ−) sin²(θ/2)) by scipy's cumulative Simpson rule."""
-    lo, hi = sigma2 * (1 - math.sqrt(gamma)) ** 2, sigma2 * (1 + math.sqrt(gamma)) ** 2
-    theta = np.linspace(0.0, math.pi, nodes)
-    x = lo + (hi - lo) * (0.5 - 0.5 * np.cos(theta))
-    # density · dx/dθ, simplified so it is smooth at both edges
-    # (at γ = 1, θ = 0: x = 0 and sin²θ/x → 4/λ+, so f → λ+/(2πσ²))
-    f = np.where(x > 0, (hi - lo) ** 2 * np.sin(theta) ** 2 / (8 * math.pi * sigma2 * gamma * np.where(x > 0, x, 1.0)),
-                 hi / (2 * math.pi * sigma2 * gamma))
-    f *= max(gamma, 1.0)
-    cdf = np.concatenate([[0.0], integrate.cumulative_simpson(f, x=theta)])
-    return x, cdf / cdf[-1]
-
-
-def ref_w1(eigs, gamma, sigma2):
-    """W1 = ∫ |F_emp(x) − F_MP(x)| dx (the CDF form, independent of the quantile
-    form used by the module), with F_MP from `ref_cdf_table` and the integral
-    taken exactly for the empirical step function against piecewise-linear F_MP."""
-    grid, cdf = ref_cdf_table(gamma, sigma2)
-    e = np.sort(np.asarray(eigs, dtype=np.float64))
-    xs = np.unique(np.concatenate([grid, e]))
-    f_mp = np.interp(xs, grid, cdf, left=0.0, right=1.0)
-    f_emp = np.searchsorted(e, xs, side="right") / e.size  # right-continuous step, constant on [x_j, x_j+1)
-    d0 = f_emp[:-1] - f_mp[:-1]
-    d1 = f_emp[:-1] - f_mp[1:]
-    h = np.diff(xs)
-    same = d0 * d1 >= 0
-    denom = np.where(same, 1.0, np.abs(d0) + np.abs(d1))
-    piece = np.where(same, 0.5 * h * (np.abs(d0) + np.abs(d1)), 0.5 * h * (d0**2 + d1**2) / denom)
-    return float(piece.sum())
-
-
-def ref_kl(eigs, gamma, sigma2, bins):
-    """The documented estimator, with bin edges from the independent CDF table."""
-    grid, cdf = ref_cdf_table(gamma, sigma2)
-    lo, hi = grid[0], grid[-1]
-    inner = np.interp(np.arange(1, bins) / bins, cdf, grid)
-    edges = np.concatenate([[-np.inf, lo], inner, [hi, np.inf]])
-    counts, _ = np.histogram(np.asarray(eigs, dtype=np.float64), bins=edges)
-    n = counts.sum()
-    model = np.concatenate([[0.0], np.full(bins, 1.0 / bins), [0.0]])
-    denom = n + 0.5 * (bins + 2)
-    p_hat, q_hat = (counts + 0.5) / denom, (n * model + 0.5) / denom
-    return float(np.sum(p_hat * np.log(p_hat / q_hat)))
 
 
 # --------------------------------------------------------------------------- import boundary
@@ -179,7 +98,7 @@ def test_sigma2_estimators_with_planted_spikes(n_spikes):
     assert med == pytest.approx(sigma2, rel=0.02)
     assert s2 == pytest.approx(sigma2, rel=0.02)
     assert rmt.sigma2_mppca(eigs, n) == s2
-    assert (s2, k) == pytest.approx(ref_mppca(eigs, n), rel=1e-12)
+    assert (s2, k) == pytest.approx(reference.mppca(eigs, n), rel=1e-12)
     assert n_spikes <= k <= n_spikes + 2  # TW fluctuations may add one noise eigenvalue
     assert naive == pytest.approx(float(eigs.max()) / (1 + math.sqrt(gamma)) ** 2, rel=1e-14)
     if n_spikes == 0:
@@ -187,7 +106,7 @@ def test_sigma2_estimators_with_planted_spikes(n_spikes):
     else:
         # λmax ≈ BBP image of the top spike, so naive ≈ ℓ(1+γ/(ℓ−1))σ²/(1+√γ)²
         assert abs(naive / sigma2 - 1) > 1.0
-        assert naive == pytest.approx(ref_bbp(max(spikes), gamma, sigma2) / (1 + math.sqrt(gamma)) ** 2, rel=0.08)
+        assert naive == pytest.approx(reference.bbp(max(spikes), gamma, sigma2) / (1 + math.sqrt(gamma)) ** 2, rel=0.08)
 
 
 def test_mppca_gamma_above_one_uses_non_zero_part():
@@ -203,7 +122,7 @@ def test_mppca_gamma_above_one_uses_non_zero_part():
     assert s2 == pytest.approx(sigma2, rel=0.02)
     assert 2 <= k <= 4
     # same answer as the transposed problem XᵀX/p (an n×p noise matrix, γ' = n/p)
-    s2_t, k_t = ref_mppca(nz * n / p, p)
+    s2_t, k_t = reference.mppca(nz * n / p, p)
     assert (s2, k) == pytest.approx((s2_t, k_t), rel=1e-12)
     # the median estimator, fed the non-zero eigenvalues, agrees
     assert rmt.sigma2_median(nz, p / n) == pytest.approx(sigma2, rel=0.03)
@@ -226,7 +145,7 @@ def test_bbp_forward_inverse_are_inverses(gamma, sigma2):
     thr = 1 + math.sqrt(gamma)
     ells = thr * np.array([1.0 + 1e-6, 1.01, 1.5, 2.0, 5.0, 40.0, 1e4])
     lam = rmt.bbp_forward(ells, gamma, sigma2)
-    assert np.allclose(lam, [ref_bbp(e, gamma, sigma2) for e in ells], rtol=1e-14, atol=0)
+    assert np.allclose(lam, [reference.bbp(e, gamma, sigma2) for e in ells], rtol=1e-14, atol=0)
     assert np.all(np.diff(lam) > 0) and np.all(lam > sigma2 * thr**2)
     back = rmt.bbp_inverse(lam, gamma, sigma2)
     assert np.allclose(back, ells, rtol=1e-9, atol=0)
@@ -303,14 +222,14 @@ def test_bbp_rejects_bad_input():
 def test_tw1_quantile_matches_fredholm_reference(q):
     # tracywidom interpolates a 1e-6 table linearly: ~4e-5 in probability, ~1e-4 in s
     s = rmt.tw1_quantile(q)
-    assert ref_tw1_cdf(s) == pytest.approx(q, abs=1e-4)
-    s_ref = optimize.brentq(lambda t: ref_tw1_cdf(t) - q, -4.0, 6.0, xtol=1e-12)
+    assert reference.tw1_cdf(s) == pytest.approx(q, abs=1e-4)
+    s_ref = reference.tw1_quantile(q)
     assert s == pytest.approx(s_ref, abs=2e-4)
 
 
 def test_tw_edge_margin_matches_johnstone_formula():
     for p, n, alpha, sigma2 in ((32, 128, 0.05, 1.0), (200, 300, 0.01, 2.5), (300, 200, 0.1, 0.3)):
-        assert rmt.tw_edge_margin(p, n, alpha, sigma2) == pytest.approx(ref_johnstone(p, n, alpha, sigma2),
+        assert rmt.tw_edge_margin(p, n, alpha, sigma2) == pytest.approx(reference.tw_margin(p, n, alpha, sigma2),
                                                                         rel=1e-6)
 
 
@@ -401,7 +320,7 @@ def test_w1_matches_cdf_form_reference(gamma):
     lo, hi = rmt.mp_edges(gamma, sigma2)
     # inside and outside the bulk, with ties
     eigs = np.concatenate([rng.uniform(lo, hi, 300), [0.0, 0.5 * lo, hi * 1.3, hi * 3.0, hi * 3.0]])
-    assert rmt.w1_to_mp(eigs, gamma, sigma2) == pytest.approx(ref_w1(eigs, gamma, sigma2), rel=1e-6, abs=1e-9)
+    assert rmt.w1_to_mp(eigs, gamma, sigma2) == pytest.approx(reference.w1_mp(eigs, gamma, sigma2), rel=1e-6, abs=1e-9)
 
 
 def test_w1_matches_scipy_wasserstein_on_mp_samples(noise_1024):
@@ -455,7 +374,7 @@ def test_kl_matches_reference_estimator(gamma):
     for bins in (None, 7, 40):
         b = rmt._default_bins(eigs.size) if bins is None else bins
         got = rmt.kl_to_mp(eigs, gamma, sigma2, bins=bins)
-        assert got == pytest.approx(ref_kl(eigs, gamma, sigma2, b), rel=1e-9)
+        assert got == pytest.approx(reference.kl_mp(eigs, gamma, sigma2, b), rel=1e-9)
         assert got >= 0 and np.isfinite(got)
 
 

@@ -10,8 +10,9 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from eigenwatch.hooks.export import FrameExporter, frame_to_proto
-from eigenwatch.hooks.windows import WindowTap, finalize
+from eigenwatch.hooks.export import FrameExporter
+from eigenwatch.hooks.frames import to_proto
+from eigenwatch.hooks.windows import WindowTap, to_frames
 from eigenwatch.kernels.descriptors import DESCRIPTOR_NAMES
 from eigenwatch.v1 import monitor_pb2, monitor_pb2_grpc
 
@@ -23,9 +24,9 @@ def make_frames(engine_id="r1-0123abcd", request_id="r1", model="m", layer=1, n_
     tap = WindowTap(window=16, stride=stride, max_requests=4, emit=seeds.append)
     tap.begin(engine_id, skipped_tokens=3, external_id=request_id)
     g = torch.Generator().manual_seed(seed)
-    tap.add_rows(engine_id, layer, torch.randn(n_rows, d, generator=g), step=1)
+    tap.add_layer(layer, torch.randn(n_rows, d, generator=g), [(engine_id, 0, n_rows)], step=1)
     tap.finish(engine_id, step=2)
-    return [frame_to_proto(finalize(s, model)) for s in seeds]
+    return [to_proto(f) for f in to_frames(seeds, model)[0]]
 
 
 def collect(call, out):
@@ -184,7 +185,7 @@ def test_exporter_drops_while_sidecar_is_away_and_reconnects(sidecar_factory):
         tap = WindowTap(16, 8, 100, seeds.append)
         for i in range(20):
             tap.begin(f"a{i}-0123abcd")
-            tap.add_rows(f"a{i}-0123abcd", 1, torch.randn(16, 8), 1)
+            tap.add_layer(1, torch.randn(16, 8), [(f"a{i}-0123abcd", 0, 16)], 1)
             exporter.submit(seeds[:])
             seeds.clear()
         assert time.monotonic() - t0 < 1.0
@@ -193,7 +194,7 @@ def test_exporter_drops_while_sidecar_is_away_and_reconnects(sidecar_factory):
         sc = sidecar_factory("--listen", target, "--metrics-port", "0")
         wait_for(lambda: exporter.connected, what="reconnect")
         tap.begin("b-0123abcd", external_id="b")
-        tap.add_rows("b-0123abcd", 1, torch.randn(16, 8), 2)
+        tap.add_layer(1, torch.randn(16, 8), [("b-0123abcd", 0, 16)], 2)
         tap.finish("b-0123abcd", 3)
         exporter.submit(seeds[:])
         seeds.clear()
@@ -208,14 +209,14 @@ def test_exporter_drops_while_sidecar_is_away_and_reconnects(sidecar_factory):
         wait_for(lambda: not exporter.connected, what="disconnect")
         before = exporter.stats()["frames_dropped"]
         tap.begin("c-0123abcd")
-        tap.add_rows("c-0123abcd", 1, torch.randn(16, 8), 4)
+        tap.add_layer(1, torch.randn(16, 8), [("c-0123abcd", 0, 16)], 4)
         exporter.submit(seeds[:])
         seeds.clear()
         wait_for(lambda: exporter.stats()["frames_dropped"] > before, what="drops after kill")
         sc2 = sidecar_factory("--listen", target, "--metrics-port", "-1")
         wait_for(lambda: exporter.connected, what="reconnect after restart")
         tap.begin("d-0123abcd", external_id="d")
-        tap.add_rows("d-0123abcd", 1, torch.randn(16, 8), 5)
+        tap.add_layer(1, torch.randn(16, 8), [("d-0123abcd", 0, 16)], 5)
         exporter.submit(seeds[:])
         client2 = SidecarClient(sc2.grpc)
         wait_for(lambda: client2.try_report("d"), what="frames after restart")
@@ -248,7 +249,7 @@ def test_bearer_token_guards_the_monitor_service_not_health(sidecar_factory, mon
         seeds = []
         tap = WindowTap(16, 8, 4, seeds.append)
         tap.begin("t-0123abcd", external_id="t")
-        tap.add_rows("t-0123abcd", 1, torch.randn(16, 8), 1)
+        tap.add_layer(1, torch.randn(16, 8), [("t-0123abcd", 0, 16)], 1)
         tap.finish("t-0123abcd", 2)
         exporter.submit(seeds)
         client = grpc.insecure_channel(sc.grpc)

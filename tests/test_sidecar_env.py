@@ -40,7 +40,7 @@ def sidecar_env(tmp_path_factory):
 
 def start_env_sidecar(env_dir: Path, *args: str):
     """`eigenwatch sidecar` of the sidecar-only environment: (process, gRPC target, metrics URL)."""
-    from eigenwatch.monitor.procs import READY
+    from eigenwatch.monitor.cli.processes import READY
 
     proc = subprocess.Popen([str(env_dir / "bin" / "eigenwatch"), "sidecar", "--listen", "127.0.0.1:0",
                              "--metrics-port", "0", *args],
@@ -62,8 +62,10 @@ def test_sidecar_runs_without_torch_or_vllm(sidecar_env):
         probe = subprocess.run([py, "-c", f"import {banned}"], capture_output=True, cwd=cwd)
         assert probe.returncode != 0, f"{banned} is importable in the sidecar-only environment"
     check = subprocess.run(
-        [py, "-c", "import sys, eigenwatch.monitor.cli, eigenwatch.monitor.server, eigenwatch.monitor.serve, "
-                   "eigenwatch.monitor.demo, eigenwatch.monitor.live_risk, eigenwatch.monitor.risk; "
+        [py, "-c", "import sys, eigenwatch.monitor.cli.main, eigenwatch.monitor.sidecar.server, "
+                   "eigenwatch.monitor.cli.serve, eigenwatch.monitor.cli.demo, eigenwatch.monitor.sidecar.risk, "
+                   "eigenwatch.monitor.eigentrack, eigenwatch.hooks.frames; "
+                   "eigenwatch.monitor.cli.main.build_parser(); "
                    "assert 'torch' not in sys.modules, 'torch imported'"],
         capture_output=True, text=True, cwd=cwd,
     )

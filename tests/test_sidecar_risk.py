@@ -14,6 +14,7 @@ import grpc
 import numpy as np
 import pytest
 
+import reference
 from conftest import SidecarClient, metric_value, scrape, wait_for
 from eigenwatch.kernels.descriptors import DESCRIPTOR_NAMES, describe
 from eigenwatch.v1 import monitor_pb2, monitor_pb2_grpc
@@ -50,7 +51,7 @@ class Pool:
 
 
 def model_x(descs: dict[int, np.ndarray]) -> np.ndarray:
-    """x_t written out independently of monitor/sequences.py: the model's layers ascending,
+    """x_t written out independently of monitor/eigentrack.py: the model's layers ascending,
     each layer's descriptors in the model's name order."""
     pick = [DESCRIPTOR_NAMES.index(n) for n in MODEL_NAMES]
     return np.concatenate([descs[l][pick] for l in MODEL_LAYERS])
@@ -59,9 +60,9 @@ def model_x(descs: dict[int, np.ndarray]) -> np.ndarray:
 def train_risk_model(path, seed: int = 0):
     """A tiny GRU trained with `eigenwatch train`'s code on synthetic sequences:
     label 0 = noise windows at every step, label 1 = spiked windows. Returns the loaded RiskModel."""
-    from eigenwatch.monitor.risk import RiskModel
-    from eigenwatch.monitor.sequences import Sequences
-    from eigenwatch.monitor.train import export_onnx, train_model
+    from eigenwatch.monitor.eigentrack import RiskModel
+    from eigenwatch.monitor.offline.sequences import Sequences
+    from eigenwatch.monitor.offline.train import export_onnx, train_model
 
     pool = Pool(seed=100 + seed)
     rng = np.random.default_rng(seed)
@@ -210,20 +211,6 @@ def test_live_risk_equals_offline_model_and_fills_metrics(sidecar_factory, risk_
     client.close()
 
 
-def _reference_alerts(risk, high, low, persist):
-    """Indices of the steps that should alert, by the rule: risk > high for `persist`
-    consecutive steps raises; nothing more until risk < low."""
-    out, streak, armed = [], 0, True
-    for i, r in enumerate(risk):
-        streak = streak + 1 if r > high else 0
-        if armed and streak >= persist:
-            out.append(i)
-            armed = False
-        elif not armed and r < low:
-            armed = True
-    return out
-
-
 def test_hysteresis_one_alert_per_excursion(sidecar_factory, risk_model):
     pool = Pool(seed=2)
     # Noise, a spiked run, then spiked/noise alternating (risk swings between the
@@ -242,7 +229,7 @@ def test_hysteresis_one_alert_per_excursion(sidecar_factory, risk_model):
     crossings = sum(1 for i in range(3, 10) if r[i] > high >= r[i - 1])
     assert crossings >= 3, f"risk should cross {high:.3f} several times in the first excursion: {np.round(r, 3)}"
     assert min(r[3:10]) > low, "the first excursion never falls below low"
-    expected = _reference_alerts(r, high, low, 1)
+    expected = reference.hysteresis_alerts(r, high, low, 1)
     assert len(expected) == 2 and expected[0] <= 3 and expected[1] > quiet, (expected, np.round(r, 3))
 
     sc = start(sidecar_factory, risk_model.path, "--risk-high", repr(high), "--risk-low", repr(low))
@@ -276,7 +263,7 @@ def test_hysteresis_one_alert_per_excursion(sidecar_factory, risk_model):
     ch.close()
 
     # --risk-persist 2: the same trajectory, the reference rule's alerts (isolated peaks do not count).
-    expected2 = _reference_alerts(r, high, low, 2)
+    expected2 = reference.hysteresis_alerts(r, high, low, 2)
     assert expected2 != expected
     sc2 = start(sidecar_factory, risk_model.path, "--risk-high", repr(high), "--risk-low", repr(low),
                 "--risk-persist", "2")
@@ -397,10 +384,10 @@ def test_model_failure_is_counted_and_ingest_goes_on(risk_model, tmp_path):
     import onnxruntime as ort
     from prometheus_client import CollectorRegistry, generate_latest
 
-    from eigenwatch.monitor.live_risk import LiveRisk, LiveRiskSetup, RiskThresholds
-    from eigenwatch.monitor.metrics import Metrics
-    from eigenwatch.monitor.risk import RiskModel
-    from eigenwatch.monitor.state import RequestState
+    from eigenwatch.monitor.sidecar.risk import LiveRisk, LiveRiskSetup, RiskThresholds
+    from eigenwatch.monitor.sidecar.metrics import Metrics
+    from eigenwatch.monitor.eigentrack import RiskModel
+    from eigenwatch.monitor.sidecar.state import RequestState
 
     model = RiskModel.load(risk_model.path)  # its own session, so swapping it leaves the fixture's alone
     metrics = Metrics(CollectorRegistry())

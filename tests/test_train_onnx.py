@@ -1,5 +1,5 @@
 """`eigenwatch train`, the single-step ONNX export and the torch-free runner
-(monitor/train.py, monitor/risk.py): real torch, real onnxruntime, no mocks.
+(monitor/offline/train.py, monitor/eigentrack.py): real torch, real onnxruntime, no mocks.
 
 - the ONNX step loop reproduces the torch GRU over whole sequences (awkward
   lengths, batches whose rows must stay independent);
@@ -22,10 +22,10 @@ import numpy as np
 import pytest
 
 from eigenwatch.kernels.descriptors import DESCRIPTOR_NAMES
-from eigenwatch.monitor.cli import main as cli_main
-from eigenwatch.monitor.risk import RiskModel, RiskModelError
-from eigenwatch.monitor.sequences import Sequences, sequence_line
-from eigenwatch.monitor.train import (
+from eigenwatch.monitor.cli.main import main as cli_main
+from eigenwatch.monitor.eigentrack import RiskModel, RiskModelError
+from eigenwatch.monitor.offline.sequences import Sequences, sequence_line
+from eigenwatch.monitor.offline.train import (
     FORMAT,
     TrainError,
     export_onnx,
@@ -345,7 +345,7 @@ def test_step_rejects_wrong_shapes(small):
 def test_runner_never_imports_torch(small):
     code = (
         "import sys, numpy as np\n"
-        "from eigenwatch.monitor.risk import RiskModel\n"
+        "from eigenwatch.monitor.eigentrack import RiskModel\n"
         f"m = RiskModel.load({str(small[3])!r})\n"
         "r, h = m.step(np.ones((2, m.feature_dim)), m.initial_state(2))\n"
         "s = m.sequence(np.ones((5, m.feature_dim)))\n"

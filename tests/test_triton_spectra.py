@@ -1,4 +1,5 @@
-"""Triton window-spectra kernels (kernels/triton_spectra.py) against float64 numpy.
+"""The Triton window-spectra ops (kernels/triton_gram_update.py,
+kernels/triton_eigvalsh.py) against float64 references (tests/reference.py).
 
 Triton picks its interpreter when a function is decorated, from TRITON_INTERPRET
 at that moment (its own tl.sort at `import triton`), and other test modules may
@@ -9,6 +10,9 @@ compiled, on CUDA (test_checks_compiled_on_cuda).
 
     TRITON_INTERPRET=1 python tests/test_triton_spectra.py [check ...]
     python tests/test_triton_spectra.py --compile 90    # lower for sm_90, no GPU needed
+
+As a script it also runs from a bare checkout without eigenwatch installed (the
+GPU machine): bench/_source.py imports the kernels from the tree.
 """
 
 from __future__ import annotations
@@ -32,26 +36,15 @@ EIG_TOL = 1e-5  # fp32 solver: |λ - λ_ref| ≤ EIG_TOL · λ_max
 E2E_TOL = 1e-4  # + fp32 Gram accumulation of raw rows
 GRAM_TOL = 1e-5  # fp32 dot products: max |ΔG| ≤ GRAM_TOL · max |G|
 
-# --------------------------------------------------------------------------- references (float64)
+sys.path.insert(0, str(ROOT / "bench"))
+import _source  # noqa: E402
 
+_source.ensure_kernels()
+sys.path.insert(0, str(HERE.parent))
+import reference  # noqa: E402
 
-def ref_gram(ring: np.ndarray) -> np.ndarray:
-    """ring: [S, W, k] -> [S, W, W] raw inner products."""
-    r = np.asarray(ring, dtype=np.float64)
-    return r @ r.transpose(0, 2, 1)
-
-
-def ref_centred_eigvalsh(gram: np.ndarray, valid: int, dim: int, w: int) -> np.ndarray:
-    """gram: [W, W] -> [W] descending eigenvalues of H G H / dim on the valid
-    block, clamped at 0, zero-padded after position valid."""
-    out = np.zeros(w)
-    v = min(max(int(valid), 0), w)
-    if v < 2:
-        return out
-    g = np.asarray(gram, dtype=np.float64)[:v, :v]
-    h = np.eye(v) - 1.0 / v
-    out[:v] = np.clip(np.linalg.eigvalsh(h @ g @ h / dim)[::-1], 0.0, None)
-    return out
+ref_gram = reference.raw_grams
+ref_centred_eigvalsh = reference.centred_block_eigvalsh
 
 
 def assert_close(name: str, got, want, atol: float, rtol: float = 0.0, show: int = 6) -> None:
@@ -79,9 +72,18 @@ def check(fn):
 
 
 def _ts():
-    from eigenwatch.kernels import triton_spectra
+    """Both ops and their launch configs under one name, as the checks use them."""
+    from types import SimpleNamespace
 
-    return triton_spectra
+    from eigenwatch.kernels import _triton, triton_eigvalsh, triton_gram_update
+
+    return SimpleNamespace(
+        gram_update=triton_gram_update.gram_update, centred_eigvalsh=triton_eigvalsh.centred_eigvalsh,
+        METHODS=triton_eigvalsh.METHODS, _update_config=triton_gram_update._config,
+        _eig_config=triton_eigvalsh._config, _gram_update_kernel=triton_gram_update._gram_update_kernel,
+        _centred_eigvalsh_kernel=triton_eigvalsh._centred_eigvalsh_kernel,
+        available=lambda: triton_gram_update.available() and triton_eigvalsh.available(),
+        _interpreted=lambda: _triton.interpreted(triton_eigvalsh._centred_eigvalsh_kernel))
 
 
 def _t(a, dtype=None):
@@ -285,8 +287,6 @@ def check_end_to_end_vs_window_eigenvalues():
     then compare with the project reference on the last W raw rows, in order."""
     import torch
 
-    from eigenwatch.kernels.spectra import window_eigenvalues
-
     ts = _ts()
     rng = np.random.default_rng(8)
     S, W, k = 3, 16, 33
@@ -303,7 +303,7 @@ def check_end_to_end_vs_window_eigenvalues():
     got = _np(ts.centred_eigvalsh(gram, _t(valid), k))
     for s in range(S):
         want = np.zeros(W)
-        want[: valid[s]] = window_eigenvalues(torch.as_tensor(raw[s][-W:])).numpy()
+        want[: valid[s]] = reference.window_eigenvalues(raw[s][-W:])
         assert_close(f"slot {s} ({totals[s]} rows)", got[s], want, atol=E2E_TOL * want.max())
 
 
@@ -480,7 +480,7 @@ def test_cpu_tensors_need_the_interpreter():
         pytest.skip("CUDA present: CPU tensors are never launched there either, but available() is True")
     code = (
         "import torch\n"
-        "from eigenwatch.kernels import triton_spectra as ts\n"
+        "from eigenwatch.kernels import triton_eigvalsh as ts\n"
         "assert not ts.available()\n"
         "try:\n"
         "    ts.centred_eigvalsh(torch.zeros(1, 4, 4), torch.full((1,), 4), 8)\n"
@@ -501,8 +501,8 @@ def test_interpreter_switched_after_import_is_refused():
     code = (
         "import os, torch, triton\n"
         "os.environ['TRITON_INTERPRET'] = '1'\n"
-        "from eigenwatch.kernels import triton_spectra as ts\n"
-        "assert ts._interpreted() and not ts.available()\n"
+        "from eigenwatch.kernels import _triton, triton_eigvalsh as ts\n"
+        "assert _triton.interpreted(ts._centred_eigvalsh_kernel) and not ts.available()\n"
         "try:\n"
         "    ts.centred_eigvalsh(torch.zeros(1, 4, 4), torch.full((1,), 4), 8)\n"
         "except RuntimeError as e:\n"

@@ -21,7 +21,7 @@ LAYERS = (1, 3, 4)  # default for a 6-layer encoder
 def stack(tmp_path_factory):
     from vllm import LLM
 
-    from eigenwatch.monitor.procs import SidecarProcess
+    from eigenwatch.monitor.cli.processes import SidecarProcess
 
     port = free_port()
     sc = SidecarProcess(["--listen", f"127.0.0.1:{port}", "--metrics-port", "0",

@@ -33,7 +33,7 @@ def sidecar_port():
 
 @pytest.fixture(scope="module")
 def sidecar(sidecar_port, calibration):
-    from eigenwatch.monitor.procs import SidecarProcess
+    from eigenwatch.monitor.cli.processes import SidecarProcess
 
     holder = {}
 

@@ -1,28 +1,38 @@
-"""WindowTap: per-request sliding windows -> FrameSeeds -> Frames.
+"""WindowTap (hooks/windows.py), the one windowing path of both taps:
+per-request sliding windows -> FrameSeeds -> Frames, against float64
+reference windows (tests/reference.py).
 
-The key property: frames depend only on the token rows of a request, not on
-how the engine chunked them (prefill chunks, decode steps, batching).
+The key property: a request's frames depend only on its token rows, not on
+how the engine chunked or batched them (prefill chunks, decode steps, other
+requests in the same step), up to fp32 rounding of the window Gram.
 """
 
 from __future__ import annotations
+
+import random
 
 import numpy as np
 import pytest
 import torch
 
-from eigenwatch.hooks.windows import Frame, FrameSeed, WindowTap, external_request_id, finalize
+from eigenwatch.hooks._vllm_worker import external_request_id
+from eigenwatch.hooks.frames import Frame
+from eigenwatch.hooks.windows import FrameSeed, WindowTap, to_frames
 from eigenwatch.kernels.descriptors import DESCRIPTOR_NAMES, describe
-from eigenwatch.kernels.spectra import window_eigenvalues, window_spectrum
+
+import reference
+
+EIG_RTOL = 1e-4  # fp32 Gram of rows relative to the first row, float64 eigensolve
 
 
-def make_tap(window=8, stride=3, max_requests=16):
+def make_tap(window=8, stride=3, max_requests=16, proj_dim=None):
     seeds: list[FrameSeed] = []
-    return WindowTap(window, stride, max_requests, seeds.append), seeds
+    return WindowTap(window, stride, max_requests, seeds.append, proj_dim=proj_dim), seeds
 
 
 def rows_for(seed: int, n: int, d: int, dtype=torch.float32) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, d, generator=g).to(dtype)
+    return (torch.randn(n, d, generator=g) * 2 + 3).to(dtype)  # off-centre, as hidden states are
 
 
 def chunk_sizes(total: int, mode: str, rng: np.random.Generator) -> list[int]:
@@ -44,25 +54,38 @@ def chunk_sizes(total: int, mode: str, rng: np.random.Generator) -> list[int]:
 def feed(tap: WindowTap, req: str, layer: int, rows: torch.Tensor, sizes: list[int], step0: int = 0) -> None:
     pos = 0
     for i, n in enumerate(sizes):
-        tap.add_rows(req, layer, rows[pos : pos + n], step=step0 + i)
+        tap.add_layer(layer, rows[pos : pos + n], [(req, 0, n)], step=step0 + i)
         pos += n
     assert pos == rows.shape[0]
 
 
-def key(seed: FrameSeed):
+def key(f):
     """Everything a frame depends on except the engine step (chunking-specific)."""
-    return (seed.request_id, seed.engine_request_id, seed.layer, seed.token_count, seed.skipped_tokens, seed.final)
+    return (f.request_id, f.engine_request_id, f.layer, f.token_count, f.skipped_tokens, f.final)
 
 
-def assert_same_seeds(a: list[FrameSeed], b: list[FrameSeed], label: str) -> None:
-    assert [key(s) for s in a] == [key(s) for s in b], label
-    for sa, sb in zip(a, b):
-        assert sa.rows.dtype == sb.rows.dtype == torch.float32
-        assert torch.equal(sa.rows, sb.rows), f"{label}: rows differ at token_count={sa.token_count}"
+def frames_of(seeds, model="m") -> list[Frame]:
+    frames, failed = to_frames(seeds, model)
+    assert not failed, failed
+    return frames
 
 
 def expected_counts(total: int, w: int, s: int) -> list[int]:
     return [t for t in range(s, total + 1, s) if min(w, t) >= 2]
+
+
+def assert_frame_matches_rows(fr: Frame, src: torch.Tensor, label: str) -> None:
+    """One frame against the float64 reference window of the rows it should hold."""
+    want_eigs, want_rows = reference.window_spectrum(src.double().numpy())
+    assert (fr.window, fr.dim) == tuple(src.shape), label
+    assert fr.eigenvalues.dtype == np.float32 and fr.eigenvalues.shape == (src.shape[0],)
+    tol = EIG_RTOL * max(want_eigs[0], 1e-30)
+    bad = np.abs(fr.eigenvalues - want_eigs) > tol
+    assert not bad.any(), f"{label}: eigenvalues {np.argwhere(bad)[:4].ravel()} got {fr.eigenvalues[bad][:4]} " \
+                          f"want {want_eigs[bad][:4]}"
+    want_desc = describe(want_eigs, *src.shape, row_sq_norms=want_rows)
+    np.testing.assert_allclose(fr.descriptors, want_desc, rtol=2e-3, atol=1e-4 * max(1.0, abs(want_desc[0])),
+                               err_msg=label)
 
 
 # --------------------------------------------------------------------------- chunking invariance
@@ -79,14 +102,65 @@ def test_frames_do_not_depend_on_chunking(w, s, total):
         assert tap.begin("r-0123abcd", skipped_tokens=2, external_id="r")
         feed(tap, "r-0123abcd", 5, rows, chunk_sizes(total, mode, rng))
         tap.finish("r-0123abcd", step=99)
-        runs[mode] = seeds
+        runs[mode] = frames_of(seeds)
     ref = runs["all"]
-    assert [s_.token_count for s_ in ref if not s_.final] == expected_counts(total, w, s)
-    for mode, seeds in runs.items():
-        assert_same_seeds(seeds, ref, f"W={w} s={s} T={total} chunking={mode}")
+    assert [f.token_count for f in ref if not f.final] == expected_counts(total, w, s)
+    for mode, frames in runs.items():
+        assert [key(f) for f in frames] == [key(f) for f in ref], mode
+        for f in frames:
+            src = rows[max(0, f.token_count - w) : f.token_count]
+            assert_frame_matches_rows(f, src, f"W={w} s={s} T={total} {mode} t={f.token_count}")
 
 
-def test_chunking_invariance_with_interleaved_requests_layers_and_dtypes():
+@pytest.mark.parametrize("w, s, proj", [(8, 4, None), (16, 5, None), (5, 3, None), (32, 16, None), (16, 4, 12)])
+def test_frames_under_continuous_batching_match_reference_windows(w, s, proj):
+    """Seven requests through four slots (slots are reused), each step a mix of
+    decode rows and prefill chunks of several requests in one stream, as vLLM's
+    flattened batch: every frame equals the float64 reference of its window."""
+    rng = random.Random(w * 31 + s)
+    d = 24
+    lengths = {f"r{i}": rng.randint(1, 90) for i in range(7)}
+    streams = {rid: rows_for(i, n, d) for i, (rid, n) in enumerate(lengths.items())}
+    tap, seeds = make_tap(w, s, max_requests=4, proj_dim=proj)
+    pending = list(streams)
+    active: dict[str, int] = {}
+    step = 0
+    while pending or active:
+        while pending and len(active) < 4:
+            rid = pending.pop()
+            assert tap.begin(rid)
+            active[rid] = 0
+        parts, items, n = [], [], 0
+        for rid, pos in list(active.items()):
+            k = 1 if rng.random() < 0.7 else rng.randint(2, 40)
+            chunk = streams[rid][pos : pos + k]
+            parts.append(chunk)
+            items.append((rid, n, n + len(chunk)))
+            n += len(chunk)
+            active[rid] = pos + len(chunk)
+        step += 1
+        tap.add_layer(0, torch.cat(parts), items, step)
+        for rid, pos in list(active.items()):
+            if pos >= len(streams[rid]):
+                tap.finish(rid, step)
+                del active[rid]
+    frames = frames_of(seeds)
+    want = {(rid, t, False) for rid, n in lengths.items() for t in expected_counts(n, w, s)}
+    want |= {(rid, n, True) for rid, n in lengths.items() if n >= 2}
+    assert {(f.request_id, f.token_count, f.final) for f in frames} == want
+    bank = tap.banks[0]
+    for f in frames:
+        src = streams[f.request_id][max(0, f.token_count - w) : f.token_count]
+        if proj is None:
+            assert_frame_matches_rows(f, src, f"{f.request_id} t={f.token_count}")
+        else:  # the same windows seen through the layer's fixed projection; γ uses k
+            assert f.dim == proj
+            x = (src.double() - src[:1].double()) @ bank.proj.double()
+            want_eigs = reference.window_eigenvalues(x.numpy()) * proj / d  # Gram / d, not / k
+            np.testing.assert_allclose(f.eigenvalues, want_eigs, rtol=0, atol=EIG_RTOL * want_eigs[0])
+
+
+def test_interleaved_requests_layers_and_bf16_rows():
     w, s, total = 6, 4, 30
     rows = {(r, layer): rows_for(ord(r) * 10 + layer, total, 5, torch.bfloat16) for r in "ab" for layer in (0, 3)}
     rng = np.random.default_rng(0)
@@ -99,62 +173,50 @@ def test_chunking_invariance_with_interleaved_requests_layers_and_dtypes():
         pos = dict.fromkeys(rows, 0)
         step = 0
         while any(pos[k] < total for k in rows):
-            for k in sorted(rows):  # one engine step: every request/layer gets its next chunk
-                if plans[k]:
-                    n = plans[k].pop(0)
-                    tap.add_rows(k[0], k[1], rows[k][pos[k] : pos[k] + n], step)
-                    pos[k] += n
+            for layer in (0, 3):  # one engine step: every request's next chunk in one stream per layer
+                parts, items, n = [], [], 0
+                for r in "ab":
+                    if plans[(r, layer)]:
+                        m = plans[(r, layer)].pop(0)
+                        parts.append(rows[(r, layer)][pos[(r, layer)] : pos[(r, layer)] + m])
+                        items.append((r, n, n + m))
+                        n += m
+                        pos[(r, layer)] += m
+                if parts:
+                    tap.add_layer(layer, torch.cat(parts), items, step)
             step += 1
         for r in "ab":
             tap.finish(r, step)
-        return sorted(seeds, key=lambda x: (x.request_id, x.layer, x.token_count, x.final))
+        return sorted(frames_of(seeds), key=key)
 
     once, chunked = run(False), run(True)
-    assert_same_seeds(chunked, once, "interleaved")
-    for sd in once:  # bf16 rows are carried exactly as float32
-        src = rows[(sd.request_id, sd.layer)].float()
-        assert torch.equal(sd.rows, src[max(0, sd.token_count - w) : sd.token_count])
+    assert [key(f) for f in chunked] == [key(f) for f in once]
+    for f in chunked:  # bf16 rows are carried exactly as float32
+        src = rows[(f.request_id, f.layer)].float()[max(0, f.token_count - w) : f.token_count]
+        assert_frame_matches_rows(f, src, f"{f.request_id} layer {f.layer} t={f.token_count}")
 
 
 # --------------------------------------------------------------------------- boundaries
-
-
-@pytest.mark.parametrize("w,s", [(8, 3), (4, 4), (3, 10), (16, 1)])
-def test_boundaries_and_window_contents(w, s):
-    total = 37
-    rows = rows_for(1, total, 9, torch.float64)
-    tap, seeds = make_tap(w, s)
-    tap.begin("q")
-    feed(tap, "q", 0, rows, chunk_sizes(total, "random", np.random.default_rng(5)))
-    live = [sd for sd in seeds if not sd.final]
-    assert [sd.token_count for sd in live] == expected_counts(total, w, s)
-    for sd in live:
-        t = sd.token_count
-        assert sd.rows.shape == (min(w, t), 9)
-        assert sd.rows.dtype == torch.float32
-        assert torch.equal(sd.rows, rows[t - min(w, t) : t].float())
-        assert not sd.final
-    assert not any(sd.final for sd in seeds)  # nothing final before finish
 
 
 def test_first_boundary_with_one_row_emits_nothing():
     tap, seeds = make_tap(window=4, stride=1)
     tap.begin("x")
     rows = rows_for(2, 3, 5)
-    tap.add_rows("x", 0, rows[:1], step=0)
+    tap.add_layer(0, rows[:1], [("x", 0, 1)], step=0)
     assert seeds == []  # t=1: a single row has no spectrum
-    tap.add_rows("x", 0, rows[1:], step=1)
+    tap.add_layer(0, rows[1:], [("x", 0, 2)], step=1)
     assert [sd.token_count for sd in seeds] == [2, 3]
-    assert torch.equal(seeds[0].rows, rows[:2])
+    assert_frame_matches_rows(frames_of(seeds[:1])[0], rows[:2], "t=2")
 
 
 def test_steps_are_those_of_the_crossing_call():
     tap, seeds = make_tap(window=4, stride=2)
     tap.begin("x")
     rows = rows_for(3, 6, 3)
-    tap.add_rows("x", 0, rows[:3], step=10)  # crosses t=2
-    tap.add_rows("x", 0, rows[3:4], step=11)  # crosses t=4
-    tap.add_rows("x", 0, rows[4:5], step=12)  # no boundary
+    tap.add_layer(0, rows[:3], [("x", 0, 3)], step=10)  # crosses t=2
+    tap.add_layer(0, rows[3:4], [("x", 0, 1)], step=11)  # crosses t=4
+    tap.add_layer(0, rows[4:5], [("x", 0, 1)], step=12)  # no boundary
     tap.finish("x", step=13)
     assert [(sd.token_count, sd.step, sd.final) for sd in seeds] == [(2, 10, False), (4, 11, False), (5, 13, True)]
 
@@ -170,12 +232,12 @@ def test_finish_emits_one_final_frame_per_layer(total):
     seeds.clear()
     tap.finish("f", step=42)
     assert [sd.layer for sd in seeds] == [2, 7, 11]  # one per layer, in layer order
-    for sd in seeds:
-        assert sd.final and sd.step == 42 and sd.token_count == total
-        assert sd.request_id == "ext" and sd.engine_request_id == "f" and sd.skipped_tokens == 3
-        assert torch.equal(sd.rows, data[sd.layer][-min(w, total):])
+    for f in frames_of(seeds):
+        assert f.final and f.step == 42 and f.token_count == total
+        assert f.request_id == "ext" and f.engine_request_id == "f" and f.skipped_tokens == 3
+        assert_frame_matches_rows(f, data[f.layer][-min(w, total):], f"final layer {f.layer}")
     assert not tap.tracked("f")
-    tap.add_rows("f", 2, data[2], step=43)  # forgotten: ignored
+    tap.add_layer(2, data[2], [("f", 0, total)], step=43)  # forgotten: ignored
     tap.finish("f", step=44)
     assert len(seeds) == 3
 
@@ -183,8 +245,7 @@ def test_finish_emits_one_final_frame_per_layer(total):
 def test_finish_with_one_row_or_no_rows_emits_nothing():
     tap, seeds = make_tap(window=4, stride=5)
     tap.begin("one")
-    tap.add_rows("one", 0, rows_for(0, 1, 3), step=0)
-    tap.add_rows("one", 1, torch.zeros(0, 3), step=0)  # empty chunk: no track
+    tap.add_layer(0, rows_for(0, 1, 3), [("one", 0, 1)], step=0)
     tap.finish("one", step=1)
     assert seeds == []
     assert not tap.tracked("one")
@@ -196,30 +257,59 @@ def test_finish_unknown_is_noop_and_drop_forgets_silently():
     tap.drop("nobody")
     assert seeds == []
     tap.begin("d")
-    tap.add_rows("d", 0, rows_for(0, 10, 3), step=0)
+    tap.add_layer(0, rows_for(0, 10, 3), [("d", 0, 10)], step=0)
     tap.drop("d")
     assert not tap.tracked("d")
     tap.finish("d", step=1)
     assert seeds == []
     assert tap.begin("e")  # the dropped request's slot is free again
+    rows = rows_for(1, 5, 3)
+    tap.add_layer(0, rows, [("e", 0, 5)], step=2)
+    tap.finish("e", step=3)  # nothing of d's rows leaks into e's window
+    assert_frame_matches_rows(frames_of(seeds)[0], rows[-4:], "reused slot")
 
 
-def test_seed_rows_are_private_copies():
+def test_seeds_are_private_copies():
     # hosts reuse their activation buffers: later writes must not leak into seeds
     tap, seeds = make_tap(window=4, stride=2)
     tap.begin("p")
     buf = rows_for(9, 3, 5)
     orig = buf.clone()
-    tap.add_rows("p", 0, buf, step=0)  # emits t=2
+    tap.add_layer(0, buf, [("p", 0, 3)], step=0)  # emits t=2
     buf.fill_(1e6)  # engine overwrites its buffer
     nxt = rows_for(10, 1, 5)
-    tap.add_rows("p", 0, nxt, step=1)  # emits t=4 from the tap's own copy of rows 1..2
+    tap.add_layer(0, nxt, [("p", 0, 1)], step=1)  # emits t=4 from the tap's own copy of rows 1..2
     tap.finish("p", step=2)
-    assert torch.equal(seeds[0].rows, orig[:2])
-    assert torch.equal(seeds[1].rows, torch.cat([orig, nxt]))
-    assert torch.equal(seeds[2].rows, torch.cat([orig, nxt]))
-    seeds[1].rows.zero_()  # mutating a seed does not affect another
-    assert torch.equal(seeds[2].rows, torch.cat([orig, nxt]))
+    frames = frames_of(seeds)
+    assert_frame_matches_rows(frames[0], orig[:2], "t=2")
+    assert_frame_matches_rows(frames[1], torch.cat([orig, nxt]), "t=4")
+    assert_frame_matches_rows(frames[2], torch.cat([orig, nxt]), "final")
+
+
+def test_nan_rows_make_only_their_frames_fail():
+    tap, seeds = make_tap(window=4, stride=2, max_requests=2)
+    tap.begin("ok")
+    tap.begin("bad")
+    rows = rows_for(4, 8, 6)
+    rows[6, 2] = float("nan")  # bad's third row
+    tap.add_layer(0, rows, [("ok", 0, 4), ("bad", 4, 8)], step=1)
+    frames, failed = to_frames(seeds, "m")
+    assert [(f.request_id, f.token_count) for f in frames] == [("ok", 2), ("ok", 4), ("bad", 2)]
+    assert [(sd.request_id, sd.token_count, why) for sd, why in failed] == [
+        ("bad", 4, "window: contains NaN or Inf activations")]  # dropped (and counted) by the exporter
+    # The NaN row stays in the released slot's ring: the next request in that
+    # slot must not see it, by prefill or by decode rows.
+    tap.drop("bad")
+    seeds.clear()
+    tap.begin("next")
+    fresh = rows_for(5, 6, 6)
+    tap.add_layer(0, fresh[:1], [("next", 0, 1)], step=2)
+    tap.add_layer(0, fresh[1:2], [("next", 0, 1)], step=3)
+    tap.add_layer(0, fresh[2:], [("next", 0, 4)], step=4)
+    frames, failed = to_frames(seeds, "m")
+    assert not failed and [f.token_count for f in frames] == [2, 4, 6]
+    for f in frames:
+        assert_frame_matches_rows(f, fresh[max(0, f.token_count - 4) : f.token_count], f"t={f.token_count}")
 
 
 # --------------------------------------------------------------------------- admission
@@ -234,21 +324,15 @@ def test_max_requests_bound_and_untracked_count():
     assert not tap.begin("c")
     assert tap.untracked == 2
     assert not tap.tracked("c")
-    tap.add_rows("c", 0, rows_for(0, 10, 3), step=0)
+    tap.add_layer(0, rows_for(0, 10, 3), [("c", 0, 10)], step=0)
     assert seeds == [] and tap.rows_seen == 0
-    tap.add_rows("a", 0, rows_for(0, 4, 3), step=0)
+    tap.add_layer(0, rows_for(0, 4, 3), [("a", 0, 4)], step=0)
     assert tap.rows_seen == 4 and [sd.request_id for sd in seeds] == ["a", "a"]
     tap.finish("c", step=1)  # never tracked: no-op
     assert len(seeds) == 2
     tap.finish("a", step=1)
     assert tap.begin("c")  # a slot freed up
     assert tap.untracked == 2
-
-
-def test_zero_max_requests_tracks_nothing():
-    tap, _ = make_tap(max_requests=0)
-    assert not tap.begin("a")
-    assert tap.untracked == 1
 
 
 # --------------------------------------------------------------------------- ids
@@ -272,62 +356,35 @@ def test_external_request_id(engine, external):
     assert external_request_id(engine) == external
 
 
-def test_ids_and_skipped_tokens_are_carried_into_seeds():
+def test_ids_and_skipped_tokens_are_carried_into_frames():
     tap, seeds = make_tap(window=4, stride=2)
     tap.begin("0-bf79eb1f", skipped_tokens=17, external_id=external_request_id("0-bf79eb1f"))
     tap.begin("solo")  # external id defaults to the engine id
     for r in ("0-bf79eb1f", "solo"):
-        tap.add_rows(r, 1, rows_for(0, 3, 4), step=0)
+        tap.add_layer(1, rows_for(0, 3, 4), [(r, 0, 3)], step=0)
         tap.finish(r, step=1)
-    got = [(sd.request_id, sd.engine_request_id, sd.skipped_tokens, sd.final) for sd in seeds]
-    assert got == [("0", "0-bf79eb1f", 17, False), ("0", "0-bf79eb1f", 17, True),
-                   ("solo", "solo", 0, False), ("solo", "solo", 0, True)]
+    got = [(f.request_id, f.engine_request_id, f.skipped_tokens, f.final, f.model) for f in frames_of(seeds, "mdl")]
+    assert got == [("0", "0-bf79eb1f", 17, False, "mdl"), ("0", "0-bf79eb1f", 17, True, "mdl"),
+                   ("solo", "solo", 0, False, "mdl"), ("solo", "solo", 0, True, "mdl")]
 
 
-# --------------------------------------------------------------------------- finalize
-
-
-def test_finalize_matches_kernels_for_every_layer():
-    w, s, total = 8, 5, 23
-    tap, seeds = make_tap(w, s)
-    tap.begin("m-0000beef", skipped_tokens=1, external_id="m")
-    data = {0: rows_for(100, total, 16), 5: rows_for(105, total, 16) * 10 + 3, 9: rows_for(109, total, 3)}
-    rng = np.random.default_rng(1)
-    for layer, rows in data.items():
-        feed(tap, "m-0000beef", layer, rows, chunk_sizes(total, "random", rng))
-    tap.finish("m-0000beef", step=7)
-    assert len(seeds) == 3 * (len(expected_counts(total, w, s)) + 1)
-    for sd in seeds:
-        fr = finalize(sd, "tiny-model")
-        assert isinstance(fr, Frame)
-        src = data[sd.layer][sd.token_count - min(w, sd.token_count) : sd.token_count]
-        assert torch.equal(sd.rows, src)  # each layer's window comes from its own rows
-        want_eigs = window_eigenvalues(src).numpy()
-        want_desc = describe(want_eigs, *src.shape, row_sq_norms=window_spectrum(src)[1].numpy())
-        assert (fr.request_id, fr.engine_request_id, fr.model) == ("m", "m-0000beef", "tiny-model")
-        assert (fr.layer, fr.step, fr.token_count, fr.skipped_tokens, fr.final) == (
-            sd.layer, sd.step, sd.token_count, sd.skipped_tokens, sd.final)
-        assert (fr.window, fr.dim) == tuple(src.shape)
-        assert fr.eigenvalues.dtype == np.float32 and fr.eigenvalues.shape == (src.shape[0],)
-        np.testing.assert_allclose(fr.eigenvalues, want_eigs.astype(np.float32), rtol=1e-6, atol=1e-6 * want_eigs[0])
-        assert fr.descriptors.shape == (len(DESCRIPTOR_NAMES),)
-        np.testing.assert_allclose(fr.descriptors, want_desc, rtol=1e-9, atol=1e-12)
-        for name in ("lambda1", "spikes", "window", "gamma"):
-            assert fr.descriptor(name) == pytest.approx(want_desc[DESCRIPTOR_NAMES.index(name)])
-        assert fr.descriptor("window") == src.shape[0]
-
-
-def test_finalize_rejects_bad_windows():
-    bad = FrameSeed("r", "r", 0, 0, 2, 0, torch.tensor([[1.0, float("nan")], [0.0, 1.0]]), False)
-    with pytest.raises(ValueError, match="NaN or Inf"):
-        finalize(bad, "m")
+def test_frame_descriptor_lookup_by_name():
+    tap, seeds = make_tap(window=8, stride=8)
+    tap.begin("q")
+    rows = rows_for(5, 8, 16)
+    tap.add_layer(0, rows, [("q", 0, 8)], step=0)
+    fr = frames_of(seeds)[0]
+    for name in ("lambda1", "spikes", "window", "gamma"):
+        assert fr.descriptor(name) == fr.descriptors[DESCRIPTOR_NAMES.index(name)]
+    assert fr.descriptor("window") == 8 and fr.descriptor("gamma") == pytest.approx(7 / 16)
 
 
 # --------------------------------------------------------------------------- constructor
 
 
-@pytest.mark.parametrize("window,stride,match", [(1, 1, "window"), (0, 4, "window"), (-3, 4, "window"),
-                                                 (4, 0, "stride"), (4, -1, "stride")])
-def test_constructor_rejects_bad_arguments(window, stride, match):
+@pytest.mark.parametrize("window,stride,max_requests,match", [
+    (1, 1, 4, "window"), (0, 4, 4, "window"), (-3, 4, 4, "window"), (4, 0, 4, "stride"), (4, -1, 4, "stride"),
+    (4, 4, 0, "max_requests")])
+def test_constructor_rejects_bad_arguments(window, stride, max_requests, match):
     with pytest.raises(ValueError, match=match):
-        WindowTap(window, stride, 4, lambda seed: None)
+        WindowTap(window, stride, max_requests, lambda seed: None)

@@ -1,0 +1,77 @@
+"""The frame: one window's spectrum and descriptors, as taps send it and as the
+sidecar and the offline tools read it, and its protobuf form (eigenwatch.v1).
+
+numpy + protobuf only: the sidecar imports this module without torch.
+Defaults both ends of the wire share live here too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from eigenwatch.kernels.descriptors import DESCRIPTOR_NAMES, INDEX
+from eigenwatch.v1 import monitor_pb2
+
+# Where the sidecar listens unless told otherwise (taps send there by default).
+DEFAULT_SIDECAR = "127.0.0.1:50151"
+# gRPC message size limit on both ends: a FrameBatch of one engine step at 512
+# requests × 3 layers × ~400 bytes is ~600 KB; 16 MiB leaves room for W = 1024.
+MAX_MESSAGE_BYTES = 16 << 20
+
+
+@dataclass(slots=True)
+class Frame:
+    request_id: str  # the id the client knows
+    engine_request_id: str  # vLLM's internal id (unique per engine)
+    model: str
+    layer: int
+    step: int  # tap-local engine step of the window's last row
+    token_count: int  # rows of this request seen at this layer so far
+    skipped_tokens: int  # prompt rows served from the prefix cache (never seen)
+    window: int  # rows W in the window
+    dim: int  # MP n: the row width d, or the projected k
+    eigenvalues: np.ndarray  # [W] float32, descending
+    descriptors: np.ndarray  # [D] float64, in `names` order
+    final: bool  # the request's last frame
+    names: tuple[str, ...] = DESCRIPTOR_NAMES  # what `descriptors` holds, in order
+
+    def descriptor(self, name: str) -> float:
+        i = INDEX[name] if self.names is DESCRIPTOR_NAMES else self.names.index(name)
+        return float(self.descriptors[i])
+
+
+def to_proto(frame: Frame) -> monitor_pb2.Frame:
+    return monitor_pb2.Frame(
+        request_id=frame.request_id,
+        engine_request_id=frame.engine_request_id,
+        model=frame.model,
+        layer=frame.layer,
+        step=frame.step,
+        token_count=frame.token_count,
+        skipped_tokens=frame.skipped_tokens,
+        window=frame.window,
+        dim=frame.dim,
+        eigenvalues=frame.eigenvalues.tolist(),
+        descriptors=frame.descriptors.tolist(),
+        final=frame.final,
+    )
+
+
+def from_proto(f: monitor_pb2.Frame, names: tuple[str, ...]) -> Frame:
+    """A wire frame as a Frame; `names` are its batch's descriptor_names (not checked here:
+    the sidecar validates frames first, see monitor/sidecar/server.py)."""
+    return Frame(
+        request_id=f.request_id, engine_request_id=f.engine_request_id, model=f.model, layer=f.layer,
+        step=f.step, token_count=f.token_count, skipped_tokens=f.skipped_tokens, window=f.window, dim=f.dim,
+        eigenvalues=np.asarray(f.eigenvalues, dtype=np.float32),
+        descriptors=np.asarray(f.descriptors, dtype=np.float64), final=f.final,
+        names=DESCRIPTOR_NAMES if tuple(names) == DESCRIPTOR_NAMES else tuple(names),
+    )
+
+
+def batch(frames: list[Frame], stats: monitor_pb2.TapStats | None = None) -> monitor_pb2.FrameBatch:
+    """One FrameBatch message (this version's descriptor names) for a step's frames."""
+    return monitor_pb2.FrameBatch(descriptor_names=DESCRIPTOR_NAMES, frames=[to_proto(f) for f in frames],
+                                  stats=stats)

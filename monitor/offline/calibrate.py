@@ -1,0 +1,273 @@
+"""`eigenwatch calibrate`: fit every detector on reference texts and write
+CALIB.json (monitor/calibration.py), everything `score` and the sidecar need.
+
+Calibration splits the (shuffled with a fixed seed) reference texts: the
+detectors are fitted on the first part and their scores on the rest are the
+conformal calibration scores (split conformal: in-sample scores of a
+Mahalanobis fit are far too small when n is not ≫ d). Corrupted copies of the
+texts (monitor/offline/texts.py) train the EigenTrack GRU and weight the
+combined score's voters. The file's "models" section is the live sidecar's
+spike calibration over all reference windows, and its "tap" section the tap
+settings it was made with.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from eigenwatch.kernels.descriptors import DESCRIPTOR_NAMES
+from eigenwatch.monitor import calibration as calib
+from eigenwatch.monitor.combined import Combined, combined_voters, corruption_weights
+from eigenwatch.monitor.eigentrack import EigenTrack, RiskModelError
+from eigenwatch.monitor.llmcheck import RIDGE, LLMCheckHidden, middle_layer
+from eigenwatch.monitor.mahalanobis import (DescriptorMahalanobis, HiddenMahalanobis, TokenMahalanobis,
+                                            TokenMoments)
+from eigenwatch.monitor.spectral_spike import SpectralSpike
+
+from . import OfflineError, log
+from .engines import Tap, fingerprint, model_info, open_engine
+from .features import add_tap_args, extract, parse_layers
+from .texts import InputStats, corrupt_all, read_jsonl
+
+# Detectors fitted on the fit texts' features alone.
+FITTED = {c.name: c for c in (SpectralSpike, DescriptorMahalanobis, HiddenMahalanobis, LLMCheckHidden)}
+# Every detector a calibration file may hold (EigenTrack is trained, TokenMahalanobis fitted from
+# token sums during extraction: neither from the per-text features alone).
+ALL_DETECTORS = dict(FITTED, **{EigenTrack.name: EigenTrack, TokenMahalanobis.name: TokenMahalanobis})
+# Fewer corrupted calibration texts than this and the voters' AUROCs are too
+# noisy to weight by (null s.d. of an AUROC ≈ 0.09 at 20 vs 20): equal weights.
+MIN_TEXTS_FOR_WEIGHTS = 20
+OFFLINE_VERSION = 1
+
+
+def parse_far(text: str) -> list[float]:
+    try:
+        fars = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise OfflineError(f"--far: expected comma-separated rates in (0, 1), got {text!r}") from None
+    if not fars or not all(0 < f < 1 for f in fars):
+        raise OfflineError(f"--far: expected comma-separated rates in (0, 1), got {text!r}")
+    return fars
+
+
+def tap_settings(args) -> Tap:
+    return Tap(parse_layers(args.layers), args.window, args.stride, args.proj_dim)
+
+
+def calibrate(args) -> int:
+    tap = tap_settings(args)
+    fars = parse_far(args.far)
+    tap.check()
+    if not 0 < args.calib_fraction < 1:
+        raise OfflineError("--calib-fraction: expected a number in (0, 1)")
+    for flag, v in (("--gru-hidden", args.gru_hidden), ("--gru-epochs", args.gru_epochs)):
+        if v < 1:
+            raise OfflineError(f"{flag}: expected an integer >= 1, got {v}")
+    stats = InputStats()
+    items = read_jsonl(args.texts, stats)
+
+    def too_few(fit: int, cal: int):
+        return OfflineError(f"--texts: calibration needs at least 4 usable texts (2 to fit, 2 to calibrate), "
+                            f"got {fit + cal} ({fit} + {cal}); see the warnings above for skipped ones")
+
+    if len(items) < 4:
+        raise too_few(max(len(items) - 2, 0), min(len(items), 2))
+    info = model_info(args.model)
+    engine = open_engine(args.engine, info, tap)
+    try:
+        tapped = tuple(engine.layers)
+        # Split before extracting: the token-level Gaussian is fitted from the fit
+        # texts' token sums as they stream past, and only then can the calibration
+        # texts be given their token-level distances.
+        order = np.random.default_rng(args.seed).permutation(len(items))
+        n_cal = min(len(items) - 2, max(2, int(round(len(items) * args.calib_fraction))))
+        acc = TokenMoments()
+        fit_ids, fit_feats = extract(engine, info, [items[i] for i in order[n_cal:]], args.max_length, stats,
+                                     "calibrate: fit", acc)
+        if len(fit_feats) < 2:
+            raise too_few(len(fit_feats), 0)
+        token_det = TokenMahalanobis.from_moments(acc)
+        cal_items = [items[i] for i in order[:n_cal]]
+        _, cal_feats = extract(engine, info, cal_items, args.max_length, stats, "calibrate: calibration",
+                               token_det)
+        n, n_cal = len(fit_feats) + len(cal_feats), len(cal_feats)
+        if n_cal < 2:
+            raise too_few(len(fit_feats), n_cal)
+        feats = fit_feats + cal_feats
+
+        # Corrupted copies, extracted in one pass: of each fit text, the GRU's
+        # positives (--risk-model auto), and of each calibration text, with another
+        # seed, for the combined score's weights. The calibration texts themselves
+        # stay untouched for the p-values.
+        corrupted_items = []
+        if args.risk_model == "auto":
+            text_of = dict(items)
+            corrupted_fit = corrupt_all([text_of[r] for r in fit_ids], args.seed)
+            corrupted_items += [(f"{r}~corrupted", t) for r, t in zip(fit_ids, corrupted_fit)]
+        corrupted_cal = corrupt_all([t for _, t in cal_items], args.seed + 1)
+        corrupted_items += [(f"{r}~corrupted-cal", t) for (r, _), t in zip(cal_items, corrupted_cal)]
+        c_ids, c_feats = extract(engine, info, corrupted_items, args.max_length, InputStats(),
+                                 "calibrate: corrupted", token_det)
+    finally:
+        engine.close()
+    c_fit = [f for r, f in zip(c_ids, c_feats) if r.endswith("~corrupted")]
+    c_cal = [f for r, f in zip(c_ids, c_feats) if r.endswith("~corrupted-cal")]
+
+    detectors = {name: cls().fit(fit_feats) for name, cls in FITTED.items()}
+    detectors[token_det.name] = token_det
+    eigentrack, risk_info = risk_model(args, info.key, tapped, fit_feats, c_fit)
+    if eigentrack is not None:
+        detectors[eigentrack.name] = eigentrack
+    cal_scores = {name: d.score(cal_feats) for name, d in detectors.items()}
+    voters = combined_voters(cal_scores)
+    weights, corruption_auroc = None, {}
+    if len(c_cal) >= 2:
+        weights, corruption_auroc = corruption_weights({k: cal_scores[k] for k in voters},
+                                                       {k: detectors[k].score(c_cal) for k in voters})
+    if len(c_cal) < MIN_TEXTS_FOR_WEIGHTS or len(cal_feats) < MIN_TEXTS_FOR_WEIGHTS:
+        weights = None
+        log(f"calibrate: {len(cal_feats)} calibration texts and {len(c_cal)} corrupted copies, fewer than "
+            f"{MIN_TEXTS_FOR_WEIGHTS}: the combined score weights its detectors equally")
+    combined = Combined().fit({k: cal_scores[k] for k in voters}, weights=weights)
+    log("calibrate: combined score from " + ", ".join(
+        f"{k} (weight {combined.weights[k]:.2f}" + (f", AUROC {corruption_auroc[k]:.3f} on corrupted copies)"
+                                                   if k in corruption_auroc else ")") for k in voters)
+        + f"; reported beside them: {', '.join(sorted(set(cal_scores) - set(voters))) or 'none'}")
+    if min(fars) < 1.0 / (n_cal + 1):
+        log(f"warning: --far {min(fars)} is below 1/(n+1) = {1 / (n_cal + 1):.4f} for {n_cal} calibration "
+            "texts: that rate can never alert; use more reference texts")
+
+    # The live sidecar's section: spectral_spike σ² and thresholds over *all* reference windows.
+    spike_all = SpectralSpike().fit(feats)
+    offline = {
+        "version": OFFLINE_VERSION,
+        "engine": args.engine,
+        "layers": list(tapped),
+        "window": tap.window,
+        "stride": tap.stride,
+        "proj_dim": tap.proj_dim,
+        "max_length": args.max_length,
+        "far": fars,
+        "alert_far": fars[0],
+        "score_thresholds": {str(f): -math.log10(f) for f in fars},
+        "descriptor_names": list(DESCRIPTOR_NAMES),
+        "n_reference": n,
+        "n_fit": len(fit_feats),
+        "n_calibration": n_cal,
+        "split_seed": args.seed,
+        "llmcheck": {"layer": middle_layer(tapped), "ridge": RIDGE},
+        "detectors": {name: d.state() for name, d in detectors.items()},
+        "combined": combined.state(),
+        # every detector's scores on the calibration texts (the combined keeps its voters'):
+        # per-detector p-values and bench/bench_detect.py --bound read them
+        "calibration_scores": {k: v.tolist() for k, v in sorted(cal_scores.items())},
+        "corrupted": {"n_fit": len(c_fit), "n_calibration": len(c_cal), "recipe": "monitor/offline/texts.py",
+                      "calibration_seed": args.seed + 1, "auroc": corruption_auroc},
+        "input": {k: v for k, v in stats.__dict__.items() if k != "problems"},
+    }
+    if eigentrack is not None:
+        offline["eigentrack"] = risk_info
+    doc = calib.document(
+        {(info.key, l): c for l, c in spike_all.layers.items()},
+        tap={"window": tap.window, "stride": tap.stride, "proj_dim": tap.proj_dim, "layers": list(tapped)},
+        model_fingerprint=dict(fingerprint(info), name=info.key),
+        offline=offline,
+        risk=live_risk_thresholds(eigentrack, cal_feats, fars[0]) if eigentrack is not None else None,
+    )
+    try:
+        calib.save(args.out, doc)
+    except OSError as exc:
+        raise OfflineError(f"--out: cannot write {args.out!r}: {exc.strerror or exc}") from None
+    log(stats.summary("calibrated on", n))
+    log(f"eigenwatch calibrate: wrote {args.out} (model {info.key}, layers {list(tapped)}, "
+        f"{len(fit_feats)} fit + {n_cal} calibration texts)")
+    return 0
+
+
+def risk_model(args, key: str, layers, neg_feats: list[dict], pos_feats: list[dict]):
+    """(EigenTrack detector, info) from --risk-model: "auto" trains the GRU on the
+    fit split's sequences (label 0) against their corrupted copies (label 1);
+    a path loads a model made by `eigenwatch train`; "none": (None, None)."""
+    choice = args.risk_model
+    if choice == "none":
+        return None, None
+    if choice != "auto":
+        try:
+            blob = Path(choice).read_bytes()
+            det = EigenTrack.from_onnx(blob, choice)
+        except OSError as exc:
+            raise OfflineError(f"--risk-model: cannot read {choice!r}: {exc.strerror or exc}") from None
+        except RiskModelError as exc:
+            raise OfflineError(f"--risk-model: {exc}") from None
+        want = (key, tuple(layers), tuple(DESCRIPTOR_NAMES))
+        have = (det.risk.model, det.risk.layers, det.risk.descriptor_names)
+        if have != want:
+            raise OfflineError(f"--risk-model: {choice} was trained for model {have[0]!r} layers {list(have[1])} "
+                               f"({len(have[2])} descriptors), not model {key!r} layers {list(layers)} "
+                               f"({len(want[2])} descriptors); retrain with `eigenwatch train`")
+        return det, {"source": str(choice), "sha256": det.risk.sha256, "trained_by": "eigenwatch train"}
+    if len(neg_feats) < 4 or len(pos_feats) < 4:
+        log("warning: --risk-model auto: too few texts to train the EigenTrack GRU (need 4 reference and 4 "
+            "corrupted in the fit split); calibrating without it")
+        return None, None
+    from .sequences import Sequences
+    from .train import export_onnx, model_meta, train_model
+
+    xs = [f["sequence"] for f in neg_feats] + [f["sequence"] for f in pos_feats]
+    keep = [i for i, x in enumerate(xs) if len(x)]
+    labels = np.array([0] * len(neg_feats) + [1] * len(pos_feats))
+    seqs = Sequences([f"t{i}" for i in keep], labels[keep], [xs[i] for i in keep], key, tuple(layers),
+                     tuple(DESCRIPTOR_NAMES))
+    net, info = train_model(seqs, hidden=args.gru_hidden, epochs=args.gru_epochs, seed=args.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "eigentrack.onnx"
+        export_onnx(net, path, model_meta(seqs, info))
+        blob = path.read_bytes()
+    det = EigenTrack.from_onnx(blob, "eigentrack (trained by calibrate)")
+    log(f"eigenwatch calibrate: EigenTrack GRU trained on {info['n_train']} sequences (epoch {info['best_epoch']} "
+        f"kept, picked on {info['n_stop']} set aside): validation AUROC {info['val_auroc']:.3f} "
+        f"(reference vs corrupted copies, {info['n_val']} held out)")
+    return det, {"source": "auto", "sha256": det.risk.sha256, "trained_by": "eigenwatch calibrate",
+                 "val_auroc": info["val_auroc"], "n_train": info["n_train"], "n_stop": info["n_stop"],
+                 "n_val": info["n_val"], "best_epoch": info["best_epoch"]}
+
+
+def live_risk_thresholds(det, cal_feats: list[dict], far: float) -> dict:
+    """The live sidecar's hysteresis for the EigenTrack risk: alert when a request's
+    risk exceeds alert_high = the (1 − far) conformal quantile of the calibration
+    texts' largest per-step risk (so about `far` of in-distribution requests alert
+    once); re-arm below clear_low = the median calibration step risk, capped below
+    alert_high."""
+    risks = det.step_risks(cal_feats)
+    peaks = np.sort([float(r.max()) for r in risks if len(r)])
+    n = len(peaks)
+    k = min(n - 1, int(np.ceil((1 - far) * (n + 1))) - 1)
+    high = float(min(peaks[k], 1 - 1e-6))
+    low = float(np.median(np.concatenate([r for r in risks if len(r)])))
+    low = min(low, 0.5 * high)
+    return {"model_sha256": det.risk.sha256, "alert_high": high, "clear_low": max(low, 1e-9), "far": far,
+            "n_calibration": n}
+
+
+def add_args(p) -> None:
+    p.add_argument("--model", required=True, help="model directory, or 'tiny' / 'minilm'")
+    p.add_argument("--texts", required=True, help="reference texts: JSONL, one {\"id\", \"text\"} per line")
+    p.add_argument("--out", required=True, help="calibration JSON to write")
+    add_tap_args(p)
+    p.add_argument("--far", default="0.01,0.05",
+                   help="false-alarm rates; the first is the alert rate of `score` (default %(default)s)")
+    p.add_argument("--calib-fraction", type=float, default=0.5,
+                   help="share of reference texts held out for conformal calibration (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the fit/calibration split, the corruptions and the GRU (default %(default)s)")
+    p.add_argument("--risk-model", default="auto",
+                   help="EigenTrack GRU: 'auto' trains one on the reference texts vs corrupted copies (default), "
+                        "a path loads one made by `eigenwatch train`, 'none' leaves it out")
+    p.add_argument("--gru-hidden", type=int, default=32, help="GRU width for --risk-model auto (default %(default)s)")
+    p.add_argument("--gru-epochs", type=int, default=60,
+                   help="most GRU epochs for --risk-model auto; early stopping on a slice of the fit texts picks "
+                        "the epoch (default %(default)s)")

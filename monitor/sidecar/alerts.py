@@ -1,0 +1,121 @@
+"""Alert policy in one place: severity levels and names (the proto enum), when
+a detector's finding becomes an alert (persistence for spikes, hysteresis for
+risk), and delivery (the request's record, the alerts counter, every
+WatchAlerts subscriber; a slow subscriber loses its oldest alert, ingest never
+waits).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from eigenwatch.v1 import monitor_pb2
+
+INFO, WARNING, CRITICAL = monitor_pb2.SEVERITY_INFO, monitor_pb2.SEVERITY_WARNING, monitor_pb2.SEVERITY_CRITICAL
+SEVERITY_NAMES = {v: k.removeprefix("SEVERITY_").lower() for k, v in monitor_pb2.Severity.items() if v}
+MAX_ALERTS_PER_REQUEST = 64  # kept in a request's report; the counter and watchers see every one
+WATCH_QUEUE = 1024  # alerts a WatchAlerts subscriber may fall behind by
+
+
+def severity_name(level: int) -> str:
+    return SEVERITY_NAMES.get(level, str(level))
+
+
+class Persistence:
+    """A window detector (spectral_spike) alerts when its finding persists for
+    `persist` consecutive windows of a layer — one odd window is not a finding —
+    and once per request, layer and severity level (a critical after a warning
+    is news; the tenth warning is not)."""
+
+    def __init__(self, persist: int):
+        if persist < 1:
+            raise ValueError(f"persist: expected an integer >= 1, got {persist}")
+        self.persist = persist
+
+    def step(self, layer_state, fired: dict, key, severity: int) -> bool:
+        """One window's severity (0: none); layer_state.over_streak and `fired`
+        (key -> highest level raised) are updated. True: raise an alert now."""
+        layer_state.over_streak = layer_state.over_streak + 1 if severity else 0
+        if severity and layer_state.over_streak >= self.persist and severity > fired.get(key, 0):
+            fired[key] = severity
+            return True
+        return False
+
+
+class Hysteresis:
+    """A running score (EigenTrack risk) alerts when it stays above `high` for
+    `persist` consecutive steps, then not again until it falls below `low`
+    (re-armed): a score oscillating between the two raises one alert per
+    excursion, not one per crossing."""
+
+    def __init__(self, high: float, low: float, persist: int = 1):
+        if not low < high:
+            raise ValueError(f"low ({low}) must be below high ({high})")
+        if persist < 1:
+            raise ValueError(f"persist: expected an integer >= 1, got {persist}")
+        self.high, self.low, self.persist = high, low, persist
+
+    def step(self, state, value: float) -> str | None:
+        """state has .streak and .alerted. Returns "raise", "clear" (re-armed) or None."""
+        state.streak = state.streak + 1 if value > self.high else 0
+        if state.alerted:
+            if value < self.low:
+                state.alerted = False
+                return "clear"
+        elif state.streak >= self.persist:
+            state.alerted = True
+            return "raise"
+        return None
+
+
+class AlertHub:
+    """Raises alerts: records them on the request, counts them, fans them out."""
+
+    def __init__(self, metrics):
+        self.metrics = metrics
+        # id -> (queue, filter); protobuf messages are unhashable, so no set of tuples.
+        self.watchers: dict[int, tuple[asyncio.Queue, monitor_pb2.WatchAlertsRequest]] = {}
+
+    def raise_alert(self, st, detector: str, severity: int, value: float, threshold: float, message: str,
+                    layer: int, token_count: int) -> monitor_pb2.Alert:
+        alert = monitor_pb2.Alert(
+            request_id=st.request_id, engine_request_id=st.engine_request_id, model=st.model, layer=layer,
+            detector=detector, severity=severity, value=float(value), threshold=float(threshold), message=message,
+            token_count=token_count, time=time.time(),
+        )
+        if len(st.alerts) < MAX_ALERTS_PER_REQUEST:
+            st.alerts.append(alert)
+        self.metrics.alerts.labels(st.model, detector, severity_name(severity)).inc()
+        for queue, flt in list(self.watchers.values()):
+            if flt.model and flt.model != alert.model:
+                continue
+            if flt.detector and flt.detector != alert.detector:
+                continue
+            if alert.severity < flt.min_severity:
+                continue
+            if queue.full():  # a slow watcher loses its oldest alert, never blocks ingest
+                queue.get_nowait()
+                self.metrics.alerts_dropped.inc()
+            queue.put_nowait(alert)
+        return alert
+
+    @staticmethod
+    def check_filter(request: monitor_pb2.WatchAlertsRequest) -> str | None:
+        """The problem with a WatchAlerts filter, None when it is fine."""
+        if request.min_severity not in monitor_pb2.Severity.values():
+            return f"min_severity: {request.min_severity} is not one of {sorted(monitor_pb2.Severity.values())}"
+        return None
+
+    async def watch(self, request: monitor_pb2.WatchAlertsRequest):
+        """The alerts matching `request`, as they are raised (until the caller stops)."""
+        queue: asyncio.Queue = asyncio.Queue(maxsize=WATCH_QUEUE)
+        key = id(queue)
+        self.watchers[key] = (queue, request)
+        self.metrics.alert_watchers.inc()
+        try:
+            while True:
+                yield await queue.get()
+        finally:
+            self.watchers.pop(key, None)
+            self.metrics.alert_watchers.dec()

@@ -1,0 +1,146 @@
+"""The sidecar's settings, declared once: each field of `SidecarConfig` that
+carries flag metadata is a command-line flag, and the argparse options, the
+config object and the argv of a child sidecar (`eigenwatch serve`, the demo)
+are all built from those declarations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from dataclasses import dataclass, field, fields, replace
+
+from eigenwatch.hooks.frames import DEFAULT_SIDECAR
+
+TOKEN_ENV = "EIGENWATCH_TOKEN"
+
+
+# ---- value parsers: argparse names the flag, the message says what is accepted ---------
+
+def _int_at_least(lo: int):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            v = None
+        if v is None or v < lo:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {text!r}")
+        return v
+    return parse
+
+
+def _port(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        v = None
+    if v is None or not -1 <= v <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port 1..65535, 0 (any free port) or -1 (off), got {text!r}")
+    return v
+
+
+def _fraction(upper: str):
+    """A number in (0, 1] (upper="]") or in (0, 1) (upper=")")."""
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            v = math.nan
+        if not (0 < v <= 1 if upper == "]" else 0 < v < 1):
+            what = "a number in (0, 1]" if upper == "]" else "a probability in (0, 1)"
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return v
+    return parse
+
+
+_quantile, _probability = _fraction("]"), _fraction(")")
+
+
+def _text(text: str) -> str:
+    if not text:
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+def flag(default, help: str, parse=_text, metavar: str | None = None):
+    """A SidecarConfig field that is also the command-line flag --<name-with-dashes>."""
+    return field(default=default, metadata={"help": help, "parse": parse, "metavar": metavar})
+
+
+@dataclass
+class SidecarConfig:
+    listen: str = flag(DEFAULT_SIDECAR, "gRPC address host:port or unix:///path (default %(default)s; "
+                                        "port 0 = any free port)")
+    metrics_host: str = flag("127.0.0.1", "address for /metrics (default %(default)s)")
+    metrics_port: int = flag(9400, "port for Prometheus /metrics (default %(default)s; 0 = any free port; -1 = off)",
+                             _port)
+    calibration: str | None = flag(None, "calibration JSON to load (spectral_spike sigma2 and thresholds per "
+                                         "layer; its 'risk' section sets the --risk-model thresholds)")
+    calibration_frames: int = flag(64, "frames per layer to learn sigma2 from when no calibration file covers "
+                                       "it (default %(default)s)", _int_at_least(1))
+    quantile: float = flag(0.99, "learned spike threshold = this quantile of calibration spike counts "
+                                 "(default %(default)s)", _quantile)
+    spike_threshold: int | None = flag(None, "alert when more eigenvalues than this sit above the calibrated MP "
+                                             "edge (overrides the learned one)", _int_at_least(0))
+    persist: int = flag(2, "alert only after this many consecutive windows over the threshold "
+                           "(default %(default)s)", _int_at_least(1))
+    save_calibration: str | None = flag(None, "write the learned calibration here (atomically) as each layer "
+                                              "finishes calibrating")
+    max_requests: int = flag(10_000, "request states kept for reports (default %(default)s)", _int_at_least(1))
+    report_history: int = flag(256, "frames per layer and risk steps a request's GetReport keeps, newest "
+                                    "(default %(default)s; at most ~24 KB per layer per request)", _int_at_least(0))
+    risk_model: str | None = flag(None, "EigenTrack risk model (ONNX from `eigenwatch train`): live risk per "
+                                        "request, 'eigentrack' alerts, eigenwatch_risk histograms")
+    risk_high: float | None = flag(None, "alert when the risk exceeds this (default: the calibration's "
+                                         "risk.alert_high, else 0.9)", _probability)
+    risk_low: float | None = flag(None, "re-arm the alert once the risk falls below this (default: the "
+                                        "calibration's risk.clear_low, else 0.7)", _probability)
+    risk_persist: int = flag(1, "alert only after this many consecutive steps above --risk-high "
+                                "(default %(default)s)", _int_at_least(1))
+    # Not flags: from the environment, or fixed.
+    token: str | None = None  # require `authorization: Bearer <token>` on the Monitor service (EIGENWATCH_TOKEN)
+    idle_timeout_s: float = 900.0  # a request whose tap went silent this long is closed
+
+    @property
+    def metrics_enabled(self) -> bool:
+        return self.metrics_port >= 0
+
+
+def _flags():
+    return [f for f in fields(SidecarConfig) if "help" in f.metadata]
+
+
+def option(name: str, rename: dict[str, str] | None = None) -> str:
+    return "--" + (rename or {}).get(name, name.replace("_", "-"))
+
+
+def add_arguments(parser: argparse.ArgumentParser, rename: dict[str, str] | None = None,
+                  defaults: dict | None = None) -> None:
+    """Every sidecar flag on `parser`. rename: field -> flag name (serve's
+    `--sidecar-listen`); defaults: other defaults for this command (the demo's)."""
+    for f in _flags():
+        opt = option(f.name, rename)
+        default = (defaults or {}).get(f.name, f.default)
+        parser.add_argument(opt, dest=f.name, default=default, help=f.metadata["help"],
+                            metavar=f.metadata["metavar"], type=f.metadata["parse"])
+
+
+def from_args(args: argparse.Namespace, **overrides) -> SidecarConfig:
+    values = {f.name: getattr(args, f.name) for f in _flags() if hasattr(args, f.name)}
+    values["token"] = os.environ.get(TOKEN_ENV) or None
+    values.update(overrides)
+    return SidecarConfig(**values)
+
+
+def to_argv(cfg: SidecarConfig, **changes) -> list[str]:
+    """`eigenwatch sidecar` arguments that give a child process this config
+    (the token travels in its environment, never on a command line)."""
+    cfg = replace(cfg, **changes) if changes else cfg
+    argv = []
+    for f in _flags():
+        value = getattr(cfg, f.name)
+        if value is None or (value == f.default and f.name != "listen"):
+            continue
+        argv += [option(f.name), repr(value) if isinstance(value, float) else str(value)]
+    return argv

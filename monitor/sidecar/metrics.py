@@ -1,0 +1,150 @@
+"""Prometheus metrics of the sidecar. Every metric takes the registry it is
+given, so tests build a fresh one; the taps' own counters are collected at
+scrape time from the last stats each tap reported."""
+
+from __future__ import annotations
+
+import threading
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+# log(W) for W up to 64 stays under 4.2 nats.
+ENTROPY_BUCKETS = tuple(round(0.25 * i, 2) for i in range(1, 18))
+LAMBDA_BUCKETS = tuple(10.0**e for e in range(-4, 7))
+SPIKE_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 32)
+# Risk is a probability: 0.05 steps resolve any --risk-high/--risk-low choice to
+# a bucket edge near it; 0.99 separates "certain" from "high".
+RISK_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 20)) + (0.99,)
+
+_TAP_COUNTERS = {
+    "frames_emitted": "Frames the taps produced",
+    "frames_dropped": "Frames the taps dropped before gRPC (queue full, sidecar away, invalid window)",
+    "frames_sent": "Frames the taps handed to gRPC",
+    "hook_errors": "Exceptions caught inside tap hooks (never raised into vLLM)",
+    "rows_seen": "Hidden-state rows the taps read",
+    "requests_untracked": "Requests not monitored because a tap was at its request limit",
+}
+# Tap values that go up and down: gauges, not counters.
+_TAP_GAUGES = {
+    "requests_opted_out": "Running requests that opted out of monitoring",
+}
+
+
+class TapStatsCollector(Collector):
+    """Sums the cumulative counters each tap reports, per model."""
+
+    def __init__(self, max_taps: int = 1024):
+        self._lock = threading.Lock()
+        self._taps: dict[str, dict] = {}
+        self.max_taps = max_taps
+
+    def update(self, stats) -> None:
+        if not stats.tap_id:
+            return
+        row = {name: int(getattr(stats, name)) for name in (*_TAP_COUNTERS, *_TAP_GAUGES)}
+        row["model"] = stats.model or "unknown"
+        with self._lock:
+            if stats.tap_id not in self._taps and len(self._taps) >= self.max_taps:
+                self._taps.pop(next(iter(self._taps)))
+            self._taps[stats.tap_id] = row
+
+    def snapshot(self) -> dict[str, dict]:
+        with self._lock:
+            return {k: dict(v) for k, v in self._taps.items()}
+
+    def collect(self):
+        taps = self.snapshot()
+        per_model: dict[str, dict[str, int]] = {}
+        for row in taps.values():
+            agg = per_model.setdefault(row["model"], dict.fromkeys((*_TAP_COUNTERS, *_TAP_GAUGES), 0))
+            for name in agg:
+                agg[name] += row[name]
+        for names, family in ((_TAP_COUNTERS, CounterMetricFamily), (_TAP_GAUGES, GaugeMetricFamily)):
+            for name, doc in names.items():
+                fam = family(f"eigenwatch_tap_{name}", doc, labels=["model"])
+                for model, agg in sorted(per_model.items()):
+                    fam.add_metric([model], agg[name])
+                yield fam
+        taps_g = GaugeMetricFamily("eigenwatch_taps", "Taps that have reported stats", labels=["model"])
+        counts: dict[str, int] = {}
+        for row in taps.values():
+            counts[row["model"]] = counts.get(row["model"], 0) + 1
+        for model, n in sorted(counts.items()):
+            taps_g.add_metric([model], n)
+        yield taps_g
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry):
+        self.registry = registry
+        ml = ["model", "layer"]
+        self.frames_ingested = Counter(
+            "eigenwatch_frames_ingested", "Frames accepted by the sidecar", ml, registry=registry
+        )
+        self.frames_rejected = Counter(
+            "eigenwatch_frames_rejected", "Frames refused as malformed, by offending field", ["field"], registry=registry
+        )
+        self.active_requests = Gauge(
+            "eigenwatch_active_requests", "Monitored requests that have not finished", ["model"], registry=registry
+        )
+        self.requests = Counter("eigenwatch_requests", "Monitored requests seen", ["model"], registry=registry)
+        self.spectral_entropy = Histogram(
+            "eigenwatch_spectral_entropy_nats", "Spectral entropy of window spectra", ml,
+            buckets=ENTROPY_BUCKETS, registry=registry,
+        )
+        self.lambda1 = Histogram(
+            "eigenwatch_lambda1", "Largest eigenvalue of the centred window Gram / d", ml,
+            buckets=LAMBDA_BUCKETS, registry=registry,
+        )
+        self.spikes = Histogram(
+            "eigenwatch_spikes", "Eigenvalues above the calibrated MP edge per window", ml,
+            buckets=SPIKE_BUCKETS, registry=registry,
+        )
+        self.alerts = Counter(
+            "eigenwatch_alerts", "Alerts raised", ["model", "detector", "severity"], registry=registry
+        )
+        self.alerts_dropped = Counter(
+            "eigenwatch_alerts_dropped", "Alerts not delivered to a slow WatchAlerts client", registry=registry
+        )
+        self.ingest_streams = Gauge("eigenwatch_ingest_streams", "Open Ingest streams", registry=registry)
+        self.alert_watchers = Gauge("eigenwatch_alert_watchers", "Open WatchAlerts streams", registry=registry)
+        self.calibration_sigma2 = Gauge(
+            "eigenwatch_calibration_sigma2", "Calibrated noise variance per layer (spike detector)", ml, registry=registry
+        )
+        self.requests_evicted = Counter(
+            "eigenwatch_requests_evicted", "Request states evicted to bound memory", ["reason"], registry=registry
+        )
+        # EigenTrack risk (sidecar run with --risk-model; monitor/sidecar/risk.py).
+        self.risk = Histogram(
+            "eigenwatch_risk", "EigenTrack risk of every scored step (all risk-model layers at one token count)",
+            ["model"], buckets=RISK_BUCKETS, registry=registry,
+        )
+        self.request_max_risk = Histogram(
+            "eigenwatch_request_max_risk", "Highest EigenTrack risk of a request, observed once when it finishes",
+            ["model"], buckets=RISK_BUCKETS, registry=registry,
+        )
+        self.risk_steps = Counter(
+            "eigenwatch_risk_steps", "Steps scored by the EigenTrack risk model", ["model"], registry=registry
+        )
+        self.risk_skipped = Counter(
+            "eigenwatch_risk_skipped_frames",
+            "Frames that got no risk, by reason (other_model, descriptor_names, incomplete, out_of_order, "
+            "finished, model_error)", ["model", "reason"], registry=registry,
+        )
+        self.risk_errors = Counter(
+            "eigenwatch_risk_errors", "Risk-model calls that failed or returned non-finite values (ingest goes on)",
+            ["model"], registry=registry,
+        )
+        self.risk_alerted_requests = Gauge(
+            "eigenwatch_risk_alerted_requests",
+            "Unfinished requests in the eigentrack alerted state (risk rose above the high threshold and has "
+            "not fallen below the low one)", ["model"], registry=registry,
+        )
+        self.risk_threshold = Gauge(
+            "eigenwatch_risk_threshold", "EigenTrack alert thresholds in use (bound: high raises, low re-arms)",
+            ["model", "bound"], registry=registry,
+        )
+        self.taps = TapStatsCollector()
+        registry.register(self.taps)
