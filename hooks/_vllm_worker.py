@@ -3,16 +3,25 @@
 `EigenwatchWorkerExtension` is mixed into vLLM's worker class through
 `worker_extension_cls`, so its methods are callable by name with
 `collective_rpc`. `eigenwatch_install` (called by the plugin right after the
-model is loaded, before vLLM compiles it) registers forward hooks on the
-chosen decoder layers and wraps the model runner's `execute_model` for
-per-step bookkeeping.
+model is loaded, before vLLM compiles it) chooses how rows are captured and
+wraps the model runner's `execute_model` for per-step bookkeeping.
 
-The hooks only call one custom op, `eigenwatch::tap_rows`. Hooks present when
-torch.compile traces the model are traced with it, and a custom op is opaque
-to dynamo/inductor: it stays in the compiled graph and its Python body runs
-at every step, so the tap works under vLLM's default compiled mode, not only
-in eager mode. (Under CUDA-graph replay a Python body does not run: on GPUs
-the plugin still forces eager mode until the op is graph-safe.)
+Two capture paths (`EIGENWATCH_CAPTURE=auto|aux|hooks`):
+
+- aux (auto, for models with vLLM's EAGLE-3 interface: Llama, Qwen, ...): the
+  model returns the residual stream of the tapped layers as extra outputs of
+  its compiled (and CUDA-graph-captured) forward — the mechanism EAGLE-3 and
+  `extract_hidden_states` use (`set_aux_hidden_state_layers`, the runner's
+  `use_aux_hidden_state_outputs`). Nothing of ours runs inside the graph; the
+  runner's `_model_forward` is wrapped to read those tensors right after it.
+- hooks (every other model, e.g. BERT-style pooling models): forward hooks on
+  the chosen decoder layers call one custom op, `eigenwatch::tap_rows`, which
+  torch.compile keeps opaque in the graph, so its Python body runs at every
+  step under compiled mode. (Under CUDA-graph replay a Python body does not
+  run: on GPUs the plugin forces eager mode for these models only.)
+
+Either way the rows of every tapped layer are stashed during the forward and
+handed to the windows (hooks/windows.py) in one call per step, after it.
 
 Row attribution: the flattened batch holds each scheduled request's new rows
 contiguously, in `input_batch.req_ids` order, at
@@ -21,12 +30,10 @@ padding. Prefix-cache hits are never computed, so never seen: frames carry
 them as `skipped_tokens` (the request's `num_computed_tokens` when the tap
 first sees it).
 
-Capture mode (off by default; one attribute check per hook call when off):
-`eigenwatch_capture(True)` makes the same hook path also accumulate, per
-tracked request and tapped layer, the row count, the row sum and the scatter
-XᵀX in float64 on the CPU — enough for the mean-pooled state and the
-LLM-Check hidden score of the whole request without keeping its rows. The
-offline `--engine vllm` path reads them with `eigenwatch_pop_captured`.
+Capture mode (off by default; one attribute check per step when off):
+`eigenwatch_capture(True)` makes the same path also accumulate per tracked
+request and tapped layer the token sums of hooks/capture.py, which the offline
+`--engine vllm` path reads with `eigenwatch_pop_captured`.
 """
 
 from __future__ import annotations
@@ -73,7 +80,51 @@ _CALLS: dict[int, torch.Tensor] = {}
 # Hooks stay registered for the life of the process: a compiled graph indexes
 # the module's hook dict it traced, and removing a hook breaks the next
 # forward. Uninstalling makes them inert instead (the op body sees no tap).
+# Likewise the aux outputs and the runner's _model_forward wrapper stay (the
+# compiled graph returns them); without an active tap they are ignored.
 _HOOKED: dict[tuple[int, int], object] = {}
+CAPTURE_PATHS = ("auto", "aux", "hooks")
+
+
+def _aux_support(model, runner) -> str | None:
+    """Why the aux-output path cannot be used here, None when it can."""
+    if not callable(getattr(model, "set_aux_hidden_state_layers", None)):
+        return f"{type(model).__name__} has no EAGLE-3 aux hidden-state outputs"
+    if getattr(runner, "_eigenwatch_aux", None) is not None:
+        return None  # set up by an earlier install in this process: the graph already returns them
+    if getattr(runner, "use_aux_hidden_state_outputs", None) is not False:
+        return "the runner already returns aux hidden states (EAGLE-3 speculative decoding)"
+    if not callable(getattr(runner, "_model_forward", None)):
+        return "the model runner has no _model_forward to read them after"
+    try:
+        from vllm.distributed import get_pp_group
+
+        if get_pp_group().world_size > 1:
+            return "pipeline parallelism (aux outputs travel between stages)"
+    except Exception:
+        pass  # not initialised: a single process
+    return None
+
+
+def _wrap_model_forward(runner) -> None:
+    """Read the tapped layers' aux outputs right after each forward (once per runner)."""
+    original = runner._model_forward
+    if getattr(original, "__eigenwatch__", False):
+        return
+
+    def _model_forward(*args, **kwargs):
+        out = original(*args, **kwargs)
+        tap = _ACTIVE
+        if tap is not None and tap.active and tap.path == "aux" and isinstance(out, tuple) and len(out) == 2:
+            try:
+                tap.on_aux(out[1])
+            except Exception:  # never into vLLM
+                tap.hook_errors += 1
+                tap._log_once("aux", "eigenwatch: reading the aux outputs failed (skipping; logged once)")
+        return out
+
+    _model_forward.__eigenwatch__ = True
+    runner._model_forward = _model_forward
 
 
 @torch.library.custom_op("eigenwatch::tap_rows", mutates_args=("calls",))
@@ -152,6 +203,38 @@ class _VllmTap:
         model = self.runner.get_model() if hasattr(self.runner, "get_model") else self.runner.model
         self.stack_name, stack = find_decoder_layers(model)
         self.layers = resolve_layers(cfg.layers, len(stack))
+        self.rows: dict[int, torch.Tensor] = {}  # layer -> this step's rows [N, d] fp32
+        self.layer_calls = dict.fromkeys(self.layers, 0)  # forwards that handed us each layer's rows
+        self.path, self.path_reason = self._choose_path(model)
+        if self.path == "aux":
+            # Aux id i+1 is the residual stream after decoder layer i (vLLM's numbering).
+            aux = tuple(i + 1 for i in self.layers)
+            earlier = getattr(self.runner, "_eigenwatch_aux", None)
+            if earlier is None:
+                model.set_aux_hidden_state_layers(aux)
+                self.runner.use_aux_hidden_state_outputs = True
+                self.runner._eigenwatch_aux = aux
+            elif earlier != aux:  # a compiled forward keeps the outputs it was traced with
+                raise RuntimeError(f"the compiled forward returns layers {[i - 1 for i in earlier]} from an "
+                                   f"earlier install, not {list(self.layers)}: restart vLLM to tap other layers")
+            _wrap_model_forward(self.runner)
+        else:
+            self._register_hooks(stack)
+        self._original_execute = self.runner.execute_model
+        self.runner.execute_model = self._execute_model
+
+    def _choose_path(self, model) -> tuple[str, str]:
+        want = self.cfg.capture
+        why_not = _aux_support(model, self.runner)
+        if want == "hooks":
+            return "hooks", "EIGENWATCH_CAPTURE=hooks"
+        if why_not is None:
+            return "aux", "the model returns the tapped layers from its compiled forward"
+        if want == "aux":
+            raise RuntimeError(f"EIGENWATCH_CAPTURE=aux: {why_not}; use auto or hooks")
+        return "hooks", why_not
+
+    def _register_hooks(self, stack) -> None:
         self.op_calls: dict[int, torch.Tensor] = {}
         for idx in self.layers:
             layer = stack[idx]
@@ -169,8 +252,6 @@ class _VllmTap:
             ref = getattr(handle, "hooks_dict_ref", None)
             if handle is None or (ref is not None and ref() is not layer._forward_hooks):
                 _HOOKED[(id(layer), idx)] = layer.register_forward_hook(_make_hook(idx, _CALLS[idx]))
-        self._original_execute = self.runner.execute_model
-        self.runner.execute_model = self._execute_model
 
     # ---- hooks: never raise into vLLM ----------------------------------------------
     def _log_once(self, key: str, msg: str, *args) -> None:
@@ -215,21 +296,44 @@ class _VllmTap:
         return self.layout
 
     def on_rows(self, layer_idx: int, hidden: torch.Tensor, residual: torch.Tensor | None) -> None:
+        """hooks path: one layer's output, during the forward (stashed for the step)."""
         layout = self._current_layout()
-        if layout is None:
+        if layout is None or not layout[2]:
             return
         if residual is not None and residual.shape != hidden.shape:
             residual = None
-        _, qsl, items = layout
-        if not items:
+        n = layout[1][-1]
+        # The residual stream in fp32, a private copy: later layers update their
+        # inputs in place (fused add + norm) before the step's rows are read.
+        if residual is None:
+            self.rows[layer_idx] = hidden[:n].to(torch.float32, copy=True)
+        else:
+            self.rows[layer_idx] = hidden[:n].float() + residual[:n].float()
+        self.layer_calls[layer_idx] += 1
+
+    def on_aux(self, aux: list[torch.Tensor]) -> None:
+        """aux path: the tapped layers' residual streams [N_padded, d], in layer order."""
+        layout = self._current_layout()
+        if layout is None or not layout[2]:
             return
-        n = qsl[-1]
-        # One op per layer for the whole batch: the residual stream, in fp32;
-        # then one batched window update for every request's new rows.
-        stream = hidden[:n].float() if residual is None else hidden[:n].float() + residual[:n].float()
-        self.windows.add_layer(layer_idx, stream, items, self.step)
+        n = layout[1][-1]
+        # Each aux output is its own tensor (hidden + residual, summed by the model),
+        # untouched until the next forward: read in place, after this step's forward.
+        for layer, t in zip(self.layers, aux):
+            self.rows[layer] = t[:n].float()
+            self.layer_calls[layer] += 1
+
+    def _flush_rows(self) -> None:
+        """After the forward: every tapped layer's rows into the windows, in one call."""
+        if not self.rows or self.layout is None:
+            self.rows.clear()
+            return
+        rows, self.rows = self.rows, {}
+        items = self.layout[2]
+        self.windows.add_step(rows, items, self.step)
         if self.capture:
-            self._capture_rows(layer_idx, stream, items)
+            for layer, stream in rows.items():
+                self._capture_rows(layer, stream, items)
 
     def _capture_rows(self, layer_idx: int, stream: torch.Tensor, items: list[tuple[str, int, int]]) -> None:
         # Own guard: a failed capture must not cost the frames of this step.
@@ -271,6 +375,7 @@ class _VllmTap:
     def _before_step(self, scheduler_output) -> None:
         self.step += 1
         self.layout = None
+        self.rows.clear()
         for rid in scheduler_output.finished_req_ids:
             self.windows.finish(rid, self.step)
             self.opted_out.discard(rid)
@@ -282,7 +387,10 @@ class _VllmTap:
             self.sums.drop(rid)
 
     def _after_step(self) -> None:
-        self.layout = None
+        try:
+            self._flush_rows()
+        finally:
+            self.layout = None
         c = self.exporter.counters
         with self.exporter._lock:
             c.hook_errors = self.hook_errors
@@ -310,7 +418,9 @@ class _VllmTap:
             stack=self.stack_name,
             tracked_requests=len(self.windows.requests),
             step=self.step,
-            op_calls={layer: int(c.item()) for layer, c in self.op_calls.items()},
+            capture_path=self.path,
+            capture_path_reason=self.path_reason,
+            layer_calls=dict(self.layer_calls),
             capture=self.capture,
             captured_requests=len(self.sums),
             captures_evicted=self.sums.evicted,

@@ -83,6 +83,9 @@ class TapConfig:
     # bounds the window memory at W·k floats per request and layer.
     proj_dim: int = 0
     queue_batches: int = 256  # step batches waiting for the exporter
+    # How rows leave the forward (hooks/_vllm_worker.py): "aux" outputs of the
+    # compiled forward where the model has them, else forward hooks; "auto" picks.
+    capture: str = "auto"
 
     @classmethod
     def from_env(cls) -> "TapConfig":
@@ -96,6 +99,7 @@ class TapConfig:
             max_requests=_env_int("MAX_REQUESTS", cls.max_requests, 1, 1 << 20),
             proj_dim=_env_int("PROJ_DIM", cls.proj_dim, 0, 1 << 20),
             queue_batches=_env_int("QUEUE_BATCHES", cls.queue_batches, 1, 1 << 20),
+            capture=_env_choice("CAPTURE", cls.capture, ("auto", "aux", "hooks")),
         )
 
 

@@ -3,10 +3,13 @@
 Does nothing unless EIGENWATCH_ENABLE=1 (and EIGENWATCH_DISABLE is not set).
 When enabled it
   1. sets `worker_extension_cls` on the engine config (EngineArgs), which mixes
-     `EigenwatchWorkerExtension` into the worker. The tap's hooks call a custom
-     op that torch.compile keeps in the graph, so compiled mode stays on; on
-     platforms with CUDA graphs (whose replay skips the op's Python body) it
-     forces eager mode;
+     `EigenwatchWorkerExtension` into the worker. Models with vLLM's EAGLE-3
+     interface return the tapped layers from their compiled, CUDA-graph-captured
+     forward (the aux-output path), so vLLM's compilation and CUDA-graph
+     settings stay as the user set them. Other models are tapped by forward
+     hooks calling a custom op that torch.compile keeps in the graph: compiled
+     mode stays on, but on platforms with CUDA graphs (whose replay skips the
+     op's Python body) eager mode is forced for them, with a warning;
   2. after the executor has loaded the model, asks every worker to install
      the tap (`collective_rpc("eigenwatch_install")`); only TP rank 0 taps.
 No vLLM internals are touched here beyond those two seams; the rest lives in
@@ -57,15 +60,42 @@ def _patch_engine_args() -> None:
             else:
                 self.worker_extension_cls = EXTENSION
                 if not self.enforce_eager and _has_cuda_graphs():
-                    log.warning(
-                        "eigenwatch: forcing enforce_eager=True: CUDA-graph replay skips the tap's "
-                        "Python body; set EIGENWATCH_DISABLE=1 to serve untapped"
-                    )
-                    self.enforce_eager = True
+                    why = _hooks_needed(self)
+                    if why:
+                        log.warning(
+                            "eigenwatch: forcing enforce_eager=True: the tap needs forward hooks for this model "
+                            "(%s), and CUDA-graph replay skips their Python body; set EIGENWATCH_DISABLE=1 to "
+                            "serve untapped", why,
+                        )
+                        self.enforce_eager = True
         return original(self, *args, **kwargs)
 
     create_engine_config.__eigenwatch__ = True
     EngineArgs.create_engine_config = create_engine_config
+
+
+def _hooks_needed(engine_args) -> str | None:
+    """Why this model cannot use the aux-output path (None when it can): the same
+    conditions the worker checks once the model exists (hooks/_vllm_worker.py)."""
+    import os
+
+    if os.environ.get("EIGENWATCH_CAPTURE", "").strip().lower() == "hooks":
+        return "EIGENWATCH_CAPTURE=hooks"
+    if getattr(engine_args, "pipeline_parallel_size", 1) > 1:
+        return "pipeline parallelism"
+    if getattr(engine_args, "speculative_config", None):
+        return "speculative decoding owns the aux outputs"
+    try:
+        from vllm.model_executor.models import ModelRegistry
+        from vllm.model_executor.models.interfaces import supports_eagle3
+
+        model_config = engine_args.create_model_config()
+        cls, _ = ModelRegistry.resolve_model_cls(model_config.architectures, model_config)
+    except Exception as exc:  # cannot tell: the safe choice
+        return f"could not resolve the model class ({exc})"
+    if not supports_eagle3(cls):
+        return f"{cls.__name__} has no EAGLE-3 aux hidden-state outputs"
+    return None
 
 
 def _has_cuda_graphs() -> bool:

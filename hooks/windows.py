@@ -138,6 +138,12 @@ class WindowTap:
                 full[:v, :v] = g
                 self.emit(self._seed(req, layer, step, t, full, v, bank, False))
 
+    def add_step(self, rows: dict[int, torch.Tensor], items: list[tuple[str, int, int]], step: int) -> None:
+        """One engine step: rows {layer: [N, d]} of every tapped layer, the same
+        items (engine id, lo, hi) for all of them."""
+        for layer in sorted(rows):
+            self.add_layer(layer, rows[layer], items, step)
+
     def finish(self, engine_id: str, step: int) -> None:
         """The request ended: one final frame per layer (its last window), then forget it."""
         req = self.requests.pop(engine_id, None)
