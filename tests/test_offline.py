@@ -48,7 +48,7 @@ def _dump(path, texts, prefix):
     return path
 
 
-def _cli(*args, timeout=120):
+def _cli(*args, timeout=900):  # generous: a busy 2-core host runs calibrate several times slower
     return subprocess.run([sys.executable, "-m", "eigenwatch.monitor.cli", *args],
                           capture_output=True, text=True, timeout=timeout)
 
