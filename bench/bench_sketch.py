@@ -50,8 +50,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _source  # noqa: E402
 import reference  # noqa: E402
 
+_source.ensure_kernels()  # a bare checkout on a GPU host: kernels/ without the package
 from eigenwatch.kernels.sketch import FrequentDirections, HeavyLight, OjaGrid  # noqa: E402
 
 ORDERS = ("random", "sorted", "bursts")
