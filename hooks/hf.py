@@ -1,7 +1,8 @@
 """The tap for Hugging Face transformers models (offline scoring, hosts without
-vLLM): forward hooks on the decoder blocks feed the same windows
-(hooks/windows.py) and token sums (hooks/capture.py) as the vLLM tap, one
-request per forward, rows in token order."""
+vLLM): forward hooks on the decoder blocks collect each tapped layer's rows,
+which then go to the same windows (hooks/windows.py, all layers in one call)
+and token sums (hooks/capture.py) as the vLLM tap's; one request per forward,
+rows in token order."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ class HFTap:
         self.windows = WindowTap(window, stride, max_requests=1, emit=self._seeds.append, proj_dim=proj_dim)
         self.sums = TokenSums(max_done=1) if capture else None
         self._current: str | None = None
+        self._rows: dict[int, torch.Tensor] = {}  # this forward's rows per tapped layer
         self._handles = [stack[i].register_forward_hook(self._hook(i)) for i in self.layers]
 
     def _hook(self, layer_idx: int):
@@ -32,12 +34,8 @@ class HFTap:
             if self._current is None:
                 return None
             hidden = residual_stream(output)
-            if hidden is not None:
-                rows = (hidden[0] if hidden.ndim == 3 else hidden).float()  # [1, T, d] -> [T, d]
-                items = [(self._current, 0, rows.shape[0])]
-                self.windows.add_layer(layer_idx, rows, items, step=0)
-                if self.sums is not None:
-                    self.sums.add(layer_idx, rows, items)
+            if hidden is not None:  # [1, T, d] -> [T, d], a private fp32 copy for after the forward
+                self._rows[layer_idx] = (hidden[0] if hidden.ndim == 3 else hidden).to(torch.float32, copy=True)
             return None
 
         return hook
@@ -48,14 +46,22 @@ class HFTap:
         with capture its token sums per tapped layer (None if they broke).
         Raises ValueError when a window holds NaN/Inf activations."""
         self._seeds.clear()
+        self._rows.clear()
         self.windows.begin(request_id)
         self._current = request_id
         try:
             device = next(self.model.parameters()).device
             ids = torch.tensor([input_ids], device=device)
             self.model(input_ids=ids, attention_mask=torch.ones_like(ids))
+            # Every tapped layer's rows into the windows in one call, as the vLLM tap does.
+            items = [(request_id, 0, len(input_ids))]
+            self.windows.add_step(self._rows, items, step=0)
+            if self.sums is not None:
+                for layer, rows in sorted(self._rows.items()):
+                    self.sums.add(layer, rows, items)
         finally:
             self._current = None
+            self._rows.clear()
             self.windows.finish(request_id, step=1)
         frames, failed = to_frames(self._seeds, self.model_name)
         self._seeds.clear()

@@ -58,7 +58,9 @@ class _Request:
 
 
 class WindowTap:
-    """Windows of many requests × layers. `emit` receives FrameSeeds."""
+    """Windows of many requests × layers. `emit` receives FrameSeeds. The layers
+    handed over together in `add_step` share one multi-layer WindowBank (one
+    batched update per step for all of them)."""
 
     def __init__(self, window: int, stride: int, max_requests: int, emit: Callable[[FrameSeed], None],
                  proj_dim: int | None = None):
@@ -71,7 +73,7 @@ class WindowTap:
         self.window, self.stride, self.max_requests = window, stride, max_requests
         self.emit = emit
         self.proj_dim = proj_dim or None
-        self.banks: dict[int, WindowBank] = {}
+        self.banks: dict[tuple[int, ...], WindowBank] = {}  # layer group -> its bank
         self.requests: dict[str, _Request] = {}
         self.slots = Slots(max_requests)
         self.untracked = 0  # requests refused at the limit
@@ -94,37 +96,49 @@ class WindowTap:
     def tracked(self, engine_id: str) -> bool:
         return engine_id in self.requests
 
-    def _bank(self, layer: int, rows: torch.Tensor) -> WindowBank:
-        bank = self.banks.get(layer)
+    def _bank(self, group: tuple[int, ...], stream: torch.Tensor) -> WindowBank:
+        bank = self.banks.get(group)
         if bank is None:
-            d = rows.shape[1]
+            taken = [l for g in self.banks for l in g if l in group]
+            if taken:
+                raise ValueError(f"layers {taken} already have windows in another group; hand the same layers "
+                                 "to add_step every step")
+            d = stream.shape[-1]
             proj = self.proj_dim if self.proj_dim and self.proj_dim < d else None
-            # seed=layer: the projection of a layer is the same in every tap of a model.
-            bank = self.banks[layer] = WindowBank(self.window, d, proj, max_slots=self.max_requests,
-                                                  device=rows.device, seed=layer)
+            # Projection seeded by the layer index: the same in every tap of a model.
+            bank = self.banks[group] = WindowBank(self.window, d, proj, layers=group, max_slots=self.max_requests,
+                                                  device=stream.device)
             for req in self.requests.values():
                 bank.ensure(req.slot)
         return bank
 
     def add_layer(self, layer: int, stream: torch.Tensor, items: list[tuple[str, int, int]], step: int) -> None:
-        """stream: [N, d] rows of the whole step at one layer; items: (engine id,
-        lo, hi) of tracked requests, rows stream[lo:hi] in token order."""
-        if not items:
+        """One layer's rows of a step: `add_step` for a group of one layer."""
+        self.add_step({layer: stream}, items, step)
+
+    def add_step(self, rows: dict[int, torch.Tensor], items: list[tuple[str, int, int]], step: int) -> None:
+        """One engine step: rows {layer: [N, d]} of the tapped layers (all of the
+        same width), and items (engine id, lo, hi) of tracked requests whose rows
+        are stream[lo:hi] at every layer, in token order."""
+        if not items or not rows:
             return
-        bank = self._bank(layer, stream)
+        group = tuple(sorted(rows))
+        stack = torch.stack([rows[l] for l in group]) if len(group) > 1 else rows[group[0]][None]  # [L, N, d]
+        bank = self._bank(group, stack)
         w, s = self.window, self.stride
         single = [(self.requests[r], lo) for r, lo, hi in items if hi - lo == 1 and r in self.requests]
         if single:
-            # Decode rows: one batched update for every request of the step.
+            # Decode rows: one batched update for every request and layer of the step.
             slots = [req.slot for req, _ in single]
-            rows = stream[torch.tensor([lo for _, lo in single], device=stream.device)]
-            bank.append(slots, rows)
-            self.rows_seen += len(single)
+            bank.append(slots, stack[:, torch.tensor([lo for _, lo in single], device=stack.device)])
+            self.rows_seen += len(single) * len(group)
             hit = [req for req, _ in single if bank.count[req.slot] % s == 0 and bank.count[req.slot] >= 2]
             if hit:
-                grams, valid = bank.window_gram([req.slot for req in hit])
+                grams, valid = bank.window_gram([req.slot for req in hit])  # [L, H, W, W]
                 for j, req in enumerate(hit):
-                    self.emit(self._seed(req, layer, step, bank.count[req.slot], grams[j], valid[j], bank, False))
+                    for li, layer in enumerate(group):
+                        self.emit(self._seed(req, layer, step, bank.count[req.slot], grams[li, j], valid[j], bank,
+                                             False))
         for r, lo, hi in items:
             if hi - lo == 1 or r not in self.requests:
                 continue
@@ -132,29 +146,28 @@ class WindowTap:
             req = self.requests[r]
             c0 = bank.count[req.slot]
             bounds = [t for t in range((c0 // s + 1) * s, c0 + (hi - lo) + 1, s) if t >= 2]
-            self.rows_seen += hi - lo
-            for t, g, v in bank.extend(req.slot, stream[lo:hi], bounds):
-                full = g.new_zeros((w, w))
-                full[:v, :v] = g
-                self.emit(self._seed(req, layer, step, t, full, v, bank, False))
-
-    def add_step(self, rows: dict[int, torch.Tensor], items: list[tuple[str, int, int]], step: int) -> None:
-        """One engine step: rows {layer: [N, d]} of every tapped layer, the same
-        items (engine id, lo, hi) for all of them."""
-        for layer in sorted(rows):
-            self.add_layer(layer, rows[layer], items, step)
+            self.rows_seen += (hi - lo) * len(group)
+            for t, g, v in bank.extend(req.slot, stack[:, lo:hi], bounds):  # g: [L, V, V]
+                full = g.new_zeros((len(group), w, w))
+                full[:, :v, :v] = g
+                for li, layer in enumerate(group):
+                    self.emit(self._seed(req, layer, step, t, full[li], v, bank, False))
 
     def finish(self, engine_id: str, step: int) -> None:
         """The request ended: one final frame per layer (its last window), then forget it."""
         req = self.requests.pop(engine_id, None)
         if req is None:
             return
-        for layer, bank in sorted(self.banks.items()):
+        seeds = []
+        for group, bank in self.banks.items():
             n = bank.rows_in(req.slot)
             if n >= 2:
                 grams, valid = bank.window_gram([req.slot])
-                self.emit(self._seed(req, layer, step, n, grams[0], valid[0], bank, True))
+                seeds += [self._seed(req, layer, step, n, grams[li, 0], valid[0], bank, True)
+                          for li, layer in enumerate(group)]
             bank.reset(req.slot)
+        for seed in sorted(seeds, key=lambda sd: sd.layer):
+            self.emit(seed)
         self.slots.release(req.slot)
 
     def drop(self, engine_id: str) -> None:

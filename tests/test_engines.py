@@ -203,7 +203,7 @@ def test_token_sums_are_exact_bounded_and_mark_failures():
     tap._capture_rows(3, x[0], [("d-0000000d", 0, 1)])  # fails inside: counted, not raised
     assert tap.hook_errors == 1
     tap.windows = SimpleNamespace(finish=lambda rid, step: None, drop=lambda rid: None)
-    tap.opted_out, tap.step, tap.layout = set(), 0, None
+    tap.opted_out, tap.step, tap.layout, tap.rows = set(), 0, None, {}
     tap._before_step(SimpleNamespace(finished_req_ids=["d-0000000d"], preempted_req_ids=[]))
     assert tap.pop_captured(["d"]) == {"d": None}
 

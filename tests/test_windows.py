@@ -148,14 +148,14 @@ def test_frames_under_continuous_batching_match_reference_windows(w, s, proj):
     want = {(rid, t, False) for rid, n in lengths.items() for t in expected_counts(n, w, s)}
     want |= {(rid, n, True) for rid, n in lengths.items() if n >= 2}
     assert {(f.request_id, f.token_count, f.final) for f in frames} == want
-    bank = tap.banks[0]
+    bank = tap.banks[(0,)]
     for f in frames:
         src = streams[f.request_id][max(0, f.token_count - w) : f.token_count]
         if proj is None:
             assert_frame_matches_rows(f, src, f"{f.request_id} t={f.token_count}")
         else:  # the same windows seen through the layer's fixed projection; γ uses k
             assert f.dim == proj
-            x = (src.double() - src[:1].double()) @ bank.proj.double()
+            x = (src.double() - src[:1].double()) @ bank.proj[0].double()  # [L, d, k]: layer 0
             want_eigs = reference.window_eigenvalues(x.numpy()) * proj / d  # Gram / d, not / k
             np.testing.assert_allclose(f.eigenvalues, want_eigs, rtol=0, atol=EIG_RTOL * want_eigs[0])
 
