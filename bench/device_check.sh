@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The GPU checks of the spectral-kernels issue, as one device run (H100/H200):
-# the Triton kernels compiled on CUDA against float64 references, then the
-# GPU table of bench/bench_spectra.py (DESIGN.md anchors side by side).
+# The GPU checks, as one device run (H100/H200): the window-spectra kernels,
+# compiled on CUDA against float64 references, their GPU table, the tap's cost
+# per CUDA-graph decode step (bench_decode_gpu.py) and the Sparton GPU cases.
 #
 # The device machine has torch, triton and numpy but no pytest; carry its
 # wheels (run once here, in the repo root):
@@ -20,3 +20,7 @@ echo "== Triton kernels compiled on CUDA vs float64 references"
 EW_TRITON_DEVICE=cuda timeout 240 python3 tests/test_triton_spectra.py
 echo "== bench/bench_spectra.py"
 timeout 240 python3 bench/bench_spectra.py --repeats 3
+echo "== bench/bench_decode_gpu.py (the tap's cost per decode step, CUDA graphs on)"
+timeout 300 python3 bench/bench_decode_gpu.py
+echo "== bench/bench_sparton.py (GPU cases)"
+timeout 240 python3 bench/bench_sparton.py --rounds 5

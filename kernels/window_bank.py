@@ -20,11 +20,11 @@ of a request (BOS) is often far from every other (massive activations). The
 centred Gram subtracts the window's mean from raw inner products, so an fp32
 Gram of rows far from their own mean loses the window's small spread to
 cancellation (a prompt of one repeated word lost it entirely). Subtracting a
-constant changes no centred quantity, so each slot is rebased whenever its
-ring has been refilled (every W rows, and after every prefill chunk): ref
-becomes the newest raw row, shift the window's mean relative to it, and the
-ring and Gram are recomputed from the re-centred rows, O(W²·k) once per W
-rows, the same order as the per-row update.
+constant changes no centred quantity, so a slot is rebased after every prefill
+chunk, when decode rows push its first row out of the window, and every
+REBASE_EVERY windows after: ref becomes the newest raw row, shift the window's
+mean relative to it, and the ring and Gram are recomputed from the re-centred
+rows (O(W²·k) for each slot due).
 
 Optional random projection to k < d dims (a fixed Gaussian per layer, entries
 N(0, 1/k), seeded by the layer index so every tap of a model uses the same
@@ -42,6 +42,8 @@ from __future__ import annotations
 import torch
 
 from . import backend
+
+REBASE_EVERY = 8  # decode rows: windows between rebases once the first has filled
 
 
 class Slots:
@@ -175,6 +177,13 @@ class WindowBank:
         self._ref[:, idx] = first.to(device=self.device, dtype=torch.float32)
         self._shift[:, idx] = 0.0
 
+    def _rebase_due(self, count: int) -> bool:
+        # When the request's first row has just left the window (the mean no longer
+        # counts it), then every REBASE_EVERY windows: hidden states drift slowly,
+        # and a rebase costs a whole Gram (O(W²·k)) for every slot due.
+        w = self.window
+        return count == w + 1 or count % (REBASE_EVERY * w) == 0
+
     def _rebase(self, idx: torch.Tensor, last_raw: torch.Tensor, last_stored: torch.Tensor) -> None:
         """Slots idx [B] whose W ring rows are all valid: re-centre them. last_raw [L, B, d]
         and last_stored [L, B, k]: the newest row, raw and as stored before the rebase."""
@@ -217,7 +226,7 @@ class WindowBank:
             self._gram.transpose(2, 3)[:, idx, pos, :] = dots
         for s in slots:
             self.count[s] += 1
-        full = [i for i, s in enumerate(slots) if self.count[s] % w == 0]
+        full = [i for i, s in enumerate(slots) if self._rebase_due(self.count[s])]
         if full:
             f = torch.tensor(full, device=self.device)
             self._rebase(idx[f], rows[:, f], x[:, f])
