@@ -168,8 +168,8 @@ def test_prefix_cache_hits_are_reported_as_skipped(llm, sidecar):
 
 def test_sidecar_killed_mid_generation(llm, sidecar):
     # Long enough that the kill lands mid-generation however fast the host is:
-    # 6 requests x 900 tokens, killed after ~30 of their ~1000 frames arrived.
-    prompts = token_prompts([30, 80, 12, 50, 20, 64], seed=4)
+    # 12 requests x 900 tokens, killed as soon as the first of their frames arrives.
+    prompts = token_prompts([30, 80, 12, 50, 20, 64, 40, 16, 70, 24, 36, 60], seed=4)
     params = greedy(900)
     # Baseline: the same engine with the tap uninstalled, then installed again.
     assert llm.collective_rpc("eigenwatch_uninstall") == [True]
@@ -184,8 +184,8 @@ def test_sidecar_killed_mid_generation(llm, sidecar):
     worker = threading.Thread(target=lambda: result.update(outs=llm.generate(prompts, params, use_tqdm=False)))
     worker.start()
     # Kill it (SIGKILL, no goodbye) once this generation's frames are flowing.
-    wait_for(lambda: metric_value(scrape(sc.metrics), "eigenwatch_frames_ingested_total") > ingested + 30,
-             every=0.02, what="frames of the running generation")
+    wait_for(lambda: metric_value(scrape(sc.metrics), "eigenwatch_frames_ingested_total") > ingested,
+             every=0.01, what="frames of the running generation")
     sc.kill()
     assert worker.is_alive(), "generation finished before the kill; make it longer"
     worker.join(timeout=300)
