@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 
 from .capture import TokenSums
-from .config import TapConfig, request_opt, resolve_layers
+from .config import TapConfig, bad_request_opt, request_opt, resolve_layers
 from .export import FrameExporter
 from .layers import find_decoder_layers
 from .windows import FrameSeed, WindowTap
@@ -193,6 +193,7 @@ class _VllmTap:
         self.layout: tuple[list[str], list[int], list[tuple[str, int, int]]] | None = None
         self.opted_out: set[str] = set()
         self.hook_errors = 0
+        self.bad_options = 0
         self._logged: set[str] = set()
         self.active = True
         # Capture mode: token sums by engine request id (finished ones wait to
@@ -285,6 +286,12 @@ class _VllmTap:
             state = self.runner.requests.get(rid)
             params = getattr(state, "sampling_params", None) or getattr(state, "pooling_params", None)
             extra = getattr(params, "extra_args", None) or getattr(params, "extra_kwargs", None)
+            problem = bad_request_opt(extra)
+            if problem is not None:
+                self.bad_options += 1
+                if "bad_option" not in self._logged:
+                    self._logged.add("bad_option")
+                    log.warning("eigenwatch: %s (counted in eigenwatch_tap_bad_options_total; logged once)", problem)
             if not request_opt(extra, self.cfg.default):
                 self.opted_out.add(rid)
                 continue
@@ -394,6 +401,7 @@ class _VllmTap:
         c = self.exporter.counters
         with self.exporter._lock:
             c.hook_errors = self.hook_errors
+            c.bad_options = self.bad_options
             c.rows_seen = self.windows.rows_seen
             c.requests_untracked = self.windows.untracked
             c.requests_opted_out = len(self.opted_out)

@@ -111,15 +111,32 @@ def enabled() -> bool:
     return os.environ.get(ENV_PREFIX + "ENABLE", "").strip() in ("1", "true", "yes")
 
 
-def request_opt(extra_args: dict | None, default: str) -> bool:
-    """Whether one request is monitored, from its extra_args (vllm_xargs)."""
-    value = (extra_args or {}).get("eigenwatch", default)
+_OPT_ON = ("on", "1", "true", "yes")
+_OPT_OFF = ("off", "0", "false", "no")
+
+
+def _opt_value(value) -> bool | None:
     if isinstance(value, bool):
         return value
     text = str(value).strip().lower()
-    if text in ("on", "1", "true", "yes"):
-        return True
-    if text in ("off", "0", "false", "no"):
-        return False
-    # A bad per-request value must not fail the request: fall back to the default.
-    return default == "on"
+    return True if text in _OPT_ON else False if text in _OPT_OFF else None
+
+
+def request_opt(extra_args: dict | None, default: str) -> bool:
+    """Whether one request is monitored, from its extra_args (vllm_xargs)."""
+    value = _opt_value((extra_args or {}).get("eigenwatch", default))
+    # A bad per-request value must not fail the request: fall back to the
+    # default (bad_request_opt says what was wrong; the tap counts it).
+    return default == "on" if value is None else value
+
+
+def bad_request_opt(extra_args: dict | None) -> str | None:
+    """What is wrong with a request's `eigenwatch` extra arg, or None when it is
+    absent or valid."""
+    if not extra_args or "eigenwatch" not in extra_args:
+        return None
+    value = extra_args["eigenwatch"]
+    if _opt_value(value) is not None:
+        return None
+    return (f"vllm_xargs.eigenwatch: {value!r} is not one of 'on' or 'off' "
+            f"(also accepted: {', '.join(_OPT_ON[1:] + _OPT_OFF[1:])}); the request runs with the default")

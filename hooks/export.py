@@ -48,6 +48,7 @@ class TapCounters:
     rows_seen: int = 0
     requests_untracked: int = 0
     requests_opted_out: int = 0
+    bad_options: int = 0
     reconnects: int = 0
 
 
@@ -123,6 +124,7 @@ class FrameExporter:
                 rows_seen=c.rows_seen,
                 requests_untracked=c.requests_untracked,
                 requests_opted_out=c.requests_opted_out,
+                bad_options=c.bad_options,
             )
 
     def _batch(self, seeds: list[FrameSeed]) -> monitor_pb2.FrameBatch:

@@ -3,7 +3,8 @@ that name the variable and the accepted values."""
 
 import pytest
 
-from eigenwatch.hooks.config import TapConfig, default_layers, enabled, parse_layers, request_opt, resolve_layers
+from eigenwatch.hooks.config import (TapConfig, bad_request_opt, default_layers, enabled, parse_layers, request_opt,
+                                     resolve_layers)
 
 
 def test_defaults_and_overrides(monkeypatch):
@@ -56,3 +57,10 @@ def test_per_request_opt():
     assert request_opt({"eigenwatch": 1}, "off") and not request_opt({"eigenwatch": False}, "on")
     # A bad per-request value must never fail the request: the default applies.
     assert request_opt({"eigenwatch": "banana"}, "on") and not request_opt({"eigenwatch": "banana"}, "off")
+
+
+def test_bad_per_request_opt_is_named():
+    assert bad_request_opt(None) is None and bad_request_opt({"other": 1}) is None
+    assert bad_request_opt({"eigenwatch": "OFF "}) is None and bad_request_opt({"eigenwatch": True}) is None
+    msg = bad_request_opt({"eigenwatch": "banana"})
+    assert "vllm_xargs.eigenwatch" in msg and "'banana'" in msg and "'on' or 'off'" in msg

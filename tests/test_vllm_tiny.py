@@ -145,10 +145,17 @@ def test_rows_per_request_concurrent_and_chunked(llm, sidecar):
 
 def test_opt_out_through_extra_args(llm, sidecar):
     client = SidecarClient(sidecar["sc"].grpc)
-    prompts = token_prompts([20, 20], seed=2)
-    outs = llm.generate(prompts, [greedy(4, eigenwatch="off"), greedy(4)], use_tqdm=False)
+    prompts = token_prompts([20, 20, 20], seed=2)
+    before = llm.collective_rpc("eigenwatch_stats")[0]["bad_options"]
+    outs = llm.generate(prompts, [greedy(4, eigenwatch="off"), greedy(4), greedy(4, eigenwatch="maybe")],
+                        use_tqdm=False)
     finished_report(client, outs[1].request_id)
     assert client.try_report(outs[0].request_id) is None
+    # A bad value never fails the request: it runs with the default (on here), counted.
+    finished_report(client, outs[2].request_id)
+    assert llm.collective_rpc("eigenwatch_stats")[0]["bad_options"] == before + 1
+    wait_for(lambda: metric_value(scrape(sidecar["sc"].metrics), "eigenwatch_tap_bad_options_total",
+                                  model="tiny") >= before + 1, what="bad option counted on /metrics")
     client.close()
 
 

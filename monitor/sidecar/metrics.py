@@ -25,6 +25,7 @@ _TAP_COUNTERS = {
     "hook_errors": "Exceptions caught inside tap hooks (never raised into vLLM)",
     "rows_seen": "Hidden-state rows the taps read",
     "requests_untracked": "Requests not monitored because a tap was at its request limit",
+    "bad_options": "Requests whose eigenwatch extra arg was not on/off (run with the default)",
 }
 # Tap values that go up and down: gauges, not counters.
 _TAP_GAUGES = {
