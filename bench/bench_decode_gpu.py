@@ -9,11 +9,12 @@ and 256, measured side by side in one run:
                    asks of the model: nothing of eigenwatch inside the graph
                    but these copies)
   + post-step      graph + aux, then the tap's per-step work after the replay:
-                   the window update of every request at every tapped layer
-                   (kernels/window_bank.py, Triton Gram update), and every
-                   `stride` steps one batched eigensolve of all windows
-                   (kernels/gram.py, Triton Jacobi) with the eigenvalues copied
-                   to pinned host memory asynchronously; amortised over a stride
+                   one batched copy of every request's rows at every tapped
+                   layer into the window ring (kernels/window_bank.py), and
+                   every `stride` steps one batched centred Gram of all windows
+                   and their eigensolve (kernels/gram.py, Triton Jacobi), the
+                   eigenvalues copied to pinned host memory asynchronously;
+                   amortised over a stride
 
 Times are medians of CUDA-event-timed windows of `stride` steps, in ms per
 step; ratios against `graph`. One window of post-step work first runs under
@@ -121,7 +122,7 @@ def bench_batch(batch: int, args) -> list[str]:
         bank.append(slots, model.aux.float())
 
     def post_step(step: int):
-        bank.append(slots, model.aux)  # [L, B, d] bf16 rows: the Triton update reads them as they are
+        bank.append(slots, model.aux)  # [L, B, d] bf16 rows, fp32 in the ring
         if step % args.stride == 0:
             grams, valid = bank.window_gram(slots)  # [L, B, W, W]
             eigs, _, _ = spectra(grams.view(-1, args.window, args.window), args.window, 1.0 / HIDDEN)

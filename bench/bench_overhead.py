@@ -1,12 +1,15 @@
 """What monitoring costs a vLLM server: tap off vs tap on (with the sidecar
 running on the same machine), interleaved A/B in one run.
 
-    .venv/bin/python bench/bench_overhead.py [--models tiny,small,minilm] [--pairs 5]
+    .venv/bin/python bench/bench_overhead.py [--models tiny,small,minilm] [--pairs 5] [--spectra sidecar,tap]
+        [--sketch off,on [--sketch-every 4096 --sketch-sample 1]]
 
-Per model, two engine processes with the same settings (vLLM's default
-compiled mode), one with the tap and one without, each started once and kept
-warm; the same load goes to A, then B, then A, ... for --pairs pairs, so drift
-in the machine's load hits both. Generate models (tiny: the demo's random
+Per model, engine processes with the same settings (vLLM's default compiled
+mode): one without the tap and one with it per --spectra setting (where the
+window spectra are computed: EIGENWATCH_SPECTRA) and --sketch setting (the
+top-direction sketches of the drift detector: EIGENWATCH_SKETCH), each started once and kept
+warm; the same load goes to each in turn, the order rotating every round, for
+--pairs rounds, so drift in the machine's load hits all of them. Generate models (tiny: the demo's random
 Llama; small: the same recipe at hidden 1024 × 8 layers, ~110M parameters):
 --concurrency requests of --prompt-tokens random tokens, --max-tokens
 generated each (ignore_eos), driven step by step through the engine; the
@@ -40,7 +43,10 @@ def child(args) -> None:
     from eigenwatch.hooks.models import resolve_model
 
     path, runner = resolve_model(args.model)
-    tap = {"EIGENWATCH_SIDECAR": args.sidecar, "EIGENWATCH_MODEL_NAME": args.model} if args.tap == "on" else {}
+    tap = {"EIGENWATCH_SIDECAR": args.sidecar, "EIGENWATCH_MODEL_NAME": args.model,
+           "EIGENWATCH_SPECTRA": args.spectra_at, "EIGENWATCH_SKETCH": args.sketch_on,
+           "EIGENWATCH_SKETCH_EVERY": str(args.sketch_every), "EIGENWATCH_SKETCH_SAMPLE": str(args.sketch_sample)
+           } if args.tap == "on" else {}
     if args.tap == "off":
         tap = {"EIGENWATCH_ENABLE": None, "EIGENWATCH_DISABLE": "1"}
     engine = Engine(path, runner, tap_env=tap, max_model_len=None if runner == "pooling" else 1024)
@@ -93,15 +99,17 @@ def child(args) -> None:
         res = workload()
         if args.tap == "on":
             st = engine.tap_stats()
-            res["tap"] = {k: st.get(k) for k in ("capture_path", "frames_emitted", "frames_sent", "frames_dropped",
-                                                 "hook_errors")}
+            res["tap"] = {k: st.get(k) for k in ("capture_path", "spectra_at", "frames_emitted", "frames_sent",
+                                                 "frames_dropped", "hook_errors", "sketch")}
         print("RESULT " + json.dumps(res), flush=True)
     engine.close()
 
 
 class Server:
-    def __init__(self, args, model: str, tap: str, sidecar: str):
+    def __init__(self, args, model: str, tap: str, sidecar: str, spectra_at: str = "auto", sketch: str = "off"):
         cmd = [sys.executable, __file__, "--child", "--model", model, "--tap", tap, "--sidecar", sidecar,
+               "--spectra-at", spectra_at, "--sketch-on", sketch, "--sketch-every", str(args.sketch_every),
+               "--sketch-sample", str(args.sketch_sample),
                "--concurrency", str(args.concurrency or DEFAULT_CONCURRENCY[model]),
                "--prompt-tokens", str(args.prompt_tokens), "--max-tokens", str(args.max_tokens),
                "--embed-texts", str(args.embed_texts)]
@@ -138,37 +146,46 @@ def _spread(values) -> str:
 
 
 def compare(args, model: str, sidecar) -> list[str]:
-    off = Server(args, model, "off", "-")
-    on = Server(args, model, "on", sidecar.grpc)
-    pairs = []
+    """Tap off against tap on for each --spectra and --sketch setting, in rotating order."""
+    configs = {"off": Server(args, model, "off", "-")}
     try:
+        for where in args.spectra.split(","):
+            for sketch in args.sketch.split(","):
+                name = f"on/{where}" + ("+sketch" if sketch == "on" else "")
+                configs[name] = Server(args, model, "on", sidecar.grpc, where, sketch)
+        names = list(configs)
+        pairs = []
         for i in range(args.pairs):
-            order = [("off", off), ("on", on)] if i % 2 == 0 else [("on", on), ("off", off)]
-            got = {name: srv.run() for name, srv in order}
-            pairs.append(got)
+            order = names[i % len(names):] + names[:i % len(names)]
+            pairs.append({name: configs[name].run() for name in order})
     finally:
-        off.close()
-        on.close()
+        for srv in configs.values():
+            srv.close()
     lines = []
+    ons = [n for n in names if n != "off"]
     if "texts" in pairs[0]["off"]:
-        rate = {k: [p[k]["texts"] / p[k]["wall"] for p in pairs] for k in ("off", "on")}
-        ratio = [a / b for a, b in zip(rate["off"], rate["on"])]
+        rate = {k: [p[k]["texts"] / p[k]["wall"] for p in pairs] for k in names}
         lines.append(f"{model} (embeddings, {pairs[0]['off']['texts']} texts per run): texts/s off "
-                     f"{statistics.median(rate['off']):.1f}, on {statistics.median(rate['on']):.1f}; "
-                     f"cost (off/on) {_spread(ratio)}")
+                     f"{statistics.median(rate['off']):.1f}")
+        for k in ons:
+            ratio = [a / b for a, b in zip(rate["off"], rate[k])]
+            lines.append(f"  {k:12s} texts/s {statistics.median(rate[k]):8.1f}  cost (off/on) {_spread(ratio)}")
     else:
-        tps = {k: [p[k]["tokens"] / p[k]["wall"] for p in pairs] for k in ("off", "on")}
-        p50 = {k: [statistics.median(p[k]["itl"]) for p in pairs] for k in ("off", "on")}
-        p99 = {k: [sorted(p[k]["itl"])[int(0.99 * (len(p[k]["itl"]) - 1))] for p in pairs] for k in ("off", "on")}
+        tps = {k: [p[k]["tokens"] / p[k]["wall"] for p in pairs] for k in names}
+        p50 = {k: [statistics.median(p[k]["itl"]) for p in pairs] for k in names}
+        p99 = {k: [sorted(p[k]["itl"])[int(0.99 * (len(p[k]["itl"]) - 1))] for p in pairs] for k in names}
         c = args.concurrency or DEFAULT_CONCURRENCY[model]
-        lines.append(f"{model} ({c} concurrent, {args.prompt_tokens} prompt + {args.max_tokens} generated tokens):")
-        lines.append(f"  tokens/s   off {statistics.median(tps['off']):8.1f}  on {statistics.median(tps['on']):8.1f}"
-                     f"  cost (off/on) {_spread([a / b for a, b in zip(tps['off'], tps['on'])])}")
-        for name, d in (("ITL p50 ms", p50), ("ITL p99 ms", p99)):
-            lines.append(f"  {name} off {1e3 * statistics.median(d['off']):8.2f}  on "
-                         f"{1e3 * statistics.median(d['on']):8.2f}  ratio (on/off) "
-                         f"{_spread([b / a for a, b in zip(d['off'], d['on'])])}")
-    lines.append(f"  tap counters (last pair): {pairs[-1]['on'].get('tap')}")
+        lines.append(f"{model} ({c} concurrent, {args.prompt_tokens} prompt + {args.max_tokens} generated tokens): "
+                     f"off: {statistics.median(tps['off']):.1f} tokens/s, ITL p50 "
+                     f"{1e3 * statistics.median(p50['off']):.2f} ms, p99 {1e3 * statistics.median(p99['off']):.2f} ms")
+        for k in ons:
+            lines.append(f"  {k:12s} tokens/s {statistics.median(tps[k]):8.1f}  cost (off/on) "
+                         f"{_spread([a / b for a, b in zip(tps['off'], tps[k])])}")
+            for name, d in (("ITL p50", p50), ("ITL p99", p99)):
+                lines.append(f"  {'':12s} {name} {1e3 * statistics.median(d[k]):7.2f} ms  ratio (on/off) "
+                             f"{_spread([b / a for a, b in zip(d['off'], d[k])])}")
+    for k in ons:
+        lines.append(f"  tap counters, {k} (last pair): {pairs[-1][k].get('tap')}")
     return lines
 
 
@@ -181,23 +198,39 @@ def main() -> None:
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--embed-texts", type=int, default=512)
+    p.add_argument("--spectra", default="auto",
+                   help="comma-separated EIGENWATCH_SPECTRA settings to run tap-on engines with (auto, sidecar, "
+                        "tap); each is compared with tap off in the same rotation")
+    p.add_argument("--sketch", default="off",
+                   help="comma-separated EIGENWATCH_SKETCH settings for tap-on engines (off, on; 'off,on' compares "
+                        "both in the same rotation)")
+    p.add_argument("--sketch-every", type=int, default=4096, help="EIGENWATCH_SKETCH_EVERY (default %(default)s)")
+    p.add_argument("--sketch-sample", type=int, default=1, help="EIGENWATCH_SKETCH_SAMPLE (default %(default)s)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--sketch-on", default="off", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--tap", choices=["on", "off"], help=argparse.SUPPRESS)
     p.add_argument("--sidecar", help=argparse.SUPPRESS)
+    p.add_argument("--spectra-at", default="auto", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         child(args)
         return
     if args.pairs < 1:
         p.error("--pairs: expected an integer >= 1")
+    bad = [x for x in args.spectra.split(",") if x not in ("auto", "sidecar", "tap")]
+    if bad:
+        p.error(f"--spectra: expected a comma-separated list of auto, sidecar, tap; got {', '.join(bad)}")
+    bad = [x for x in args.sketch.split(",") if x not in ("on", "off")]
+    if bad:
+        p.error(f"--sketch: expected a comma-separated list of off, on; got {', '.join(bad)}")
 
     from eigenwatch.monitor.cli.processes import SidecarProcess
 
     sidecar = SidecarProcess(["--listen", "127.0.0.1:0", "--metrics-port", "-1"]).start()
     try:
         print(f"bench_overhead: {os.cpu_count()} CPUs, {args.pairs} interleaved pairs per model, vLLM default "
-              f"compiled mode; the sidecar runs on the same machine", flush=True)
+              f"compiled mode; the sidecar runs on the same machine at its default --nice", flush=True)
         for model in [m.strip() for m in args.models.split(",") if m.strip()]:
             for line in compare(args, model, sidecar):
                 print(line, flush=True)

@@ -12,15 +12,17 @@ mask and L2-normalised as sentence-transformers does; cached under
 ~/.cache/eigenwatch/bench keyed by the sha256 of the texts.
 
 Protocol: stratified 50/25/25 train/validation/test split. The probe
-(scikit-learn logistic regression, C=1) and every projection are fitted on
+(logistic regression, C=1, scikit-learn's objective) and every projection are fitted on
 train only; EigenShield's quantile and max_rbns are picked on validation
 (largest mean drop in attack (a) success at ≤ 1 point clean-accuracy loss,
 else the smallest loss); test is reported once. ASR = of the test rows the
 defended pipeline gets right, the fraction an ε-bounded L2 perturbation of the
 embedding (unit norm, not renormalised) flips. (a) does not know the shield:
 δ = −ε·t·w/‖w‖ along the probe's gradient (t = ±1 the true class). (b)
-adaptive: 20 steps of L2 PGD on the logistic loss through the projection
-(torch autograd through `project_torch`).
+adaptive: the worst δ of the L2 ball through the (linear) projection,
+−ε·t·Pw/‖Pw‖, exact: what L2 PGD through `project_torch` converges to. The
+probe, the attacks and the table are monitor/offline/attacks.py's, which
+`eigenwatch shield eval` prints from too.
 
     python bench/bench_shield.py [--per-class 3000]
 """
@@ -45,9 +47,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import reference  # noqa: E402
 
 from eigenwatch.kernels import shield as S  # noqa: E402
+from eigenwatch.monitor.offline.attacks import (EPS, Linear, evaluate, fit_probe, header, margins,  # noqa: E402
+                                               row, stratified_split)
 
 CACHE = Path.home() / ".cache" / "eigenwatch" / "bench"
-EPS = (0.1, 0.2)
 ANCHOR = "issue anchor (its own task): none ASR 0.39/0.90 at eps 0.1/0.2; MP-edge 0.34/0.85, clean acc 0.869 -> 0.863"
 
 DATA = ("string re textwrap difflib json csv email html xml decimal _pydecimal fractions statistics datetime "
@@ -140,113 +143,13 @@ def embed(texts: list[str]) -> np.ndarray:
     return out
 
 
-def stratified_split(y: np.ndarray, seed: int = 0):
-    rng = np.random.default_rng(seed)
-    parts = ([], [], [])
-    for c in np.unique(y):
-        idx = rng.permutation(np.flatnonzero(y == c))
-        n = len(idx)
-        parts[0].append(idx[: n // 2])
-        parts[1].append(idx[n // 2 : (3 * n) // 4])
-        parts[2].append(idx[(3 * n) // 4 :])
-    return tuple(np.sort(np.concatenate(p)) for p in parts)
-
-
-# --------------------------------------------------------------------------- defences and attacks
-
-
-class Linear:
-    """A projection defence x -> μ + (x − μ)UUᵀ (U [d, k]); U = None: no defence."""
-
-    def __init__(self, name: str, mean=None, basis=None, shield: S.Shield | None = None):
-        self.name, self.shield = name, shield
-        self.mean = shield.mean if shield is not None else mean
-        self.basis = shield.basis if shield is not None else basis
-
-    @property
-    def k(self):
-        return "all" if self.basis is None else self.basis.shape[1]
-
-    def apply(self, x: np.ndarray) -> np.ndarray:
-        if self.basis is None:
-            return x
-        if self.shield is not None:
-            return self.shield.project(x).y
-        return reference.shield_project(x, self.mean, self.basis, 1.0)[0]
-
-    def apply_torch(self, x):
-        import torch
-
-        if self.basis is None:
-            return x
-        if self.shield is not None:
-            return self.shield.project_torch(x)[0]
-        mean = torch.as_tensor(self.mean, dtype=x.dtype)
-        u = torch.as_tensor(self.basis, dtype=x.dtype)
-        return mean + ((x - mean) @ u) @ u.T
-
-
-def margins(probe, z: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """t·(w·z + b), t = ±1 the true class: > 0 means correct."""
-    return (2 * y - 1) * (z @ probe["w"] + probe["b"])
-
-
-def pgd(probe, defence: Linear, x: np.ndarray, y: np.ndarray, eps: float, steps: int = 20) -> np.ndarray:
-    import torch
-
-    xt = torch.from_numpy(x.astype(np.float64))
-    t = torch.from_numpy((2 * y - 1).astype(np.float64))
-    w = torch.from_numpy(probe["w"].astype(np.float64))
-    delta = torch.zeros_like(xt, requires_grad=True)
-    step = 2.5 * eps / steps
-    for _ in range(steps):
-        loss = torch.nn.functional.softplus(-t * (defence.apply_torch(xt + delta) @ w + probe["b"])).sum()
-        (grad,) = torch.autograd.grad(loss, delta)
-        with torch.no_grad():
-            g = grad / grad.norm(dim=1, keepdim=True).clamp(min=1e-30)
-            delta += step * g
-            delta *= (eps / delta.norm(dim=1, keepdim=True).clamp(min=1e-30)).clamp(max=1.0)  # onto the L2 ball
-    return (xt + delta).detach().numpy()
-
-
-def evaluate(probe, defence: Linear, x: np.ndarray, y: np.ndarray, adaptive: bool = True) -> dict:
-    ok = margins(probe, defence.apply(x), y) > 0
-    out = {"acc": float(ok.mean())}
-    w_hat = probe["w"] / np.linalg.norm(probe["w"])
-    t = (2 * y - 1)[:, None]
-    for eps in EPS:
-        flipped = margins(probe, defence.apply(x - eps * t * w_hat), y) <= 0
-        out[("a", eps)] = float(flipped[ok].mean())
-        if adaptive:
-            flipped = margins(probe, defence.apply(pgd(probe, defence, x, y, eps)), y) <= 0
-            out[("b", eps)] = float(flipped[ok].mean())
-    return out
-
-
-def fit_probe(x: np.ndarray, y: np.ndarray) -> dict:
-    from sklearn.linear_model import LogisticRegression
-
-    clf = LogisticRegression(C=1.0, max_iter=5000).fit(x, y)
-    return {"w": clf.coef_[0].astype(np.float64), "b": float(clf.intercept_[0])}
+# --------------------------------------------------------------------------- defences (the rest: attacks.py)
 
 
 def mp_edge_projection(x: np.ndarray) -> Linear:
     """The plain baseline: eigenvectors above σ²_median(1+√γ)², no TW margin, no RbNS."""
     spec = reference.shield_spectrum(x, sigma2="median", alpha=None)
     return Linear("MP-edge projection", spec["mean"], spec["spike_vectors"])
-
-
-def row(label: str, r: dict, base: dict | None) -> str:
-    cells = [f"{label:<44}", f"{r['acc']:.3f}"]
-    for kind in ("a", "b"):
-        for eps in EPS:
-            v = r[(kind, eps)]
-            rel = "" if base is None else f" ({(v - base[(kind, eps)]) / base[(kind, eps)]:+.0%})"
-            cells.append(f"{v:.3f}{rel:>7}")
-    return "  ".join(cells)
-
-
-HEADER = f"{'':<44}  {'clean':>5}  " + "  ".join(f"{k}@{e:<11}" for k in ("ASR(a)", "ASR(b)") for e in EPS)
 
 
 def median_time(fn, reps: int = 50, warmup: int = 5, sync=None) -> float:
@@ -331,7 +234,7 @@ def main() -> None:
     # ---- report on test
     es = Linear(f"EigenShield (k={shield.rank})", shield=shield)
     print(f"\nsplit: test (n={len(te)}); probe trained on raw train embeddings; ASR relative to no defence in ()")
-    print(HEADER)
+    print(header())
     base_te = evaluate(probe, none, x[te], y[te])
     results = {"none": base_te}
     print(row("no defence", base_te, None))

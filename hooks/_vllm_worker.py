@@ -49,6 +49,7 @@ from .capture import TokenSums
 from .config import TapConfig, bad_request_opt, request_opt, resolve_layers
 from .export import FrameExporter
 from .layers import find_decoder_layers
+from .sketches import LayerSketches
 from .windows import FrameSeed, WindowTap
 
 log = logging.getLogger("eigenwatch.tap")
@@ -185,10 +186,14 @@ class _VllmTap:
         self.cfg = cfg
         model_cfg = worker.vllm_config.model_config
         self.model_name = cfg.model or model_label(model_cfg)
-        self.exporter = FrameExporter(cfg.sidecar, self.model_name, max_batches=cfg.queue_batches)
+        self.exporter = FrameExporter(cfg.sidecar, self.model_name, max_batches=cfg.queue_batches,
+                                      grams=cfg.spectra_in_sidecar())
         self.pending: list[FrameSeed] = []
         self.windows = WindowTap(cfg.window, cfg.stride, cfg.max_requests, self.pending.append,
                                  proj_dim=cfg.proj_dim or None)
+        # Top-direction sketches for the sidecar's drift detector (EIGENWATCH_SKETCH=on); rows stay here.
+        self.sketches = LayerSketches(cfg.sketch_every, cfg.sketch_sample) if cfg.sketch == "on" else None
+        self.pending_windows: list = []
         self.step = 0
         self.layout: tuple[list[str], list[int], list[tuple[str, int, int]]] | None = None
         self.opted_out: set[str] = set()
@@ -338,9 +343,19 @@ class _VllmTap:
         rows, self.rows = self.rows, {}
         items = self.layout[2]
         self.windows.add_step(rows, items, self.step)
+        if self.sketches is not None:
+            self._sketch_rows(rows, items)
         if self.capture:
             for layer, stream in rows.items():
                 self._capture_rows(layer, stream, items)
+
+    def _sketch_rows(self, rows: dict[int, torch.Tensor], items: list[tuple[str, int, int]]) -> None:
+        # Own guard: a failed sketch must not cost the frames of this step.
+        try:
+            self.pending_windows.extend(self.sketches.add_step(rows, items))
+        except Exception:
+            self.hook_errors += 1
+            self._log_once("sketch", "eigenwatch: sketch update failed (logged once)")
 
     def _capture_rows(self, layer_idx: int, stream: torch.Tensor, items: list[tuple[str, int, int]]) -> None:
         # Own guard: a failed capture must not cost the frames of this step.
@@ -408,6 +423,9 @@ class _VllmTap:
         if self.pending:
             batch, self.pending[:] = list(self.pending), []
             self.exporter.submit(batch)
+        if self.pending_windows:
+            done, self.pending_windows = self.pending_windows, []
+            self.exporter.submit_sketches(done)
 
     def uninstall(self) -> None:
         global _ACTIVE
@@ -428,6 +446,8 @@ class _VllmTap:
             step=self.step,
             capture_path=self.path,
             capture_path_reason=self.path_reason,
+            sketch=None if self.sketches is None else self.sketches.stats(),
+            spectra_at="sidecar" if self.exporter.grams else "tap",
             layer_calls=dict(self.layer_calls),
             capture=self.capture,
             captured_requests=len(self.sums),

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from .frames import DEFAULT_SIDECAR
 
 ENV_PREFIX = "EIGENWATCH_"
+SPECTRA_AT = ("auto", "sidecar", "tap")
+SIDECAR_SPECTRA_MAX_WINDOW = 64  # a 64×64 float32 Gram is 16 KiB per frame
 
 
 def _env_int(name: str, default: int, lo: int, hi: int) -> int:
@@ -86,10 +88,29 @@ class TapConfig:
     # How rows leave the forward (hooks/_vllm_worker.py): "aux" outputs of the
     # compiled forward where the model has them, else forward hooks; "auto" picks.
     capture: str = "auto"
+    # Where a window's spectrum and descriptors are computed: "sidecar" (frames
+    # carry the W×W centred Gram; the serving process only copies it), "tap"
+    # (the exporter thread computes them; frames carry W eigenvalues and the
+    # descriptors, ~20× smaller at W = 32), "auto": sidecar up to
+    # SIDECAR_SPECTRA_MAX_WINDOW rows, tap above (a Gram grows as W²).
+    spectra: str = "auto"
+    # Streaming top-direction sketches (hooks/sketches.py): "on" sends the sidecar's drift detector the
+    # top directions of each tapped layer every `sketch_every` tokens of all requests (never rows);
+    # `sketch_sample` = s feeds one row in s to the sketch (the overhead budget). Both must match the
+    # calibration's (`calibrate --drift-every/--drift-sample`).
+    sketch: str = "off"
+    sketch_every: int = 4096
+    sketch_sample: int = 1
+
+    def spectra_in_sidecar(self) -> bool:
+        """Whether frames leave as centred Grams (the `spectra` setting resolved)."""
+        if self.spectra == "auto":
+            return self.window <= SIDECAR_SPECTRA_MAX_WINDOW
+        return self.spectra == "sidecar"
 
     @classmethod
     def from_env(cls) -> "TapConfig":
-        return cls(
+        cfg = cls(
             sidecar=os.environ.get(ENV_PREFIX + "SIDECAR", cls.sidecar).strip(),
             layers=parse_layers(os.environ.get(ENV_PREFIX + "LAYERS")),
             window=_env_int("WINDOW", cls.window, 2, 1024),
@@ -98,9 +119,17 @@ class TapConfig:
             model=os.environ.get(ENV_PREFIX + "MODEL_NAME", "").strip(),
             max_requests=_env_int("MAX_REQUESTS", cls.max_requests, 1, 1 << 20),
             proj_dim=_env_int("PROJ_DIM", cls.proj_dim, 0, 1 << 20),
+            spectra=_env_choice("SPECTRA", cls.spectra, SPECTRA_AT),
             queue_batches=_env_int("QUEUE_BATCHES", cls.queue_batches, 1, 1 << 20),
             capture=_env_choice("CAPTURE", cls.capture, ("auto", "aux", "hooks")),
+            sketch=_env_choice("SKETCH", cls.sketch, ("on", "off")),
+            sketch_every=_env_int("SKETCH_EVERY", cls.sketch_every, 2, 1 << 30),
+            sketch_sample=_env_int("SKETCH_SAMPLE", cls.sketch_sample, 1, 1 << 20),
         )
+        if cfg.sketch_sample > cfg.sketch_every:  # every window must keep a row
+            raise ValueError(f"{ENV_PREFIX}SKETCH_SAMPLE: expected an integer in [1, {ENV_PREFIX}SKETCH_EVERY="
+                             f"{cfg.sketch_every}], got {cfg.sketch_sample}")
+        return cfg
 
 
 def enabled() -> bool:

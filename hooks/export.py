@@ -3,10 +3,15 @@ thread into the sidecar's Ingest client stream.
 
 The host (vLLM's engine thread) only calls `submit`, which never blocks and
 never raises: a full queue or an absent sidecar drops frames and counts them.
-The thread turns each step's seeds into frames (hooks/windows.py: spectra and
-descriptors; torch releases the GIL in linalg), reconnects with backoff when
-the sidecar goes away, and while it is away discards what piles up, so
+The thread turns each step's seeds into wire frames, reconnects with backoff
+when the sidecar goes away, and while it is away discards what piles up, so
 nothing stale is replayed and memory stays bounded.
+
+Two wire forms (TapConfig.spectra): with `grams=True` a frame carries its
+window's centred Gram and the sidecar computes eigenvalues and descriptors
+(the serving process only copies bytes: measured in bench/bench_overhead.py,
+see the README); otherwise this thread computes them (hooks/windows.py
+`to_frames`) and frames carry the W eigenvalues and the descriptors.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ import uuid
 from dataclasses import dataclass
 
 import grpc
+import numpy as np
+import torch
 
 from eigenwatch.kernels.descriptors import DESCRIPTOR_NAMES
 from eigenwatch.v1 import monitor_pb2, monitor_pb2_grpc
@@ -50,12 +57,24 @@ class TapCounters:
     requests_opted_out: int = 0
     bad_options: int = 0
     reconnects: int = 0
+    snapshots_sent: int = 0  # direction snapshots (hooks/sketches.py)
+    snapshots_dropped: int = 0
+
+
+class _Sketches(list):
+    """A queue item of finished sketch windows (hooks/sketches.SketchWindow), not frame seeds."""
+
+
+# A FrameBatch is cut at about this many bytes of Grams (a step of 512 requests ×
+# 3 layers at W = 64 would otherwise pass the message limit).
+BATCH_GRAM_BYTES = 4 << 20
 
 
 class FrameExporter:
     def __init__(self, target: str, model: str, max_batches: int = 256, tap_id: str | None = None,
-                 token: str | None = None):
+                 token: str | None = None, grams: bool = False):
         self.target = target
+        self.grams = grams
         token = token if token is not None else os.environ.get("EIGENWATCH_TOKEN")
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         self.model = model
@@ -80,6 +99,17 @@ class FrameExporter:
             self._queue.put_nowait(seeds)
         except queue.Full:
             self._count_dropped(len(seeds))
+
+    def submit_sketches(self, windows: list) -> None:
+        """Finished top-direction windows; their directions are estimated on the exporter thread (on CUDA
+        that is the one host read per window). Never blocks, never raises."""
+        if not windows:
+            return
+        try:
+            self._queue.put_nowait(_Sketches(windows))
+        except queue.Full:
+            with self._lock:
+                self.counters.snapshots_dropped += len(windows)
 
     @property
     def connected(self) -> bool:
@@ -107,9 +137,33 @@ class FrameExporter:
     def _discard_queued(self) -> None:
         while True:
             try:
-                self._count_dropped(len(self._queue.get_nowait()))
+                self._drop_item(self._queue.get_nowait())
             except queue.Empty:
                 return
+
+    def _drop_item(self, item) -> None:
+        if isinstance(item, _Sketches):
+            with self._lock:
+                self.counters.snapshots_dropped += len(item)
+        else:
+            self._count_dropped(len(item))
+
+    def _snapshot_batch(self, windows: list) -> monitor_pb2.FrameBatch:
+        snaps = []
+        for w in windows:
+            try:
+                v = w.directions()  # [k, d] float32
+            except Exception:  # e.g. a window whose sketch saw only NaN rows: counted, never sent
+                with self._lock:
+                    self.counters.snapshots_dropped += 1
+                log.debug("eigenwatch: no directions for layer %d's window", w.layer, exc_info=True)
+                continue
+            snaps.append(monitor_pb2.DirectionSnapshot(
+                model=self.model, layer=w.layer, tokens_seen=w.tokens_seen, window_tokens=w.window_tokens,
+                rows=w.rows, dim=v.shape[1], k=v.shape[0], directions=v.astype("<f4", copy=False).tobytes()))
+        with self._lock:
+            self.counters.snapshots_sent += len(snaps)
+        return monitor_pb2.FrameBatch(descriptor_names=DESCRIPTOR_NAMES, directions=snaps, stats=self._stats_proto())
 
     def _stats_proto(self) -> monitor_pb2.TapStats:
         with self._lock:
@@ -127,13 +181,37 @@ class FrameExporter:
                 bad_options=c.bad_options,
             )
 
-    def _batch(self, seeds: list[FrameSeed]) -> monitor_pb2.FrameBatch:
+    def _batches(self, seeds: list[FrameSeed]) -> list[monitor_pb2.FrameBatch]:
+        if self.grams:
+            return self._gram_batches(seeds)
         frames, failed = to_frames(seeds, self.model)  # one batched eigensolve for the step
         for seed, why in failed:  # NaN activations, degenerate windows: counted, never sent
             log.debug("eigenwatch: dropped a frame of %s layer %d: %s", seed.request_id, seed.layer, why)
         if failed:
             self._count_dropped(len(failed))
-        return wire.batch(frames, self._stats_proto())
+        return [wire.batch(frames, self._stats_proto())]
+
+    def _gram_batches(self, seeds: list[FrameSeed]) -> list[monitor_pb2.FrameBatch]:
+        """Frames that carry their centred Gram × scale (the sidecar computes the rest)."""
+        grams = [s.gram for s in seeds]
+        if grams[0].device.type != "cpu":  # one copy to the host for the whole step
+            grams = list(torch.stack(grams).cpu())
+        out, frames, size = [], [], 0
+        for s, g in zip(seeds, grams):
+            v = s.valid
+            cov = g.numpy()[:v, :v] * np.float32(s.scale)
+            frames.append(monitor_pb2.Frame(
+                request_id=s.request_id, engine_request_id=s.engine_request_id, model=self.model, layer=s.layer,
+                step=s.step, token_count=s.token_count, skipped_tokens=s.skipped_tokens, window=v, dim=s.dim,
+                final=s.final, centred_gram=cov.astype("<f4", copy=False).tobytes()))
+            size += 4 * v * v
+            if size >= BATCH_GRAM_BYTES:
+                out.append(monitor_pb2.FrameBatch(descriptor_names=DESCRIPTOR_NAMES, frames=frames))
+                frames, size = [], 0
+        if frames or not out:
+            out.append(monitor_pb2.FrameBatch(descriptor_names=DESCRIPTOR_NAMES, frames=frames))
+        out[-1].stats.CopyFrom(self._stats_proto())
+        return out
 
     def _requests(self, generation: int):
         # Runs on gRPC's sending thread. Idle streams still carry stats now and then.
@@ -148,18 +226,23 @@ class FrameExporter:
                 continue
             if generation != self._generation or self._stop.is_set():
                 # This stream died while we waited: the batch has nowhere to go.
-                self._count_dropped(len(seeds))
+                self._drop_item(seeds)
                 return
+            if isinstance(seeds, _Sketches):
+                last = time.monotonic()
+                yield self._snapshot_batch(seeds)
+                continue
             try:
-                batch = self._batch(seeds)
+                batches = self._batches(seeds)
             except Exception:  # a bug here must cost frames, not the stream
                 self._count_dropped(len(seeds))
                 log.exception("eigenwatch: could not encode a frame batch (dropped)")
                 continue
-            with self._lock:
-                self.counters.frames_sent += len(batch.frames)
-            last = time.monotonic()
-            yield batch
+            for batch in batches:
+                with self._lock:
+                    self.counters.frames_sent += len(batch.frames)
+                last = time.monotonic()
+                yield batch
 
     def _run(self) -> None:
         backoff = 0.2

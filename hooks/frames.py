@@ -59,14 +59,16 @@ def to_proto(frame: Frame) -> monitor_pb2.Frame:
     )
 
 
-def from_proto(f: monitor_pb2.Frame, names: tuple[str, ...]) -> Frame:
+def from_proto(f: monitor_pb2.Frame, names: tuple[str, ...], eigs: np.ndarray | None = None,
+               desc: np.ndarray | None = None) -> Frame:
     """A wire frame as a Frame; `names` are its batch's descriptor_names (not checked here:
-    the sidecar validates frames first, see monitor/sidecar/server.py)."""
+    the sidecar validates frames first, see monitor/sidecar/server.py). eigs and desc:
+    the values the sidecar computed for a frame that carried its centred Gram."""
     return Frame(
         request_id=f.request_id, engine_request_id=f.engine_request_id, model=f.model, layer=f.layer,
         step=f.step, token_count=f.token_count, skipped_tokens=f.skipped_tokens, window=f.window, dim=f.dim,
-        eigenvalues=np.asarray(f.eigenvalues, dtype=np.float32),
-        descriptors=np.asarray(f.descriptors, dtype=np.float64), final=f.final,
+        eigenvalues=np.asarray(f.eigenvalues if eigs is None else eigs, dtype=np.float32),
+        descriptors=np.asarray(f.descriptors if desc is None else desc, dtype=np.float64), final=f.final,
         names=DESCRIPTOR_NAMES if tuple(names) == DESCRIPTOR_NAMES else tuple(names),
     )
 

@@ -1,8 +1,8 @@
 """The tap for Hugging Face transformers models (offline scoring, hosts without
 vLLM): forward hooks on the decoder blocks collect each tapped layer's rows,
-which then go to the same windows (hooks/windows.py, all layers in one call)
-and token sums (hooks/capture.py) as the vLLM tap's; one request per forward,
-rows in token order."""
+which then go to the same windows (hooks/windows.py, all layers in one call),
+token sums (hooks/capture.py) and, when `sketches` is set, top-direction sketches
+(hooks/sketches.py) as the vLLM tap's; one request per forward, rows in token order."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from .capture import Sums, TokenSums
 from .config import resolve_layers
 from .frames import Frame
 from .layers import find_decoder_layers, residual_stream
+from .sketches import LayerSketches, SketchWindow
 from .windows import FrameSeed, WindowTap, to_frames
 
 
@@ -28,6 +29,9 @@ class HFTap:
         self._current: str | None = None
         self._rows: dict[int, torch.Tensor] = {}  # this forward's rows per tapped layer
         self._handles = [stack[i].register_forward_hook(self._hook(i)) for i in self.layers]
+        # Drift calibration (`eigenwatch calibrate`): the live tap's top-direction windows over these rows.
+        self.sketches: LayerSketches | None = None
+        self.sketch_windows: list[SketchWindow] = []
 
     def _hook(self, layer_idx: int):
         def hook(module, args, output):
@@ -56,6 +60,8 @@ class HFTap:
             # Every tapped layer's rows into the windows in one call, as the vLLM tap does.
             items = [(request_id, 0, len(input_ids))]
             self.windows.add_step(self._rows, items, step=0)
+            if self.sketches is not None:
+                self.sketch_windows.extend(self.sketches.add_step(self._rows, items))
             if self.sums is not None:
                 for layer, rows in sorted(self._rows.items()):
                     self.sums.add(layer, rows, items)

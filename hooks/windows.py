@@ -7,9 +7,11 @@ Frames are emitted when a request's row count crosses a multiple of `stride`
 frames of a request do not depend on how the engine chunked or batched it.
 
 Inside the host's forward only the window state moves: one `WindowBank` per
-tapped layer (kernels/window_bank.py), a decode step is one batched update
-per layer, no per-request tensor work. A due frame leaves as a `FrameSeed`
-holding its window's raw Gram (W×W); `to_frames` later turns a batch of seeds
+group of tapped layers (kernels/window_bank.py): a decode step is one
+batched copy of every request's and layer's new row, no per-request tensor
+work; at a stride boundary one batched product gives the due windows'
+centred Grams. A due frame leaves as a `FrameSeed` holding its window's
+centred Gram (W×W); `to_frames` later turns a batch of seeds
 into frames with one batched eigensolve (kernels/gram.py) and the
 descriptors (kernels/descriptors.py): in the exporter thread for vLLM, inline
 for the HF tap. Not thread-safe: the engine thread only.
@@ -24,9 +26,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from eigenwatch.kernels.descriptors import describe_batch
+from eigenwatch.kernels.descriptors import describe_windows
 from eigenwatch.kernels.gram import spectra, spectra_np
-from eigenwatch.kernels.window_bank import Slots, WindowBank
+from eigenwatch.kernels.window_bank import Slots, WindowBank, host_index
 
 from .frames import Frame
 
@@ -44,7 +46,7 @@ class FrameSeed:
     token_count: int
     skipped_tokens: int
     final: bool
-    gram: torch.Tensor  # [W, W] float32 raw inner products of the window's stored rows (a copy)
+    gram: torch.Tensor  # [W, W] float32 centred Gram of the window's stored rows
     valid: int  # rows of `gram` in use (leading block)
     dim: int  # MP n: d, or the projected k
     scale: float  # eigenvalues are those of the centred gram × scale (1/d)
@@ -130,7 +132,7 @@ class WindowTap:
         if single:
             # Decode rows: one batched update for every request and layer of the step.
             slots = [req.slot for req, _ in single]
-            bank.append(slots, stack[:, torch.tensor([lo for _, lo in single], device=stack.device)])
+            bank.append(slots, stack[:, host_index([lo for _, lo in single], stack.device)])
             self.rows_seen += len(single) * len(group)
             hit = [req for req, _ in single if bank.count[req.slot] % s == 0 and bank.count[req.slot] >= 2]
             if hit:
@@ -201,7 +203,7 @@ def to_frames(seeds: list[FrameSeed], model: str) -> tuple[list[Frame], list[tup
         for i, s in enumerate(seeds):
             n = s.gram.shape[0]
             grams[i, :n, :n] = s.gram.numpy()
-        eigs, row_sq, ok = spectra_np(grams, valid, scale)
+        eigs, row_sq, ok = spectra_np(grams, valid, scale, centred=True)
     else:
         grams = torch.zeros((len(seeds), w, w), dtype=torch.float32, device=seeds[0].gram.device)
         for i, s in enumerate(seeds):
@@ -210,27 +212,14 @@ def to_frames(seeds: list[FrameSeed], model: str) -> tuple[list[Frame], list[tup
         eigs, row_sq, ok = spectra(grams, torch.from_numpy(valid).to(grams.device),
                                    torch.from_numpy(scale).to(grams.device))
         eigs, row_sq, ok = eigs.double().cpu().numpy(), row_sq.double().cpu().numpy(), ok.cpu().numpy()
-    groups: dict[tuple[int, int], list[int]] = {}
-    for i, s in enumerate(seeds):
-        if ok[i]:
-            groups.setdefault((s.valid, s.dim), []).append(i)
-    desc: dict[int, np.ndarray] = {}
-    why: dict[int, str] = {i: "window: contains NaN or Inf activations" for i in range(len(seeds)) if not ok[i]}
-    for (v, dim), idx in groups.items():
-        values, problems = describe_batch(eigs[idx, :v], v, dim, row_sq_norms=row_sq[idx, :v])
-        for j, i in enumerate(idx):
-            if problems[j] is not None:
-                why[i] = problems[j]
-            elif not np.all(np.isfinite(values[j])):
-                why[i] = "non-finite descriptor"
-            else:
-                desc[i] = values[j]
+    dims = np.array([s.dim for s in seeds], dtype=np.int64)
+    desc, why = describe_windows(eigs, row_sq, ok, valid, dims)
     frames = []
     for i, s in enumerate(seeds):
-        if i in desc:
+        if why[i] is None:
             frames.append(Frame(
                 request_id=s.request_id, engine_request_id=s.engine_request_id, model=model, layer=s.layer,
                 step=s.step, token_count=s.token_count, skipped_tokens=s.skipped_tokens, window=s.valid,
                 dim=s.dim, eigenvalues=eigs[i, : s.valid].astype(np.float32), descriptors=desc[i], final=s.final,
             ))
-    return frames, [(seeds[i], why[i]) for i in sorted(why)]
+    return frames, [(seeds[i], why[i]) for i in range(len(seeds)) if why[i] is not None]

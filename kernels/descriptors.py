@@ -364,3 +364,28 @@ def count_spikes(eigs, window: int, dim: int, sigma2: float) -> int:
     """Eigenvalues above the MP edge for a given (e.g. calibrated) σ²."""
     edge = rmt.mp_edges(mp_gamma(window, dim), sigma2)[1]
     return int(np.count_nonzero(np.asarray(eigs, dtype=np.float64) > edge))
+
+
+def describe_windows(eigs, row_sq, ok, valid, dims) -> tuple[np.ndarray, list[str | None]]:
+    """Windows of mixed shapes, as a batch of frames holds them: eigs and row_sq
+    [B, W] (the leading valid[i] values in use), ok [B] (False: the window held
+    NaN/Inf), valid [B] rows, dims [B] widths -> (descriptors [B, D] float64,
+    NaN rows where refused; problems [B], None where fine). One `describe_batch`
+    per (rows, width) group: the tap's exporter and the sidecar both call this."""
+    eigs, row_sq = np.asarray(eigs, dtype=np.float64), np.asarray(row_sq, dtype=np.float64)
+    ok, valid, dims = np.asarray(ok, dtype=bool), np.asarray(valid, dtype=np.int64), np.asarray(dims, dtype=np.int64)
+    out = np.full((len(valid), len(DESCRIPTOR_NAMES)), np.nan)
+    why: list[str | None] = ["window: contains NaN or Inf activations" if not k else None for k in ok]
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i in np.flatnonzero(ok):
+        groups.setdefault((int(valid[i]), int(dims[i])), []).append(int(i))
+    for (v, dim), idx in groups.items():
+        values, problems = describe_batch(eigs[idx, :v], v, dim, row_sq_norms=row_sq[idx, :v])
+        for j, i in enumerate(idx):
+            if problems[j] is not None:
+                why[i] = problems[j]
+            elif not np.all(np.isfinite(values[j])):
+                why[i] = "non-finite descriptor"
+            else:
+                out[i] = values[j]
+    return out, why

@@ -3,9 +3,10 @@ window are computed (both taps, offline and live, CPU and GPU).
 
 A window of V token rows x_1..x_V of width d is described by the eigenvalues of
 its token-centred Gram divided by d, S = H G H / d with G = X Xᵀ and
-H = I − 11ᵀ/V (centring over tokens). Callers keep G incrementally
-(kernels/window_bank.py) in a W×W buffer whose leading V×V block is in use;
-the rest is ignored. Ring order does not matter: a permutation of the rows does
+H = I − 11ᵀ/V (centring over tokens), in a W×W buffer whose leading V×V
+block is in use; the rest is ignored. The taps' Grams come centred already
+(kernels/window_bank.py centres rows before the product), which `centred=True`
+skips; raw Grams are centred here. Ring order does not matter: a permutation of the rows does
 not change the eigenvalues.
 
 `spectra` is batched over many windows at once, one eigensolve for all of
@@ -21,16 +22,18 @@ kernels/backend.py chooses. `centre` is written once for both array libraries.
 from __future__ import annotations
 
 import numpy as np
-import torch
 
-from . import backend
+# torch only inside the torch paths: the sidecar imports this module for
+# `spectra_np` (windows sent as Grams) and must not load torch.
 
 
 def centre(gram, valid):
     """gram: [B, W, W] raw inner products (numpy or torch); valid: [B] int rows in use.
     Returns H·G·H on each valid block in float64, zeros elsewhere: [B, W, W]."""
     b, w, _ = gram.shape
-    if isinstance(gram, torch.Tensor):
+    if type(gram).__module__.startswith("torch"):
+        import torch
+
         g = gram.to(torch.float64)
         valid = valid.to(device=gram.device, dtype=torch.int64)
         inside = torch.arange(w, device=gram.device)[None, :] < valid[:, None]  # [B, W]
@@ -52,15 +55,21 @@ def centre(gram, valid):
     return where(block, c, 0.0)
 
 
-def spectra_np(gram: np.ndarray, valid, scale) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def spectra_np(gram: np.ndarray, valid, scale, *, centred: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """`spectra` for host arrays: gram [B, W, W], valid [B] or int, scale [B] or
-    float -> (eigs [B, W], row_sq [B, W], ok [B]) float64 numpy."""
+    float -> (eigs [B, W], row_sq [B, W], ok [B]) float64 numpy. centred=True:
+    the Grams are centred already (kernels/window_bank.py), only masked here."""
     gram = np.asarray(gram)
     b, w, _ = gram.shape
     valid = np.broadcast_to(np.asarray(valid, dtype=np.int64), (b,))
     scale = np.broadcast_to(np.asarray(scale, dtype=np.float64), (b,))
     with np.errstate(invalid="ignore", over="ignore"):  # NaN/Inf windows are flagged in ok
-        c = centre(gram, valid) * scale[:, None, None]
+        if centred:
+            inside = np.arange(w)[None, :] < valid[:, None]
+            c = np.where(inside[:, :, None] & inside[:, None, :], gram.astype(np.float64), 0.0)
+        else:
+            c = centre(gram, valid)
+        c = c * scale[:, None, None]
     row_sq = np.diagonal(c, axis1=1, axis2=2).copy()
     ok = np.isfinite(c).reshape(b, -1).all(axis=1)
     eigs = np.zeros((b, w))
@@ -69,7 +78,7 @@ def spectra_np(gram: np.ndarray, valid, scale) -> tuple[np.ndarray, np.ndarray, 
     return eigs, row_sq, ok
 
 
-def spectra(gram: torch.Tensor, valid, scale) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def spectra(gram: "torch.Tensor", valid, scale) -> "tuple[torch.Tensor, torch.Tensor, torch.Tensor]":
     """Eigenvalues of many windows at once.
 
     gram: [B, W, W] raw Grams (float32 or float64); valid: [B] ints, or one
@@ -81,6 +90,10 @@ def spectra(gram: torch.Tensor, valid, scale) -> tuple[torch.Tensor, torch.Tenso
     ok [B] bool, False where the window holds NaN/Inf). float64 on the torch
     backend, float32 on the Triton one; on the gram's device.
     """
+    import torch
+
+    from . import backend
+
     if gram.ndim != 3 or gram.shape[1] != gram.shape[2]:
         raise ValueError(f"gram: expected [B, W, W], got shape {tuple(gram.shape)}")
     b, w, _ = gram.shape

@@ -48,10 +48,16 @@ so the details below are ours and documented as such):
 5. project(x) = μ + U Uᵀ(x − μ) with U the kept eigenvectors, plus per row the
    energy outside the subspace ‖x − y‖² and a nonconformity score = that energy
    over its mean on the reference rows (1 on average for reference-like rows).
+6. Verdicts (split conformal, Vovk et al.; Lei et al. 2018): a shield carries the
+   sorted scores of calibration rows (`calibrate`; `fit` uses its own reference
+   rows, in-sample, which sit slightly low when N is not ≫ d); `score_threshold(q)`
+   is their ⌈(M+1)q⌉-th smallest, so a new clean row exchangeable with held-out
+   calibration rows scores above it with probability ≤ 1 − q.
 
 numpy only at import; `project_torch` imports torch lazily (the tap's path) and
 computes the same formulas. A fitted shield is saved as a versioned .npz
-(`save`/`load`, atomic write) carrying the sha256 of the fitting data.
+(`save`/`load`, atomic write) carrying the sha256 of the fitting data; version 2
+adds the calibration scores (version 1 files still load, with none).
 """
 
 from __future__ import annotations
@@ -69,7 +75,8 @@ import numpy as np
 from . import rmt
 
 FORMAT = "eigenwatch.shield"
-VERSION = 1
+VERSION = 2  # 2: + calib_scores
+READ_VERSIONS = (1, 2)
 SIGMA2_METHODS = ("median", "mppca")
 _ZERO_TOL = 1e-9  # eigenvalues ≤ λ_max·tol are structural zeros (float32 inputs round at ~1e-14 relative)
 
@@ -128,6 +135,9 @@ class Shield:
     p: int  # variables in the noise model (d minus extra structural zeros)
     data_sha256: str  # sha256 of the fitting data (see `data_sha256`)
     config: ShieldConfig
+    # [M] nonconformity scores of the calibration rows under this basis, ascending
+    # (`calibrate`; empty: none, e.g. a version-1 file or a with_thresholds that changed the basis)
+    calib_scores: np.ndarray = field(default_factory=lambda: np.zeros(0))
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -241,7 +251,7 @@ def rbns_scores(x: np.ndarray, dirs: np.ndarray, ks, splits: int, noise_sd: floa
     return 1.0 - np.median(agree, axis=0)
 
 
-def _assemble(mean, vecs, lam_s, rbns, null, sigma2, edge, total_var, n_rows, p, sha, cfg) -> Shield:
+def _assemble(mean, vecs, lam_s, rbns, null, sigma2, edge, total_var, n_rows, p, sha, cfg, calib=None) -> Shield:
     """The shield for cfg.quantile, from a fit's spectral part and scores."""
     s = lam_s.shape[0]
     if s:
@@ -256,7 +266,8 @@ def _assemble(mean, vecs, lam_s, rbns, null, sigma2, edge, total_var, n_rows, p,
     # Everything kept: energy outside is new. Floor the unit so the score stays finite.
     resid = max(resid, total_var * 1e-12)
     return Shield(mean, vecs, lam_s, rbns, null, kept, basis, threshold, float(sigma2), float(edge),
-                  float(total_var), float(resid), int(n_rows), int(p), sha, cfg)
+                  float(total_var), float(resid), int(n_rows), int(p), sha, cfg,
+                  np.zeros(0) if calib is None else calib)
 
 
 def fit(reference, config: ShieldConfig | None = None) -> Shield:
@@ -288,17 +299,49 @@ def fit(reference, config: ShieldConfig | None = None) -> Shield:
         rbns, null = scores[:s], scores[s:]
     else:
         rbns, null = np.zeros(0), np.zeros(0)
-    return _assemble(mean, np.ascontiguousarray(vecs[:, :s]), lam[:s].copy(), rbns, null, sigma2, edge,
-                     float(np.sum(lam[:m])), rows, p, data_sha256(x), cfg)
+    shield = _assemble(mean, np.ascontiguousarray(vecs[:, :s]), lam[:s].copy(), rbns, null, sigma2, edge,
+                       float(np.sum(lam[:m])), rows, p, data_sha256(x), cfg)
+    return calibrate(shield, x)  # in-sample; calibrate again on held-out rows for the conformal guarantee
 
 
 def with_thresholds(shield: Shield, quantile: float | None = None, max_rbns: float | None = None) -> Shield:
     """The same fit kept at another quantile and/or max_rbns (no refit: the RbNS
-    do not depend on them). None keeps the shield's own value."""
+    do not depend on them). None keeps the shield's own value. The calibration
+    scores stay when the kept directions do; otherwise they are dropped (they
+    belong to the old basis): `calibrate` the result again."""
     changes = {k: v for k, v in (("quantile", quantile), ("max_rbns", max_rbns)) if v is not None}
     cfg = replace(shield.config, **changes)  # validates
-    return _assemble(shield.mean, shield.spike_vectors, shield.spike_eigvals, shield.rbns, shield.null_rbns,
-                     shield.sigma2, shield.edge, shield.total_var, shield.n_rows, shield.p, shield.data_sha256, cfg)
+    out = _assemble(shield.mean, shield.spike_vectors, shield.spike_eigvals, shield.rbns, shield.null_rbns,
+                    shield.sigma2, shield.edge, shield.total_var, shield.n_rows, shield.p, shield.data_sha256, cfg)
+    return replace(out, calib_scores=shield.calib_scores) if np.array_equal(out.kept, shield.kept) else out
+
+
+def calibrate(shield: Shield, x) -> Shield:
+    """The same shield with the nonconformity scores of rows x [M, d] (M ≥ 1,
+    finite; computed in float64) as its calibration scores."""
+    x = np.asarray(x)
+    if x.ndim != 2 or x.shape[0] < 1 or x.shape[1] != shield.dim or x.dtype.kind not in "fiu":
+        raise ValueError(f"calibration rows: expected a real [M, {shield.dim}] array with M >= 1, "
+                         f"got {x.dtype} {tuple(x.shape)}")
+    x = x.astype(np.float64)
+    if not np.all(np.isfinite(x)):
+        raise ValueError("calibration rows: contain NaN or Inf")
+    return replace(shield, calib_scores=np.sort(project(shield, x).score), _cache={})
+
+
+def score_threshold(shield: Shield, quantile: float) -> float:
+    """The split-conformal threshold at level `quantile` in (0, 1): the
+    ⌈(M+1)·quantile⌉-th smallest of the M calibration scores, +inf when that
+    exceeds M (too few rows to reject anything at this level). A row whose
+    score is above it is out of distribution at that level."""
+    if not (isinstance(quantile, (int, float)) and 0.0 < quantile < 1.0):
+        raise ValueError(f"quantile: expected a level in (0, 1), got {quantile!r}")
+    m = shield.calib_scores.shape[0]
+    if m == 0:
+        raise ValueError("the shield has no calibration scores (a version-1 file, or with_thresholds changed its "
+                         "basis): calibrate(shield, rows) or refit it")
+    rank = int(np.ceil((m + 1) * quantile))
+    return float("inf") if rank > m else float(shield.calib_scores[rank - 1])
 
 
 # --------------------------------------------------------------------------- project
@@ -381,6 +424,7 @@ def save(shield: Shield, path) -> None:
         "counts": np.array([shield.n_rows, shield.p], dtype=np.int64),
         "data_sha256": np.array(shield.data_sha256),
         "config": np.array(json.dumps(asdict(shield.config), sort_keys=True)),
+        "calib_scores": shield.calib_scores,
     }
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
@@ -418,11 +462,14 @@ def load(path) -> Shield:
             if fmt != FORMAT:
                 raise ShieldFileError(f"shield file {path}: format {fmt!r}, expected {FORMAT!r}")
             version = int(_need(z, "version", path))
-            if version != VERSION:
+            if version not in READ_VERSIONS:
                 raise ShieldFileError(
-                    f"shield file {path}: version {version}, this eigenwatch reads version {VERSION}; refit or upgrade"
+                    f"shield file {path}: version {version}, this eigenwatch reads versions "
+                    f"{', '.join(map(str, READ_VERSIONS))}; refit or upgrade"
                 )
             a = {k: _need(z, k, path) for k in _ARRAYS}
+            # version 1 has no calibration scores
+            a["calib_scores"] = _need(z, "calib_scores", path) if version >= 2 else np.zeros(0)
             sha, cfg_json = str(_need(z, "data_sha256", path)), str(_need(z, "config", path))
     except (FileNotFoundError, ShieldFileError):
         raise
@@ -451,6 +498,11 @@ def load(path) -> Shield:
         raise bad("null_rbns is empty but there are spikes to judge")
     if not all(np.all(np.isfinite(a[k])) for k in ("mean", "spike_vectors", "spike_eigvals", "rbns", "null_rbns", "scalars")):
         raise bad("contains NaN or Inf")
+    cs = a["calib_scores"]
+    if cs.ndim != 1 or (cs.size and cs.dtype.kind != "f"):
+        raise bad(f"wrong shape: calib_scores should be a float vector [M], got {cs.dtype} {cs.shape}")
+    if cs.size and not (np.all(np.isfinite(cs)) and cs[0] >= 0 and np.all(np.diff(cs) >= 0)):
+        raise bad("calib_scores: expected finite scores >= 0 in ascending order (edited or corrupt)")
     if s:
         err = float(np.max(np.abs(vecs.T @ vecs - np.eye(s))))
         if err > 1e-6:
@@ -468,7 +520,8 @@ def load(path) -> Shield:
         raise bad(f"config: {exc}") from exc
     shield = _assemble(mean.astype(np.float64), np.ascontiguousarray(vecs, dtype=np.float64),
                        a["spike_eigvals"].astype(np.float64), a["rbns"].astype(np.float64),
-                       a["null_rbns"].astype(np.float64), sigma2, edge, total_var, n_rows, p, sha, config)
+                       a["null_rbns"].astype(np.float64), sigma2, edge, total_var, n_rows, p, sha, config,
+                       cs.astype(np.float64))
     if not np.array_equal(shield.kept, a["kept"]):
         raise bad(f"kept does not match rbns <= min(quantile-{config.quantile} threshold of null_rbns, "
                   f"max_rbns={config.max_rbns}) (edited or corrupt)")

@@ -7,7 +7,9 @@ and an atomic save. The one module that reads or writes it.
      "tap": {"window", "stride", "proj_dim", "layers"},     # the tap settings it was made with (calibrate)
      "model_fingerprint": {...},                           # which model (calibrate; `score` checks it)
      "offline": {...},                                     # every offline detector's state (calibrate)
-     "risk": {"model_sha256", "alert_high", "clear_low", "far"}}   # live EigenTrack thresholds
+     "risk": {"model_sha256", "alert_high", "clear_low", "far"},   # live EigenTrack thresholds
+     "drift": {"version", "every", "sample", "persist", "margin",  # live drift detector (calibrate)
+               "models": {MODEL: {LAYER: {"dim", "direction", "alert_deg", "clear_deg", "windows"}}}}}
 
 `eigenwatch calibrate` writes every section; the sidecar's `--save-calibration`
 writes the first three (what it learned from live frames). A layer's "dim" is
@@ -15,6 +17,13 @@ the MP n of the frames it was learned from (the row width, or the projected
 width with EIGENWATCH_PROJ_DIM): the sidecar refuses frames of another width
 for that layer rather than compare spectra of different shapes. Older files
 without "tap" or "dim" still load (nothing to check then).
+
+The "drift" section has its own version (DRIFT_VERSION; another one is refused
+with the key and the fix): per layer the reference top direction of the
+activation stream (base64 float32 [dim], unit norm, sign arbitrary) and the
+principal angles, in degrees, above which the sidecar's drift detector alerts
+(`alert_deg`, for `persist` consecutive windows of `every` tokens) and below
+which it re-arms (`clear_deg`); monitor/offline/calibrate.py documents the rule.
 """
 
 from __future__ import annotations
@@ -26,9 +35,12 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from .files import write_atomic
 
 FORMAT = "eigenwatch.calibration/v1"
+DRIFT_VERSION = 1
 
 
 class CalibrationError(ValueError):
@@ -46,6 +58,25 @@ class LayerCalibration:
 
 
 @dataclass
+class LayerDrift:
+    """The drift detector's reference for one (model, layer)."""
+
+    direction: np.ndarray  # [dim] float64, unit norm: the calibration stream's top direction
+    alert_deg: float  # alert above this principal angle (degrees)
+    clear_deg: float  # re-arm below it
+    windows: int = 0  # calibration windows the thresholds came from
+
+
+@dataclass
+class DriftCalibration:
+    every: int  # tokens per window the angles were measured on (the tap's EIGENWATCH_SKETCH_EVERY)
+    sample: int  # one row in `sample` fed to the sketch (EIGENWATCH_SKETCH_SAMPLE)
+    persist: int  # windows above alert_deg in a row before an alert
+    layers: dict[tuple[str, int], LayerDrift] = field(default_factory=dict)
+    margin: float = 1.5
+
+
+@dataclass
 class Calibration:
     path: str
     spike: dict[tuple[str, int], LayerCalibration] = field(default_factory=dict)
@@ -53,6 +84,7 @@ class Calibration:
     fingerprint: dict | None = None
     offline: dict | None = None
     risk: dict | None = None
+    drift: DriftCalibration | None = None
     doc: dict = field(default_factory=dict)
     flag: str = "--calibration"  # the flag that named the file, for error messages
 
@@ -140,6 +172,77 @@ def _tap_section(sec, where) -> dict:
     return dict(sec)
 
 
+def _positive_int(v, lo: int = 1) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+
+def _drift_section(sec, where) -> DriftCalibration:
+    where = f"{where}: drift"
+    if not isinstance(sec, dict):
+        raise CalibrationError(f"{where}: expected an object with version, every, sample, persist, models")
+    if sec.get("version") != DRIFT_VERSION:
+        raise CalibrationError(f"{where}.version: {sec.get('version')!r} is not supported (expected "
+                               f"{DRIFT_VERSION}); recalibrate with this version's `eigenwatch calibrate`")
+    for key in ("every", "sample", "persist"):
+        if not _positive_int(sec.get(key)):
+            raise CalibrationError(f"{where}.{key}: expected an integer >= 1, got {sec.get(key)!r}")
+    margin = sec.get("margin", 1.5)
+    if not _number(margin) or margin < 1:
+        raise CalibrationError(f"{where}.margin: expected a number >= 1, got {margin!r}")
+    out = DriftCalibration(sec["every"], sec["sample"], sec["persist"], margin=float(margin))
+    models = sec.get("models")
+    if not isinstance(models, dict):
+        raise CalibrationError(f"{where}.models: expected {{model: {{layer: entry}}}}, got {type(models).__name__}")
+    for model, layers in models.items():
+        if not isinstance(layers, dict):
+            raise CalibrationError(f"{where}.models.{model}: expected {{layer: entry}}")
+        for layer, e in layers.items():
+            at = f"{where}.models.{model}.{layer}"
+            try:
+                layer_i = int(layer)
+            except ValueError:
+                raise CalibrationError(f"{at}: layer must be an integer") from None
+            if not isinstance(e, dict):
+                raise CalibrationError(f"{at}: expected an object with dim, direction, alert_deg, clear_deg")
+            dim = e.get("dim")
+            if not _positive_int(dim):
+                raise CalibrationError(f"{at}.dim: expected an integer >= 1, got {dim!r}")
+            try:
+                raw = base64.b64decode(e.get("direction", ""), validate=True)
+            except (binascii.Error, ValueError, TypeError):
+                raise CalibrationError(f"{at}.direction: expected base64 float32 [dim]; recalibrate") from None
+            if len(raw) != 4 * dim:
+                raise CalibrationError(f"{at}.direction: {len(raw)} bytes, expected {4 * dim} (float32 × dim {dim})")
+            vec = np.frombuffer(raw, dtype="<f4").astype(np.float64)
+            norm = float(np.linalg.norm(vec)) if np.isfinite(vec).all() else float("nan")
+            if not abs(norm - 1) < 1e-3:
+                raise CalibrationError(f"{at}.direction: expected a finite unit vector, got norm {norm:.6g}")
+            alert, clear = e.get("alert_deg"), e.get("clear_deg")
+            for key, v in (("alert_deg", alert), ("clear_deg", clear)):
+                if not _number(v) or not 0 <= v <= 90:
+                    raise CalibrationError(f"{at}.{key}: expected an angle in [0, 90] degrees, got {v!r}")
+            if not clear < alert:
+                raise CalibrationError(f"{at}: clear_deg ({clear}) must be below alert_deg ({alert}): the angle "
+                                       "must fall below it to re-arm an alert raised above alert_deg")
+            windows = e.get("windows", 0)
+            if not _positive_int(windows, 0):
+                raise CalibrationError(f"{at}.windows: expected an integer >= 0, got {windows!r}")
+            out.layers[(str(model), layer_i)] = LayerDrift(vec / norm, float(alert), float(clear), windows)
+    return out
+
+
+def drift_section(drift: DriftCalibration) -> dict:
+    """The "drift" section of a document (directions as base64 float32)."""
+    models: dict[str, dict] = {}
+    for (model, layer), d in sorted(drift.layers.items()):
+        vec = np.asarray(d.direction, dtype="<f4")
+        models.setdefault(model, {})[str(layer)] = {
+            "dim": int(vec.shape[0]), "direction": base64.b64encode(vec.tobytes()).decode("ascii"),
+            "alert_deg": float(d.alert_deg), "clear_deg": float(d.clear_deg), "windows": int(d.windows)}
+    return {"version": DRIFT_VERSION, "every": drift.every, "sample": drift.sample, "persist": drift.persist,
+            "margin": drift.margin, "models": models}
+
+
 def load(path: str | Path, flag: str = "--calibration") -> Calibration:
     """Read and check a calibration file; errors name the flag, the file and the key."""
     path = Path(path)
@@ -159,6 +262,8 @@ def load(path: str | Path, flag: str = "--calibration") -> Calibration:
         cal.tap = _tap_section(doc["tap"], where)
     if "risk" in doc:
         cal.risk = _risk_section(doc["risk"], where)
+    if "drift" in doc:
+        cal.drift = _drift_section(doc["drift"], where)
     if isinstance(doc.get("offline"), dict):
         cal.offline = doc["offline"]
     if isinstance(doc.get("model_fingerprint"), dict):
@@ -179,8 +284,10 @@ def spike_models(spike: dict[tuple[str, int], LayerCalibration]) -> dict:
 
 def document(spike: dict[tuple[str, int], LayerCalibration], **sections) -> dict:
     """A whole calibration document: the spike section plus any of tap,
-    model_fingerprint, offline, risk (None values are left out)."""
+    model_fingerprint, offline, risk, drift (a DriftCalibration or its dict; None values are left out)."""
     doc = {"format": FORMAT, "detector": "spectral_spike", "models": spike_models(spike)}
+    if isinstance(sections.get("drift"), DriftCalibration):
+        sections["drift"] = drift_section(sections["drift"])
     doc.update({k: v for k, v in sections.items() if v is not None})
     return doc
 

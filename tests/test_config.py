@@ -26,6 +26,7 @@ def test_defaults_and_overrides(monkeypatch):
     ("STRIDE", "0", ["EIGENWATCH_STRIDE", "got 0"]),
     ("DEFAULT", "maybe", ["EIGENWATCH_DEFAULT", "on, off", "'maybe'"]),
     ("LAYERS", "1,x", ["EIGENWATCH_LAYERS", "'1,x'"]),
+    ("SPECTRA", "gpu", ["EIGENWATCH_SPECTRA", "auto, sidecar, tap", "'gpu'"]),
 ])
 def test_bad_values_name_the_variable_and_accepted_values(monkeypatch, key, value, words):
     monkeypatch.setenv("EIGENWATCH_" + key, value)
@@ -33,6 +34,14 @@ def test_bad_values_name_the_variable_and_accepted_values(monkeypatch, key, valu
         TapConfig.from_env()
     for w in words:
         assert w in str(err.value)
+
+
+@pytest.mark.parametrize("spectra, window, in_sidecar", [
+    ("auto", 32, True), ("auto", 64, True), ("auto", 65, False), ("tap", 32, False), ("sidecar", 512, True)])
+def test_where_spectra_are_computed(monkeypatch, spectra, window, in_sidecar):
+    monkeypatch.setenv("EIGENWATCH_SPECTRA", spectra)
+    monkeypatch.setenv("EIGENWATCH_WINDOW", str(window))
+    assert TapConfig.from_env().spectra_in_sidecar() is in_sidecar
 
 
 def test_layers():

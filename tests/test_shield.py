@@ -294,7 +294,7 @@ def rewrite(src: Path, dst: Path, **changes):
         ("garbage", "corrupt"),
         ("truncated", "corrupt"),
         ("npy", "not an .npz"),
-        ("version", "version 2"),
+        ("version", "version 3, this eigenwatch reads versions 1, 2"),
         ("format", "format"),
         ("missing", "missing field 'rbns'"),
         ("mean_shape", "wrong shape: mean"),
@@ -321,7 +321,7 @@ def test_load_errors_name_the_file_and_the_problem(tmp_path, shields, case, matc
         with open(bad, "wb") as f:
             np.save(f, sh.mean)
     elif case == "version":
-        rewrite(good, bad, version=np.array(2))
+        rewrite(good, bad, version=np.array(3))
     elif case == "format":
         rewrite(good, bad, format=np.array("something.else"))
     elif case == "missing":
@@ -422,3 +422,66 @@ def test_module_imports_with_numpy_only():
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+# --------------------------------------------------------------------------- calibration scores (file version 2)
+
+
+def test_fit_carries_the_reference_rows_scores(shields):
+    sh, x = shields[97]
+    want = np.sort(reference.shield_project(x, sh.mean, sh.basis, sh.resid_mean)[2])
+    assert_close(sh.calib_scores, want, 1e-9, 1e-12, "in-sample calib_scores")
+    assert_close(sh.calib_scores.mean(), 1.0, 1e-9, 0, "mean in-sample score")
+
+
+def test_score_threshold_is_the_conformal_rank_and_holds_its_level():
+    x, _ = planted(13, 3600, (50.0, 20.0, 8.0), seed=5)
+    fit_rows, cal_rows, fresh = x[:600], x[600:1599], x[1599:]  # M = 999 calibration rows
+    sh = S.calibrate(S.fit(fit_rows), cal_rows)
+    want = np.sort(reference.shield_project(cal_rows, sh.mean, sh.basis, sh.resid_mean)[2])
+    assert_close(sh.calib_scores, want, 1e-9, 1e-12, "held-out calib_scores")
+    assert S.score_threshold(sh, 0.9) == sh.calib_scores[899]  # ⌈1000·0.9⌉ = 900th smallest
+    assert S.score_threshold(sh, 0.9995) == float("inf")  # ⌈1000·0.9995⌉ = 1000 > 999
+    # split conformal: fresh clean rows above the 0.9 threshold ≈ 10% (2001 rows: s.e. ≈ 0.7%)
+    rate = float(np.mean(sh.project(fresh).score > S.score_threshold(sh, 0.9)))
+    assert 0.07 < rate < 0.13, rate
+    for bad in (0.0, 1.0, 1.5):
+        with pytest.raises(ValueError, match=r"quantile: expected a level in \(0, 1\)"):
+            S.score_threshold(sh, bad)
+    with pytest.raises(ValueError, match=r"calibration rows: expected a real \[M, 13\]"):
+        S.calibrate(sh, x[:5, :12])
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        S.calibrate(sh, np.full((2, 13), np.nan))
+
+
+def test_with_thresholds_keeps_the_scores_only_with_the_same_basis():
+    x, _ = planted(48, 960, (60.0, 30.0, 3.0, 1.8), seed=2)
+    base = S.fit(x)
+    same = S.with_thresholds(base, quantile=base.config.quantile)
+    assert np.array_equal(same.calib_scores, base.calib_scores)
+    every = S.with_thresholds(base, max_rbns=0.05)
+    assert every.rank < base.rank, "the test needs a threshold change that moves the basis"
+    assert every.calib_scores.shape == (0,)
+    with pytest.raises(ValueError, match="no calibration scores"):
+        S.score_threshold(every, 0.99)
+    refit = S.fit(x, S.ShieldConfig(max_rbns=0.05))
+    assert_close(S.calibrate(every, x).calib_scores, refit.calib_scores, 1e-12, 1e-12, "recalibrated scores")
+
+
+def test_version_2_keeps_the_scores_and_version_1_files_still_load(tmp_path, shields):
+    sh, x = shields[13]
+    sh = S.calibrate(sh, x[:50])
+    v2, v1 = tmp_path / "v2.npz", tmp_path / "v1.npz"
+    S.save(sh, v2)
+    assert np.array_equal(S.load(v2).calib_scores, sh.calib_scores)
+    rewrite(v2, v1, version=np.array(1), calib_scores=None)  # what version 1 wrote
+    old = S.load(v1)
+    assert old.calib_scores.shape == (0,) and np.array_equal(old.basis, sh.basis)
+    with pytest.raises(ValueError, match="no calibration scores"):
+        S.score_threshold(old, 0.99)
+    for name, value, match in (("missing.npz", None, "missing field 'calib_scores'"),
+                               ("unsorted.npz", sh.calib_scores[::-1], "calib_scores: expected finite scores"),
+                               ("shape.npz", sh.calib_scores[:, None], "wrong shape: calib_scores")):
+        rewrite(v2, tmp_path / name, calib_scores=value)
+        with pytest.raises(S.ShieldFileError, match=match):
+            S.load(tmp_path / name)

@@ -284,3 +284,115 @@ def test_port_in_use_is_a_clear_error_naming_the_flag(flag):
     assert out.returncode == 2
     assert f"eigenwatch sidecar: {flag}: could not" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def _seeds(n_requests=3, layers=(1, 2), rows=45, d=24, seed=0):
+    """A few requests × layers through the tap's windows (a large common mean,
+    prefill rows), as FrameSeeds."""
+    seeds = []
+    tap = WindowTap(16, 8, 8, seeds.append)
+    g = torch.Generator().manual_seed(seed)
+    for r in range(n_requests):
+        eid = f"g{r}-0123abcd"
+        tap.begin(eid, external_id=f"g{r}")
+        x = {l: torch.randn(rows, d, generator=g) * (1 + l) + 50.0 for l in layers}
+        tap.add_step(x, [(eid, 0, rows)], 1)
+        tap.finish(eid, 2)
+    return seeds
+
+
+def test_gram_frames_get_the_tap_spectra_in_the_sidecar(sidecar_factory):
+    """Frames that carry their centred Gram (TapConfig.spectra=sidecar): the
+    sidecar computes eigenvalues and descriptors, and a request's report shows
+    what the tap itself would have computed (to_frames) for the same windows."""
+    sc = sidecar_factory("--listen", "127.0.0.1:0", "--metrics-port", "0")
+    seeds = _seeds()
+    want, failed = to_frames(seeds, "m")
+    assert not failed
+    exporter = FrameExporter(sc.grpc, "m", grams=True)
+    try:
+        exporter.submit(seeds)
+        client = SidecarClient(sc.grpc)
+        for r in range(3):
+            wait_for(lambda: (rep := client.try_report(f"g{r}")) is not None and rep.finished, what=f"report g{r}")
+            rep = client.report(f"g{r}")
+            for lr in rep.layers:
+                mine = [f for f in want if f.request_id == f"g{r}" and f.layer == lr.layer]
+                assert lr.frames == len(mine) and lr.window == mine[-1].window == 16 and lr.dim == 24
+                np.testing.assert_allclose(lr.last_eigenvalues, mine[-1].eigenvalues, rtol=1e-5,
+                                           atol=1e-6 * mine[-1].eigenvalues[0])
+                np.testing.assert_allclose(lr.last_descriptors, mine[-1].descriptors, rtol=1e-4, atol=1e-7)
+                hist = np.array([list(h.descriptors) for h in lr.history])
+                np.testing.assert_allclose(hist, np.stack([f.descriptors for f in mine]), rtol=1e-4, atol=1e-7)
+        assert exporter.stats()["frames_sent"] == len(seeds)
+        text = scrape(sc.metrics)
+        assert metric_value(text, "eigenwatch_frames_ingested_total", model="m", layer="1") == len(want) / 2
+    finally:
+        exporter.close(timeout=1)
+
+
+def test_gram_frames_are_cut_into_batches_under_the_message_limit(monkeypatch):
+    from eigenwatch.hooks import export
+
+    monkeypatch.setattr(export, "BATCH_GRAM_BYTES", 3000)  # 16×16 Grams are 1 KiB each
+    exporter = FrameExporter("127.0.0.1:1", "m", grams=True)
+    try:
+        seeds = _seeds()
+        batches = exporter._batches(seeds)
+        size = [sum(len(f.centred_gram) for f in b.frames) for b in batches]
+        assert len(batches) > 3 and all(3000 <= n < 3000 + 1024 for n in size[:-1]) and size[-1] < 3000 + 1024
+        assert sum(len(b.frames) for b in batches) == len(seeds)
+        assert [b.HasField("stats") for b in batches] == [False] * (len(batches) - 1) + [True]
+        f = batches[0].frames[0]
+        assert len(f.centred_gram) == 4 * f.window**2 and not f.eigenvalues and not f.descriptors
+    finally:
+        exporter.close(timeout=0.1)
+
+
+def test_bad_gram_frames_name_the_field_and_unusable_windows_are_counted(sidecar_factory):
+    sc = sidecar_factory("--listen", "127.0.0.1:0", "--metrics-port", "0")
+    exporter = FrameExporter("127.0.0.1:1", "m", grams=True)
+    good = list(exporter._batches(_seeds(n_requests=1, layers=(1,)))[0].frames)
+    exporter.close(timeout=0.1)
+
+    def variant(change):
+        f = monitor_pb2.Frame()
+        f.CopyFrom(good[0])
+        change(f)
+        return f
+
+    cases = [
+        (lambda f: setattr(f, "centred_gram", f.centred_gram[:-4]), "centred_gram", "has 252 bytes but window 8 needs 256"),
+        (lambda f: f.eigenvalues.extend([1.0] * f.window), "centred_gram", "not both"),
+        (lambda f: setattr(f, "window", 2000), "window", "at most 1024"),
+    ]
+    for change, field, words in cases:
+        with pytest.raises(grpc.RpcError) as err:
+            ingest(sc.grpc, [batch([variant(change)])])
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert f"frames[0].{field}" in err.value.details() and words in err.value.details(), err.value.details()
+    # A window of NaN activations is not malformed: counted, the stream and the batch's other frames go on.
+    nan = variant(lambda f: setattr(f, "centred_gram", np.full((f.window, f.window), np.nan, "<f4").tobytes()))
+    nan.request_id, nan.engine_request_id = "nan", "nan-0123abcd"
+    summary = ingest(sc.grpc, [batch([nan] + good)])
+    assert summary.frames_accepted == len(good) and summary.frames_rejected == 0
+    text = scrape(sc.metrics)
+    assert metric_value(text, "eigenwatch_windows_unusable_total", model="m", reason="nonfinite") == 1
+    assert metric_value(text, "eigenwatch_frames_rejected_total", field="centred_gram") == 2
+
+
+def test_sidecar_yields_the_cpu_to_the_server_it_watches(sidecar_factory):
+    """By default the sidecar lowers its priority by 10 (on shared cores vLLM
+    comes first); --nice 0 keeps the parent's; a bad value names the flag."""
+    import os
+    import subprocess
+    import sys
+
+    mine = os.getpriority(os.PRIO_PROCESS, 0)
+    default = sidecar_factory("--listen", "127.0.0.1:0", "--metrics-port", "-1")
+    kept = sidecar_factory("--listen", "127.0.0.1:0", "--metrics-port", "-1", "--nice", "0")
+    assert os.getpriority(os.PRIO_PROCESS, default.proc.pid) == min(19, mine + 10)
+    assert os.getpriority(os.PRIO_PROCESS, kept.proc.pid) == mine
+    out = subprocess.run([sys.executable, "-m", "eigenwatch.monitor.cli", "sidecar", "--nice", "-5"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "--nice: expected an integer 0..19, got '-5'" in out.stderr

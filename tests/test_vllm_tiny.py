@@ -5,6 +5,7 @@ import gc
 import os
 import random
 import threading
+import time
 
 import grpc
 import pytest
@@ -175,8 +176,8 @@ def test_prefix_cache_hits_are_reported_as_skipped(llm, sidecar):
 
 def test_sidecar_killed_mid_generation(llm, sidecar):
     # Long enough that the kill lands mid-generation however fast the host is:
-    # 12 requests x 900 tokens, killed as soon as the first of their frames arrives.
-    prompts = token_prompts([30, 80, 12, 50, 20, 64, 40, 16, 70, 24, 36, 60], seed=4)
+    # 24 requests x 900 tokens, killed as soon as the first of their frames arrives.
+    prompts = token_prompts([30, 80, 12, 50, 20, 64, 40, 16, 70, 24, 36, 60] * 2, seed=4)
     params = greedy(900)
     # Baseline: the same engine with the tap uninstalled, then installed again.
     assert llm.collective_rpc("eigenwatch_uninstall") == [True]
@@ -189,12 +190,15 @@ def test_sidecar_killed_mid_generation(llm, sidecar):
     ingested = metric_value(scrape(sc.metrics), "eigenwatch_frames_ingested_total")
     result = {}
     worker = threading.Thread(target=lambda: result.update(outs=llm.generate(prompts, params, use_tqdm=False)))
+    t0 = time.monotonic()
     worker.start()
     # Kill it (SIGKILL, no goodbye) once this generation's frames are flowing.
     wait_for(lambda: metric_value(scrape(sc.metrics), "eigenwatch_frames_ingested_total") > ingested,
              every=0.01, what="frames of the running generation")
     sc.kill()
-    assert worker.is_alive(), "generation finished before the kill; make it longer"
+    killed_at = time.monotonic() - t0
+    assert worker.is_alive(), f"generation finished before the kill (first frames after {killed_at:.2f} s); " \
+                              "make it longer"
     worker.join(timeout=300)
     assert not worker.is_alive()
     assert [o.outputs[0].token_ids for o in result["outs"]] == baseline

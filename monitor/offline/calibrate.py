@@ -9,6 +9,22 @@ texts (monitor/offline/texts.py) train the EigenTrack GRU and weight the
 combined score's voters. The file's "models" section is the live sidecar's
 spike calibration over all reference windows, and its "tap" section the tap
 settings it was made with.
+
+The "drift" section (the live drift detector, monitor/sidecar/drift.py), per
+tapped layer: the reference direction is the exact top eigenvector of the fit
+texts' second moment Σ XᵀX (the token sums the other detectors use; exact, so
+the reference adds no sketch error of its own). The calibration texts' rows
+then go, in order, through the live tap's own windows (hooks/sketches.py:
+the same sketch, `--drift-every` tokens per window, one row in `--drift-sample`),
+and each window's top direction gives one angle to the reference: the spread a
+live window shows on in-distribution traffic, sampling noise and sketch error
+together. Rule: alert_deg = min(90, margin × the largest of those m angles),
+clear_deg = the largest angle (re-arm below what calibration itself showed);
+an alert needs `--drift-persist` windows above alert_deg in a row. The largest
+of m angles sits near their m/(m+1) quantile, so a false alarm needs `persist`
+consecutive windows `margin`× beyond anything calibration saw. At least
+MIN_DRIFT_WINDOWS windows are required (else no drift section, logged).
+Only `--engine hf` has the rows here (vLLM keeps them inside its worker).
 """
 
 from __future__ import annotations
@@ -42,6 +58,7 @@ ALL_DETECTORS = dict(FITTED, **{EigenTrack.name: EigenTrack, TokenMahalanobis.na
 # noisy to weight by (null s.d. of an AUROC ≈ 0.09 at 20 vs 20): equal weights.
 MIN_TEXTS_FOR_WEIGHTS = 20
 OFFLINE_VERSION = 1
+MIN_DRIFT_WINDOWS = 3
 
 
 def parse_far(text: str) -> list[float]:
@@ -64,9 +81,15 @@ def calibrate(args) -> int:
     tap.check()
     if not 0 < args.calib_fraction < 1:
         raise OfflineError("--calib-fraction: expected a number in (0, 1)")
-    for flag, v in (("--gru-hidden", args.gru_hidden), ("--gru-epochs", args.gru_epochs)):
+    for flag, v in (("--gru-hidden", args.gru_hidden), ("--gru-epochs", args.gru_epochs),
+                    ("--drift-sample", args.drift_sample), ("--drift-persist", args.drift_persist)):
         if v < 1:
             raise OfflineError(f"{flag}: expected an integer >= 1, got {v}")
+    if args.drift_every != 0 and not max(2, args.drift_sample) <= args.drift_every:
+        raise OfflineError(f"--drift-every: expected 0 (off) or an integer >= max(2, --drift-sample) "
+                           f"({args.drift_sample}), got {args.drift_every}")
+    if not (math.isfinite(args.drift_margin) and args.drift_margin >= 1):
+        raise OfflineError(f"--drift-margin: expected a number >= 1, got {args.drift_margin}")
     stats = InputStats()
     items = read_jsonl(args.texts, stats)
 
@@ -92,8 +115,15 @@ def calibrate(args) -> int:
             raise too_few(len(fit_feats), 0)
         token_det = TokenMahalanobis.from_moments(acc)
         cal_items = [items[i] for i in order[:n_cal]]
+        sketching = args.drift_every > 0 and hasattr(engine, "start_sketches")
+        if sketching:
+            engine.start_sketches(args.drift_every, args.drift_sample)
         _, cal_feats = extract(engine, info, cal_items, args.max_length, stats, "calibrate: calibration",
                                token_det)
+        windows = engine.stop_sketches() if sketching else []
+        if args.drift_every > 0 and not sketching:
+            log(f"calibrate: no drift section: --engine {args.engine} keeps the rows inside its worker; "
+                "calibrate with --engine hf for the live drift detector")
         n, n_cal = len(fit_feats) + len(cal_feats), len(cal_feats)
         if n_cal < 2:
             raise too_few(len(fit_feats), n_cal)
@@ -171,12 +201,14 @@ def calibrate(args) -> int:
     }
     if eigentrack is not None:
         offline["eigentrack"] = risk_info
+    drift = drift_calibration(info.key, acc, windows, args) if windows else None
     doc = calib.document(
         {(info.key, l): c for l, c in spike_all.layers.items()},
         tap={"window": tap.window, "stride": tap.stride, "proj_dim": tap.proj_dim, "layers": list(tapped)},
         model_fingerprint=dict(fingerprint(info), name=info.key),
         offline=offline,
         risk=live_risk_thresholds(eigentrack, cal_feats, fars[0]) if eigentrack is not None else None,
+        drift=drift,
     )
     try:
         calib.save(args.out, doc)
@@ -186,6 +218,34 @@ def calibrate(args) -> int:
     log(f"eigenwatch calibrate: wrote {args.out} (model {info.key}, layers {list(tapped)}, "
         f"{len(fit_feats)} fit + {n_cal} calibration texts)")
     return 0
+
+
+def drift_calibration(key: str, moments: TokenMoments, windows: list, args) -> calib.DriftCalibration | None:
+    """The "drift" section (rule in the module docstring): references from the fit texts' second
+    moments, thresholds from the calibration texts' windows (hooks/sketches.SketchWindow)."""
+    from eigenwatch.kernels.sketch import principal_angle_degrees
+
+    out = calib.DriftCalibration(args.drift_every, args.drift_sample, args.drift_persist, margin=args.drift_margin)
+    by_layer: dict[int, list] = {}
+    for w in windows:
+        by_layer.setdefault(w.layer, []).append(w)
+    for layer, (_, _, scatter) in sorted(moments.sums.items()):
+        wins = by_layer.get(layer, [])
+        if len(wins) < MIN_DRIFT_WINDOWS:
+            log(f"calibrate: no drift reference for layer {layer}: the calibration texts filled {len(wins)} "
+                f"window(s) of {args.drift_every} tokens, fewer than {MIN_DRIFT_WINDOWS}; use more texts or a "
+                "smaller --drift-every")
+            continue
+        ref = np.linalg.eigh(scatter)[1][:, -1]  # [d] top eigenvector of Σ XᵀX (eigh: ascending)
+        angles = np.array([principal_angle_degrees(w.directions(1)[0], ref) for w in wins])
+        top = float(angles.max())
+        alert = min(90.0, max(args.drift_margin * top, 1.0))  # 1°: a floor for a perfectly stable stream
+        clear = min(top, alert / args.drift_margin)
+        out.layers[(key, layer)] = calib.LayerDrift(ref / np.linalg.norm(ref), alert, clear, len(wins))
+        log(f"calibrate: drift layer {layer}: {len(wins)} windows of {args.drift_every} tokens, angle to the "
+            f"reference median {np.median(angles):.1f}° max {top:.1f}°: alert above {alert:.1f}° for "
+            f"{args.drift_persist} window(s), re-arm below {clear:.1f}°")
+    return out if out.layers else None
 
 
 def risk_model(args, key: str, layers, neg_feats: list[dict], pos_feats: list[dict]):
@@ -267,6 +327,15 @@ def add_args(p) -> None:
     p.add_argument("--risk-model", default="auto",
                    help="EigenTrack GRU: 'auto' trains one on the reference texts vs corrupted copies (default), "
                         "a path loads one made by `eigenwatch train`, 'none' leaves it out")
+    p.add_argument("--drift-every", type=int, default=4096,
+                   help="tokens per top-direction window of the drift detector; must equal the live tap's "
+                        "EIGENWATCH_SKETCH_EVERY (default %(default)s; 0: no drift section)")
+    p.add_argument("--drift-sample", type=int, default=1,
+                   help="one row in N fed to the sketch, as the tap's EIGENWATCH_SKETCH_SAMPLE (default %(default)s)")
+    p.add_argument("--drift-margin", type=float, default=1.5,
+                   help="drift alert angle = this × the largest calibration window's angle (default %(default)s)")
+    p.add_argument("--drift-persist", type=int, default=3,
+                   help="windows above the drift angle in a row before an alert (default %(default)s)")
     p.add_argument("--gru-hidden", type=int, default=32, help="GRU width for --risk-model auto (default %(default)s)")
     p.add_argument("--gru-epochs", type=int, default=60,
                    help="most GRU epochs for --risk-model auto; early stopping on a slice of the fit texts picks "

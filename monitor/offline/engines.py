@@ -171,6 +171,18 @@ class HFEngine:
                 continue
             yield rid, frames, sums, None
 
+    def start_sketches(self, every: int, sample: int) -> None:
+        """Top-direction windows (hooks/sketches.py, the live tap's) over the rows of the next runs."""
+        from eigenwatch.hooks.sketches import LayerSketches
+
+        self.tap.sketches = LayerSketches(every, sample)
+        self.tap.sketch_windows = []
+
+    def stop_sketches(self) -> list:
+        """The windows finished since start_sketches (SketchWindow); sketching stops."""
+        out, self.tap.sketch_windows, self.tap.sketches = self.tap.sketch_windows, [], None
+        return out
+
     def close(self) -> None:
         self.tap.close()
 

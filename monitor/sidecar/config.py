@@ -30,6 +30,16 @@ def _int_at_least(lo: int):
     return parse
 
 
+def _nice(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        v = None
+    if v is None or not 0 <= v <= 19:
+        raise argparse.ArgumentTypeError(f"expected an integer 0..19, got {text!r}")
+    return v
+
+
 def _port(text: str) -> int:
     try:
         v = int(text)
@@ -55,6 +65,19 @@ def _fraction(upper: str):
 
 
 _quantile, _probability = _fraction("]"), _fraction(")")
+
+
+def _number_at_least(lo: float, strict: bool):
+    """A finite number > lo (strict) or >= lo."""
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            v = math.nan
+        if not (math.isfinite(v) and (v > lo if strict else v >= lo)):
+            raise argparse.ArgumentTypeError(f"expected a number {'>' if strict else '>='} {lo:g}, got {text!r}")
+        return v
+    return parse
 
 
 def _text(text: str) -> str:
@@ -98,8 +121,30 @@ class SidecarConfig:
                                         "calibration's risk.clear_low, else 0.7)", _probability)
     risk_persist: int = flag(1, "alert only after this many consecutive steps above --risk-high "
                                 "(default %(default)s)", _int_at_least(1))
+    nice: int = flag(10, "lower this process's CPU priority by this much at start (0..19; default %(default)s), "
+                         "so on shared cores the server it watches comes first: when the sidecar falls behind, "
+                         "the taps drop frames (counted), the server never waits", _nice)
+    shield: str | None = flag(None, "EigenShield file (.npz from `eigenwatch shield fit`) for the eigenwatch.v1.Shield "
+                                    "service's Filter; reloaded when it changes (replace it atomically: write a new "
+                                    "file, rename it over the old one, as `eigenwatch shield fit --out` does)")
+    shield_max_rows: int = flag(4096, "most rows one Filter call takes, an integer >= 1 (default %(default)s); "
+                                      "a call also stays under gRPC's 16 MiB message limit: rows x dim x 4 bytes",
+                                _int_at_least(1))
+    shield_quantile: float = flag(0.99, "Filter rejects a row whose score is above this conformal quantile of the "
+                                        "shield's calibration scores, a probability in (0, 1) (default %(default)s: "
+                                        "about 1%% of clean rows rejected)", _probability)
+    shield_threshold: float | None = flag(None, "reject rows scoring above this fixed value instead, a number > 0 "
+                                                "(the score is 1 on average over the reference rows)",
+                                          _number_at_least(0.0, strict=True))
+    shield_reload_s: float = flag(1.0, "seconds between checks of --shield for a new file (inode, size, mtime), "
+                                       "a number >= 0; 0 = never reload (default %(default)s)",
+                                  _number_at_least(0.0, strict=False))
+    blas_threads: int = flag(1, "threads numpy's BLAS may use in this process (Filter's projection, the Gram "
+                                "spectra), an integer >= 0; 0 = BLAS's own default, all cores (default %(default)s: "
+                                "on shared cores a multi-threaded BLAS stalls on descheduled threads; "
+                                "bench/bench_filter.py measures it)", _int_at_least(0))
     # Not flags: from the environment, or fixed.
-    token: str | None = None  # require `authorization: Bearer <token>` on the Monitor service (EIGENWATCH_TOKEN)
+    token: str | None = None  # require `authorization: Bearer <token>` on the Monitor and Shield services (EIGENWATCH_TOKEN)
     idle_timeout_s: float = 900.0  # a request whose tap went silent this long is closed
 
     @property

@@ -17,6 +17,8 @@ SPIKE_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 32)
 # Risk is a probability: 0.05 steps resolve any --risk-high/--risk-low choice to
 # a bucket edge near it; 0.99 separates "certain" from "high".
 RISK_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 20)) + (0.99,)
+# A 1,000 × 384 Filter batch takes a few ms; 4096 rows at d = 4096 nearer a second.
+FILTER_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 _TAP_COUNTERS = {
     "frames_emitted": "Frames the taps produced",
@@ -109,6 +111,11 @@ class Metrics:
         self.alerts_dropped = Counter(
             "eigenwatch_alerts_dropped", "Alerts not delivered to a slow WatchAlerts client", registry=registry
         )
+        self.windows_unusable = Counter(
+            "eigenwatch_windows_unusable",
+            "Windows sent as centred Grams that gave no spectrum: nonfinite (NaN/Inf activations) or degenerate",
+            ["model", "reason"], registry=registry,
+        )
         self.ingest_streams = Gauge("eigenwatch_ingest_streams", "Open Ingest streams", registry=registry)
         self.alert_watchers = Gauge("eigenwatch_alert_watchers", "Open WatchAlerts streams", registry=registry)
         self.calibration_sigma2 = Gauge(
@@ -147,5 +154,49 @@ class Metrics:
             "eigenwatch_risk_threshold", "EigenTrack alert thresholds in use (bound: high raises, low re-arms)",
             ["model", "bound"], registry=registry,
         )
+        # EigenShield's Filter (monitor/sidecar/shield_service.py).
+        self.filter_calls = Counter(
+            "eigenwatch_filter_calls", "Filter calls by result (ok, invalid_argument, failed_precondition, error)",
+            ["result"], registry=registry,
+        )
+        self.filter_rows = Counter("eigenwatch_filter_rows", "Rows filtered by successful Filter calls",
+                                   registry=registry)
+        self.filter_rejected_rows = Counter(
+            "eigenwatch_filter_rejected_rows", "Filtered rows whose score was above the shield's threshold",
+            registry=registry,
+        )
+        self.filter_seconds = Histogram(
+            "eigenwatch_filter_seconds", "Server time of successful Filter calls (validation, projection, reply)",
+            buckets=FILTER_BUCKETS, registry=registry,
+        )
+        self.shield_reloads = Counter(
+            "eigenwatch_shield_reloads", "Reloads of a changed --shield file: ok, or error (the old shield stays)",
+            ["result"], registry=registry,
+        )
+        self.shield_rank = Gauge("eigenwatch_shield_rank", "Directions the loaded shield keeps (0: none loaded)",
+                                 registry=registry)
+        self.shield_threshold = Gauge("eigenwatch_shield_score_threshold",
+                                      "Score above which Filter rejects a row (+Inf: none)", registry=registry)
+        # The drift detector (monitor/sidecar/drift.py): per layer, not per request.
+        self.top_direction_angle = Gauge(
+            "eigenwatch_top_direction_angle_degrees",
+            "Principal angle between the tap's latest top direction and the calibrated reference", ml,
+            registry=registry,
+        )
+        self.direction_snapshots = Counter(
+            "eigenwatch_direction_snapshots",
+            "Direction snapshots by result (compared, no_reference, dim_mismatch, window_mismatch)",
+            ["model", "layer", "result"], registry=registry,
+        )
+        self.direction_snapshots_rejected = Counter(
+            "eigenwatch_direction_snapshots_rejected", "Malformed direction snapshots, by offending field",
+            ["field"], registry=registry,
+        )
+        self.drift_threshold = Gauge(
+            "eigenwatch_drift_threshold_degrees", "Drift angles in use (bound: alert raises, clear re-arms)",
+            ["model", "layer", "bound"], registry=registry,
+        )
+        self.drift_alerted = Gauge("eigenwatch_drift_alerted", "1 while a layer is in the drift-alerted state", ml,
+                                   registry=registry)
         self.taps = TapStatsCollector()
         registry.register(self.taps)

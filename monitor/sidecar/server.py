@@ -1,5 +1,6 @@
-"""The sidecar's gRPC server (grpc.aio): Ingest, WatchAlerts, GetReport, plus
-the standard health service and server reflection, and /metrics over HTTP.
+"""The sidecar's gRPC server (grpc.aio): Ingest, WatchAlerts, GetReport, the
+Shield service (shield_service.py), the standard health service and server
+reflection, and /metrics over HTTP.
 
 All request state lives on the server's event loop (no locks); Prometheus
 scrapes run on their own thread and read only thread-safe metrics. Work that
@@ -23,23 +24,51 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
 from eigenwatch.hooks import frames as wire
-from eigenwatch.kernels.descriptors import DESCRIPTOR_NAMES
+from eigenwatch.kernels.descriptors import DESCRIPTOR_NAMES, INDEX, describe_windows
+from eigenwatch.kernels.gram import spectra_np
 from eigenwatch.monitor import calibration as calib
 from eigenwatch.monitor.spectral_spike import DimMismatch, SpikeDetector
-from eigenwatch.v1 import monitor_pb2, monitor_pb2_grpc
+from eigenwatch.v1 import monitor_pb2, monitor_pb2_grpc, shield_pb2_grpc
 
 from .alerts import AlertHub, Persistence
 from .config import SidecarConfig
+from .drift import DriftMonitor, validate_snapshot
 from .metrics import Metrics
 from .risk import DETECTOR as RISK_DETECTOR
 from .risk import WARNING as RISK_SEVERITY
 from .risk import LiveRisk, LiveRiskSetup
+from .shield_service import SERVICE_NAME as SHIELD_SERVICE_NAME
+from .shield_service import Loaded as LoadedShield
+from .shield_service import ShieldLoadError, ShieldService, keep_freed_memory, limit_blas_threads, load_shield
 from .state import History, LayerState, RequestStore
 
 log = logging.getLogger("eigenwatch.sidecar")
 
 SERVICE_NAME = monitor_pb2.DESCRIPTOR.services_by_name["Monitor"].full_name
 REQUIRED_DESCRIPTORS = ("sigma2", "trace_mean", "spectral_entropy", "lambda1")
+# The largest window a frame may send as a centred Gram (the tap's own limit):
+# its eigensolve runs here, O(W³).
+MAX_GRAM_WINDOW = 1024
+
+
+def gram_spectra(frames) -> dict[int, tuple[np.ndarray, np.ndarray] | str]:
+    """Eigenvalues and descriptors of the frames that carry a centred Gram:
+    {index: (eigs [W] float64, descriptors [D] float64) or why the window gives
+    none}. One batched eigensolve and descriptor call per window size
+    (kernels/gram.py, kernels/descriptors.py: the functions the tap's
+    `to_frames` uses). Frames must be valid (validate_frame) already."""
+    by_window: dict[int, list[int]] = {}
+    for j, f in frames:
+        by_window.setdefault(f.window, []).append(j)
+    index = dict(frames)
+    out: dict[int, tuple[np.ndarray, np.ndarray] | str] = {}
+    for w, idx in by_window.items():
+        grams = np.frombuffer(b"".join(index[j].centred_gram for j in idx), dtype="<f4").reshape(len(idx), w, w)
+        eigs, row_sq, ok = spectra_np(grams, w, 1.0, centred=True)
+        desc, why = describe_windows(eigs, row_sq, ok, np.full(len(idx), w), [index[j].dim for j in idx])
+        for i, j in enumerate(idx):
+            out[j] = why[i] if why[i] is not None else (eigs[i], desc[i])
+    return out
 
 
 def validate_frame(f: monitor_pb2.Frame, n_names: int, eigs: np.ndarray | None = None,
@@ -60,6 +89,15 @@ def validate_frame(f: monitor_pb2.Frame, n_names: int, eigs: np.ndarray | None =
         return "dim", f"must be >= 1, got {f.dim}"
     if f.token_count < 0 or f.skipped_tokens < 0:
         return "token_count", "token_count and skipped_tokens must be >= 0"
+    if f.centred_gram:
+        if f.eigenvalues or f.descriptors:
+            return "centred_gram", "set either centred_gram or eigenvalues and descriptors, not both"
+        if f.window > MAX_GRAM_WINDOW:
+            return "window", f"a centred_gram frame takes at most {MAX_GRAM_WINDOW} rows, got {f.window}"
+        if len(f.centred_gram) != 4 * f.window * f.window:
+            return "centred_gram", (f"has {len(f.centred_gram)} bytes but window {f.window} needs "
+                                    f"{4 * f.window * f.window} (float32 [window × window])")
+        return None
     if len(f.eigenvalues) != f.window:
         return "eigenvalues", f"has {len(f.eigenvalues)} values but window is {f.window}"
     if len(f.descriptors) != n_names:
@@ -71,6 +109,10 @@ def validate_frame(f: monitor_pb2.Frame, n_names: int, eigs: np.ndarray | None =
     if not np.isfinite(desc).all():
         return "descriptors", "contains NaN or Inf"
     return None
+
+
+def _unusable_reason(why: str) -> str:
+    return "nonfinite" if "NaN" in why or "non-finite" in why else "degenerate"
 
 
 @dataclass
@@ -95,6 +137,9 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
                                                        on_alert=self._risk_alert)
         if self.risk is not None:
             self.store.on_finish = self.risk.finish  # requests the idle sweep closes
+        # run() has checked the file already; in-process sidecars (tests, offline) load it here
+        self.drift = DriftMonitor(calib.load(cfg.calibration).drift if cfg.calibration else None, metrics,
+                                  self.alerts)
         # Every accepted frame, as a hooks.frames.Frame, to a callback on the loop
         # (the offline `--engine vllm` path collects a text's frames this way).
         self.frame_sink = frame_sink
@@ -115,11 +160,15 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
                 index += 1
                 if batch.HasField("stats"):
                     self.metrics.taps.update(batch.stats)
+                snap_error = self._snapshots(batch.directions) if batch.directions else None
                 if not batch.frames:
+                    if snap_error is not None:
+                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"batch {index}: {snap_error}")
                     continue
                 names = list(batch.descriptor_names)
+                grams = [(j, f) for j, f in enumerate(batch.frames) if f.centred_gram]
                 missing = [n for n in REQUIRED_DESCRIPTORS if n not in names]
-                if missing:
+                if missing and len(grams) < len(batch.frames):
                     rejected += len(batch.frames)
                     self.metrics.frames_rejected.labels("descriptor_names").inc(len(batch.frames))
                     await context.abort(
@@ -129,34 +178,55 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
                     )
                 first_error = None
                 mismatch = None
+                problems = {j: validate_frame(f, len(names)) for j, f in grams}
+                computed = {}
+                if grams:
+                    # Off the event loop: other streams and RPCs go on while LAPACK runs.
+                    computed = await asyncio.get_running_loop().run_in_executor(
+                        None, gram_spectra, [(j, f) for j, f in grams if problems[j] is None])
+                # Spectrum frames use the batch's descriptor names; Gram frames this
+                # sidecar's (it computed their descriptors).
                 index_of = {n: i for i, n in enumerate(names)}
                 names_t = tuple(names)
                 risk = self.risk
-                risk_idx = risk.batch_index(names_t) if risk is not None else None
+                kinds = {False: (index_of, names_t, risk.batch_index(names_t) if risk is not None else None),
+                         True: (INDEX, DESCRIPTOR_NAMES,
+                                risk.batch_index(DESCRIPTOR_NAMES) if risk is not None and grams else None)}
                 finished = []
                 sink = [] if self.frame_sink is not None else None
                 for j, frame in enumerate(batch.frames):
-                    eigs = np.asarray(frame.eigenvalues, dtype=np.float64)
-                    desc = np.asarray(frame.descriptors, dtype=np.float64)
-                    problem = validate_frame(frame, len(names), eigs, desc)
+                    has_gram = bool(frame.centred_gram)
+                    if has_gram:
+                        problem = problems[j]
+                        got = computed.get(j)
+                        if problem is None and isinstance(got, str):
+                            # NaN activations, a degenerate window: nothing malformed, counted
+                            self.metrics.windows_unusable.labels(frame.model, _unusable_reason(got)).inc()
+                            continue
+                        eigs, desc = got if problem is None else (None, None)
+                    else:
+                        eigs = np.asarray(frame.eigenvalues, dtype=np.float64)
+                        desc = np.asarray(frame.descriptors, dtype=np.float64)
+                        problem = validate_frame(frame, len(names), eigs, desc)
                     if problem is not None:
                         rejected += 1
                         self.metrics.frames_rejected.labels(problem[0]).inc()
                         first_error = first_error or f"batch {index}: frames[{j}].{problem[0]}: {problem[1]}"
                         continue
+                    f_index, f_names, f_risk = kinds[has_gram]
                     try:
-                        st, done = self._apply(frame, index_of, names_t, eigs, desc)
+                        st, done = self._apply(frame, f_index, f_names, eigs, desc)
                     except DimMismatch as exc:  # calibrated for other tap settings: refuse, loudly
                         rejected += 1
                         self.metrics.frames_rejected.labels("dim").inc()
                         mismatch = mismatch or f"batch {index}: frames[{j}].{exc}"
                         continue
                     if risk is not None:
-                        risk.add(st, frame, desc, risk_idx)
+                        risk.add(st, frame, desc, f_risk)
                         if done:
                             finished.append(st)
                     if sink is not None:
-                        sink.append(wire.from_proto(frame, names_t))
+                        sink.append(wire.from_proto(frame, f_names, eigs, desc))
                     accepted += 1
                 if risk is not None:
                     # All steps this batch completed, in one model call (per round), then
@@ -166,6 +236,8 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
                         risk.finish(st)
                 if sink:
                     self.frame_sink(sink)
+                if snap_error is not None:
+                    first_error = first_error or f"batch {index}: {snap_error}"
                 if first_error is not None:
                     # The valid frames of the batch were kept; the stream ends so the
                     # sender sees the error (a tap reconnects and goes on).
@@ -175,6 +247,18 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
         finally:
             self.metrics.ingest_streams.dec()
         return monitor_pb2.IngestSummary(frames_accepted=accepted, frames_rejected=rejected)
+
+    def _snapshots(self, snaps) -> str | None:
+        """Direction snapshots -> the drift detector; the first malformed one's problem (valid ones are kept)."""
+        first = None
+        for j, s in enumerate(snaps):
+            problem = validate_snapshot(s)
+            if problem is not None:
+                self.metrics.direction_snapshots_rejected.labels(problem[0]).inc()
+                first = first or f"directions[{j}].{problem[0]}: {problem[1]}"
+                continue
+            self.drift.observe(s)
+        return first
 
     def _apply(self, f: monitor_pb2.Frame, index_of: dict[str, int], names: tuple[str, ...], eigs: np.ndarray,
                desc: np.ndarray):
@@ -350,14 +434,15 @@ class _CalibrationWriter:
 
 
 class TokenAuth(grpc.aio.ServerInterceptor):
-    """Bearer-token check on the Monitor service (`authorization: Bearer <token>`
-    metadata). Health and reflection stay open for probes and tooling."""
+    """Bearer-token check on the Monitor and Shield services (`authorization:
+    Bearer <token>` metadata). Health and reflection stay open for probes and tooling."""
 
-    def __init__(self, token: str):
+    def __init__(self, token: str, services: tuple[str, ...] = (SERVICE_NAME, SHIELD_SERVICE_NAME)):
         import hmac
 
         self._expected = f"Bearer {token}".encode()
         self._compare = hmac.compare_digest
+        self._guarded = tuple(f"/{s}/" for s in services)  # method paths are /package.Service/Method
 
     def _allowed(self, details) -> bool:
         for key, value in details.invocation_metadata or ():
@@ -368,7 +453,7 @@ class TokenAuth(grpc.aio.ServerInterceptor):
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
-        if handler is None or not details.method.startswith(f"/{SERVICE_NAME}/") or self._allowed(details):
+        if handler is None or not details.method.startswith(self._guarded) or self._allowed(details):
             return handler
         message = "authorization: missing or wrong bearer token (set EIGENWATCH_TOKEN for taps and clients)"
 
@@ -392,7 +477,8 @@ class Sidecar:
     """A running sidecar: gRPC server + /metrics. Use `await start()`, `await stop()`."""
 
     def __init__(self, cfg: SidecarConfig, detector: SpikeDetector | None = None,
-                 registry: CollectorRegistry | None = None, risk: LiveRiskSetup | None = None, frame_sink=None):
+                 registry: CollectorRegistry | None = None, risk: LiveRiskSetup | None = None, frame_sink=None,
+                 shield: LoadedShield | None = None):
         self.cfg = cfg
         self.registry = registry or CollectorRegistry()
         self.metrics = Metrics(self.registry)
@@ -400,11 +486,14 @@ class Sidecar:
             calibration_frames=cfg.calibration_frames, quantile=cfg.quantile, spike_threshold=cfg.spike_threshold
         )
         self.service = MonitorService(cfg, self.detector, self.metrics, risk, frame_sink)
+        # shield: cfg.shield loaded already (run() checks it before serving); else loaded here
+        self.shield_service = ShieldService(cfg, self.metrics, shield)
         self.server: grpc.aio.Server | None = None
         self.port: int | None = None
         self.metrics_port: int | None = None
         self._http = None
         self._sweeper = None
+        self._shield_watcher = None
 
     @property
     def address(self) -> str:
@@ -422,9 +511,11 @@ class Sidecar:
             ]
         )
         monitor_pb2_grpc.add_MonitorServicer_to_server(self.service, self.server)
+        shield_pb2_grpc.add_ShieldServicer_to_server(self.shield_service, self.server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, self.server)
-        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, SHIELD_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         try:
             self.port = self.server.add_insecure_port(self.cfg.listen)
         except RuntimeError:
@@ -435,6 +526,9 @@ class Sidecar:
         await self.server.start()
         for name in ("", SERVICE_NAME):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        # Shield is NOT_SERVING without --shield (its calls answer FAILED_PRECONDITION)
+        await health_servicer.set(SHIELD_SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING
+                                  if self.shield_service.loaded else health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.cfg.metrics_enabled:
             try:
                 self._http, _thread = start_http_server(self.cfg.metrics_port, addr=self.cfg.metrics_host,
@@ -445,13 +539,16 @@ class Sidecar:
                               f"({exc.strerror or exc}); pick a free port, 0 for any, or -1 for none") from None
             self.metrics_port = self._http.server_port
         self._sweeper = asyncio.get_running_loop().create_task(self.service.sweep_forever())
+        self._shield_watcher = asyncio.get_running_loop().create_task(self.shield_service.watch_forever())
 
     async def stop(self, grace: float = 1.0) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
+        for task in (self._sweeper, self._shield_watcher):
+            if task is not None:
+                task.cancel()
         if self.server is not None:
             await self.server.stop(grace)
         await self.service.close()
+        await self.shield_service.close()
         if self._http is not None:
             self._http.shutdown()
             self._http.server_close()
@@ -495,8 +592,9 @@ class SidecarThread:
         self.loop.close()
 
 
-async def _serve(cfg: SidecarConfig, detector: SpikeDetector, risk: LiveRiskSetup | None) -> None:
-    sidecar = Sidecar(cfg, detector, risk=risk)
+async def _serve(cfg: SidecarConfig, detector: SpikeDetector, risk: LiveRiskSetup | None,
+                 shield: LoadedShield | None = None) -> None:
+    sidecar = Sidecar(cfg, detector, risk=risk, shield=shield)
     await sidecar.start()
     metrics = f"http://{cfg.metrics_host}:{sidecar.metrics_port}/metrics" if sidecar.metrics_port else "off"
     # The READY line is read by `eigenwatch serve`, the demo and the tests (cli/processes.py).
@@ -512,7 +610,7 @@ async def _serve(cfg: SidecarConfig, detector: SpikeDetector, risk: LiveRiskSetu
 
 def run(cfg: SidecarConfig) -> int:
     """`eigenwatch sidecar`: serve until SIGINT/SIGTERM. Bad settings (a broken
-    calibration file, an unusable risk model, a busy port) exit 2 with a message
+    calibration or shield file, an unusable risk model, a busy port) exit 2 with a message
     naming the flag, before anything is served."""
     from .risk import LiveRiskError, load_live_risk
 
@@ -521,14 +619,26 @@ def run(cfg: SidecarConfig) -> int:
         detector = SpikeDetector(cal.spike if cal else None, cfg.calibration_frames, cfg.quantile,
                                  cfg.spike_threshold)
         risk = load_live_risk(cfg, cal)  # the ONNX model and its thresholds, checked before serving
-    except (calib.CalibrationError, LiveRiskError) as exc:
+        shield = load_shield(cfg) if cfg.shield else None
+    except (calib.CalibrationError, LiveRiskError, ShieldLoadError) as exc:
         print(f"eigenwatch sidecar: {exc}", file=sys.stderr)
         return 2
     if cal is not None and cal.tap:
         log.info("calibration %s was made with tap settings %s; frames of another width are refused",
                  cfg.calibration, cal.tap)
+    if cfg.nice:
+        import os
+
+        os.nice(cfg.nice)  # on shared cores the server comes first (bench/bench_overhead.py measures it)
+    if cfg.blas_threads:
+        why = limit_blas_threads(cfg.blas_threads)
+        if why:
+            log.warning("--blas-threads %d: %s", cfg.blas_threads, why)
+    why = keep_freed_memory()  # Filter's big short-lived buffers: no page faults per call
+    if why:
+        log.info("large buffers: %s", why)
     try:
-        asyncio.run(_serve(cfg, detector, risk))
+        asyncio.run(_serve(cfg, detector, risk, shield))
     except OSError as exc:
         print(f"eigenwatch sidecar: {exc}", file=sys.stderr)
         return 2
