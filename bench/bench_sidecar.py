@@ -9,7 +9,13 @@ Frames come as a tap sends them: every engine step, each request's frames of
 all 3 layers at the same token count, so with the risk model on every request
 takes one risk step per engine step.
 
-    .venv/bin/python bench/bench_sidecar.py [--frames 20000] [--batch 64] [--requests 256]
+Then a latency run (detectors and the risk model on, a calibration under which every
+window alerts, --watchers WatchAlerts clients reading): sustained frames/s, p50/p99 from
+a frame's batch leaving the sender to its alert reaching a watcher (an upper bound on
+receipt -> alert; alerts come once per request, layer and severity), and the sidecar's
+RSS slope over the run (MiB/min; flat means no growth per frame).
+
+    .venv/bin/python bench/bench_sidecar.py [--frames 20000] [--batch 64] [--requests 256] [--watchers 16]
 """
 
 from __future__ import annotations
@@ -124,12 +130,101 @@ def counting_server_run(batches, repeats: int) -> list[float]:
     return times
 
 
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def latency_run(base: list[str], model: str, args, tmp: Path) -> None:
+    """Sustained ingest with every window alerting and `args.watchers` watchers reading."""
+    import threading
+
+    cal = tmp / "firing.json"
+    cal.write_text(json.dumps({"format": "eigenwatch.calibration/v1", "models": {"bench": {
+        str(l): {"sigma2": 1e-4, "spike_threshold": 0} for l in LAYERS}}}))
+    argv = [a for a in base]
+    argv[argv.index("--calibration") + 1] = str(cal)
+    argv[argv.index("--max-requests") + 1] = "1000000"  # every round uses fresh request ids: all alert
+    sc = SidecarProcess(argv + ["--risk-model", model, "--persist", "1"]).start()
+    sent_at: dict[str, float] = {}
+    lat: list[float] = []
+    lock = threading.Lock()
+    ready = threading.Barrier(args.watchers + 1)
+    channels = [grpc.insecure_channel(sc.grpc) for _ in range(args.watchers)]
+
+    def watch(ch):
+        call = monitor_pb2_grpc.MonitorStub(ch).WatchAlerts(monitor_pb2.WatchAlertsRequest(), timeout=3600)
+        ready.wait()
+        try:
+            for a in call:
+                t = time.perf_counter()
+                s0 = sent_at.get(a.request_id)
+                if s0 is not None:
+                    with lock:
+                        lat.append(t - s0)
+        except grpc.RpcError:
+            pass
+
+    threads = [threading.Thread(target=watch, args=(ch,), daemon=True) for ch in channels]
+    for t in threads:
+        t.start()
+    ready.wait()
+    time.sleep(0.5)
+    base_batches = make_batches(args.frames, args.batch, args.requests)
+    rss: list[tuple[float, float]] = []
+    n = 0
+    t_end = time.perf_counter() + args.seconds
+
+    def gen():
+        nonlocal n
+        rnd = 0
+        while time.perf_counter() < t_end:
+            for b in base_batches:
+                out = monitor_pb2.FrameBatch()
+                out.CopyFrom(b)
+                now = time.perf_counter()
+                for f in out.frames:  # fresh ids each round, so every round raises alerts
+                    f.request_id = f"{f.request_id}.{rnd}"
+                    f.engine_request_id = f"{f.engine_request_id}.{rnd}"
+                    sent_at.setdefault(f.request_id, now)
+                n += len(out.frames)
+                if not rss or now - rss[-1][0] >= 1.0:
+                    rss.append((now, rss_mb(sc.proc.pid)))
+                yield out
+            rnd += 1
+
+    try:
+        with grpc.insecure_channel(sc.grpc) as ch:
+            t0 = time.perf_counter()
+            monitor_pb2_grpc.MonitorStub(ch).Ingest(gen(), timeout=3600)
+            dt = time.perf_counter() - t0
+        time.sleep(1.0)
+    finally:
+        for ch in channels:
+            ch.close()
+        sc.stop()
+    ts = np.array([t for t, _ in rss]) - rss[0][0]
+    mb = np.array([m for _, m in rss])
+    slope = float(np.polyfit(ts, mb, 1)[0]) * 60 if len(ts) > 2 else float("nan")
+    per_watcher = len(lat) / max(1, args.watchers)
+    p50, p99 = (np.percentile(lat, [50, 99]) * 1e3) if lat else (float("nan"), float("nan"))
+    print(f"latency run: {args.seconds:.0f} s, {n} frames, {n / dt:.0f} frames/s with detectors, risk model and "
+          f"{args.watchers} watchers; {per_watcher:.0f} alerts per watcher")
+    print(f"  send -> alert at a watcher: p50 {p50:.1f} ms, p99 {p99:.1f} ms (goal: >= 100k frames/s, p99 <= 25 ms)")
+    print(f"  sidecar RSS {mb[0]:.0f} -> {mb[-1]:.0f} MiB, slope {slope:+.1f} MiB/min over the run "
+          "(fresh request ids: state grows until --max-requests / --memory-budget-mb evict)")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--frames", type=int, default=20_000)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--requests", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--watchers", type=int, default=16, help="WatchAlerts clients in the latency run")
+    p.add_argument("--seconds", type=float, default=20.0, help="length of the latency run (0: skip it)")
     args = p.parse_args()
     batches = make_batches(args.frames, args.batch, args.requests)
     n = sum(len(b.frames) for b in batches)
@@ -171,6 +266,8 @@ def main() -> None:
         print(f"  {name:44s} {med:9.3f} {n / med:10.0f} {med / ref:10.2f}")
     ratio = statistics.median(times["off"]) / statistics.median(times["on"])
     print(f"  ingest throughput with the risk model on / off: {ratio:.2f}")
+    if args.seconds > 0:
+        latency_run(base, model, args, tmp)
 
 
 if __name__ == "__main__":

@@ -41,14 +41,18 @@ from __future__ import annotations
 import logging
 import re
 import threading
+from itertools import compress
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .capture import TokenSums
-from .config import TapConfig, bad_request_opt, request_opt, resolve_layers
+from .config import TapConfig, bad_request_opt, embed_opt, request_opt, resolve_layers
+from .embeddings import EmbeddingTap
 from .export import FrameExporter
 from .layers import find_decoder_layers
+from .signatures import signature_bank
 from .sketches import LayerSketches
 from .windows import FrameSeed, WindowTap
 
@@ -211,6 +215,9 @@ class _VllmTap:
         self.layers = resolve_layers(cfg.layers, len(stack))
         self.rows: dict[int, torch.Tensor] = {}  # layer -> this step's rows [N, d] fp32
         self.layer_calls = dict.fromkeys(self.layers, 0)  # forwards that handed us each layer's rows
+        # Lexical signatures (hooks/signatures.py): None unless EIGENWATCH_SIGNATURE_LAYER is set.
+        self.signatures = signature_bank(cfg, model, self.layers, len(stack), model_cfg, self)
+        self.embeds = self._embedding_tap(cfg, len(stack))
         self.path, self.path_reason = self._choose_path(model)
         if self.path == "aux":
             # Aux id i+1 is the residual stream after decoder layer i (vLLM's numbering).
@@ -228,6 +235,23 @@ class _VllmTap:
             self._register_hooks(stack)
         self._original_execute = self.runner.execute_model
         self.runner.execute_model = self._execute_model
+
+    def _embedding_tap(self, cfg: TapConfig, num_layers: int) -> EmbeddingTap | None:
+        """EIGENWATCH_EMBEDDINGS resolved against this model; None when off."""
+        if cfg.embeddings == "off":
+            return None
+        if cfg.embeddings == "output":
+            if getattr(self.worker.vllm_config.model_config, "runner_type", None) != "pooling":
+                raise ValueError("EIGENWATCH_EMBEDDINGS=output needs a model served with the pooling runner "
+                                 "(runner='pooling'); for a generative model give a tapped layer's index, one of "
+                                 f"{list(self.layers)}")
+            return EmbeddingTap("output", cfg.max_requests)
+        layer = int(cfg.embeddings)
+        at = layer + num_layers if layer < 0 else layer
+        if at not in self.layers:
+            raise ValueError(f"EIGENWATCH_EMBEDDINGS: layer {layer} is not tapped; accepted: 'output' for a pooling "
+                             f"model, or one of the tapped layers {list(self.layers)} (EIGENWATCH_LAYERS)")
+        return EmbeddingTap(str(at), cfg.max_requests)
 
     def _choose_path(self, model) -> tuple[str, str]:
         want = self.cfg.capture
@@ -280,14 +304,16 @@ class _VllmTap:
         req_ids = list(self.runner.input_batch.req_ids)
         qsl_buf = getattr(self.runner, "query_start_loc", None)
         if qsl_buf is not None and hasattr(qsl_buf, "np"):
-            qsl = qsl_buf.np[: len(req_ids) + 1].tolist()
+            bounds = qsl_buf.np[: len(req_ids) + 1].astype(np.int64)
         else:
-            qsl = meta.query_start_loc[: len(req_ids) + 1].cpu().tolist()
-        n_actual = int(getattr(meta, "num_actual_tokens", qsl[-1]))
-        qsl = [min(q, n_actual) for q in qsl]  # rows past num_actual_tokens are padding
-        for rid in req_ids:
-            if self.windows.tracked(rid) or rid in self.opted_out:
-                continue
+            bounds = meta.query_start_loc[: len(req_ids) + 1].cpu().numpy().astype(np.int64)
+        n_actual = int(getattr(meta, "num_actual_tokens", bounds[-1]))
+        bounds = np.minimum(bounds, n_actual)  # rows past num_actual_tokens are padding
+        qsl = bounds.tolist()
+        # Only requests not seen before need a look (C-level set difference, no
+        # per-request Python work on an ordinary step).
+        fresh = set(req_ids).difference(self.windows.slot_of, self.opted_out)
+        for rid in (r for r in req_ids if r in fresh) if fresh else ():
             state = self.runner.requests.get(rid)
             params = getattr(state, "sampling_params", None) or getattr(state, "pooling_params", None)
             extra = getattr(params, "extra_args", None) or getattr(params, "extra_kwargs", None)
@@ -302,8 +328,12 @@ class _VllmTap:
                 continue
             skipped = int(getattr(state, "num_computed_tokens", 0) or 0)
             self.windows.begin(rid, skipped, external_request_id(rid))
-        items = [(rid, qsl[i], qsl[i + 1]) for i, rid in enumerate(req_ids)
-                 if qsl[i + 1] > qsl[i] and self.windows.tracked(rid)]
+            if self.embeds is not None and embed_opt(extra, self.cfg.embed_default) and self.windows.tracked(rid):
+                self.embeds.want(rid, external_request_id(rid))
+        keep = (bounds[1:] > bounds[:-1]) & np.fromiter(map(self.windows.slot_of.__contains__, req_ids), bool,
+                                                        len(req_ids))
+        at = np.flatnonzero(keep)
+        items = list(zip(compress(req_ids, keep.tolist()), bounds[at].tolist(), bounds[at + 1].tolist()))
         self.layout = (req_ids, qsl, items)
         return self.layout
 
@@ -345,9 +375,17 @@ class _VllmTap:
         self.windows.add_step(rows, items, self.step)
         if self.sketches is not None:
             self._sketch_rows(rows, items)
+        if self.signatures is not None:  # guarded inside: a failure counts as a hook error
+            self.signatures.add_step(rows, items)
         if self.capture:
             for layer, stream in rows.items():
                 self._capture_rows(layer, stream, items)
+        if self.embeds is not None and self.embeds.wanted:
+            try:  # own guard: a failed sum must not cost the frames of this step
+                self.embeds.add_step(rows, items)
+            except Exception:
+                self.hook_errors += 1
+                self._log_once("embed", "eigenwatch: embedding sum failed (logged once)")
 
     def _sketch_rows(self, rows: dict[int, torch.Tensor], items: list[tuple[str, int, int]]) -> None:
         # Own guard: a failed sketch must not cost the frames of this step.
@@ -384,12 +422,14 @@ class _VllmTap:
             except Exception:
                 self.hook_errors += 1
                 self._log_once("before", "eigenwatch: step bookkeeping failed (logged once)")
+        output = None
         try:
-            return self._original_execute(scheduler_output, *args, **kwargs)
+            output = self._original_execute(scheduler_output, *args, **kwargs)
+            return output
         finally:
             if self.active:
                 try:
-                    self._after_step()
+                    self._after_step(output)
                 except Exception:
                     self.hook_errors += 1
                     self._log_once("after", "eigenwatch: step flush failed (logged once)")
@@ -402,15 +442,23 @@ class _VllmTap:
             self.windows.finish(rid, self.step)
             self.opted_out.discard(rid)
             self.sums.finish(rid)
+            if self.embeds is not None:
+                self.embeds.finish(rid)
         # A preempted request is recomputed from scratch later: its rows would
         # be seen twice. Forget it; it starts over when it is resumed.
         for rid in getattr(scheduler_output, "preempted_req_ids", None) or ():
             self.windows.drop(rid)
             self.sums.drop(rid)
+            if self.embeds is not None:
+                self.embeds.drop(rid)
+        if self.signatures is not None:  # finished requests' signatures onto their final frames (guarded)
+            self.signatures.before_step(scheduler_output, self.pending)
 
-    def _after_step(self) -> None:
+    def _after_step(self, output=None) -> None:
         try:
             self._flush_rows()
+            if self.embeds is not None and self.embeds.wanted:
+                self.embeds.on_output(output)  # pooling models: the finished requests' embeddings
         finally:
             self.layout = None
         c = self.exporter.counters
@@ -426,6 +474,13 @@ class _VllmTap:
         if self.pending_windows:
             done, self.pending_windows = self.pending_windows, []
             self.exporter.submit_sketches(done)
+        if self.embeds is not None:
+            if self.embeds.done:
+                self.exporter.submit_embeddings(self.embeds.take())
+            if self.embeds.refused:
+                with self.exporter._lock:
+                    c.embeddings_dropped += self.embeds.refused
+                self.embeds.refused = 0
 
     def uninstall(self) -> None:
         global _ACTIVE
@@ -447,6 +502,9 @@ class _VllmTap:
             capture_path=self.path,
             capture_path_reason=self.path_reason,
             sketch=None if self.sketches is None else self.sketches.stats(),
+            signature=None if self.signatures is None else self.signatures.stats(),
+            embeddings=None if self.embeds is None else {"source": self.cfg.embeddings,
+                                                         "waiting": len(self.embeds.wanted)},
             spectra_at="sidecar" if self.exporter.grams else "tap",
             layer_calls=dict(self.layer_calls),
             capture=self.capture,

@@ -17,12 +17,11 @@ see the README); otherwise this thread computes them (hooks/windows.py
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import grpc
 import numpy as np
@@ -32,6 +31,7 @@ from eigenwatch.kernels.descriptors import DESCRIPTOR_NAMES
 from eigenwatch.v1 import monitor_pb2, monitor_pb2_grpc
 
 from . import frames as wire
+from .config import ClientSecurity
 from .windows import FrameSeed, to_frames
 
 log = logging.getLogger("eigenwatch.tap")
@@ -59,10 +59,16 @@ class TapCounters:
     reconnects: int = 0
     snapshots_sent: int = 0  # direction snapshots (hooks/sketches.py)
     snapshots_dropped: int = 0
+    embeddings_sent: int = 0  # pooled embeddings (hooks/embeddings.py)
+    embeddings_dropped: int = 0
 
 
 class _Sketches(list):
     """A queue item of finished sketch windows (hooks/sketches.SketchWindow), not frame seeds."""
+
+
+class _Embeddings(list):
+    """A queue item of finished requests' pooled embeddings (hooks/embeddings.Pooled)."""
 
 
 # A FrameBatch is cut at about this many bytes of Grams (a step of 512 requests ×
@@ -72,11 +78,16 @@ BATCH_GRAM_BYTES = 4 << 20
 
 class FrameExporter:
     def __init__(self, target: str, model: str, max_batches: int = 256, tap_id: str | None = None,
-                 token: str | None = None, grams: bool = False):
+                 token: str | None = None, grams: bool = False, security: ClientSecurity | None = None):
         self.target = target
         self.grams = grams
-        token = token if token is not None else os.environ.get("EIGENWATCH_TOKEN")
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+        # Token and TLS files from EIGENWATCH_TOKEN(_FILE) / EIGENWATCH_TLS_* unless given: a bad
+        # setting raises ValueError naming the variable here, at install, never later.
+        security = security if security is not None else ClientSecurity.from_env()
+        if token is not None:
+            security = replace(security, token=token)
+        self.security = security
+        self._metadata = security.metadata()
         self.model = model
         self.tap_id = tap_id or uuid.uuid4().hex[:12]
         self.counters = TapCounters()
@@ -85,6 +96,7 @@ class FrameExporter:
         self._connected = threading.Event()
         self._lock = threading.Lock()  # counters touched by two threads
         self._generation = 0  # bumped per stream, so a dead stream's generator exits
+        self._high_water = 0  # the deepest the queue has been, in batches (stats: queue_high_water)
         self._last_error, self._last_error_at = "", -1e9
         self._thread = threading.Thread(target=self._run, name="eigenwatch-export", daemon=True)
         self._thread.start()
@@ -99,6 +111,10 @@ class FrameExporter:
             self._queue.put_nowait(seeds)
         except queue.Full:
             self._count_dropped(len(seeds))
+            return
+        depth = self._queue.qsize()
+        if depth > self._high_water:  # a racy max is fine: it is a gauge for operators and tests
+            self._high_water = depth
 
     def submit_sketches(self, windows: list) -> None:
         """Finished top-direction windows; their directions are estimated on the exporter thread (on CUDA
@@ -111,6 +127,17 @@ class FrameExporter:
             with self._lock:
                 self.counters.snapshots_dropped += len(windows)
 
+    def submit_embeddings(self, pooled: list) -> None:
+        """Finished requests' pooled embeddings (read to the host on the exporter thread). Never blocks,
+        never raises."""
+        if not pooled:
+            return
+        try:
+            self._queue.put_nowait(_Embeddings(pooled))
+        except queue.Full:
+            with self._lock:
+                self.counters.embeddings_dropped += len(pooled)
+
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
@@ -118,7 +145,8 @@ class FrameExporter:
     def stats(self) -> dict:
         with self._lock:
             out = dict(vars(self.counters))
-        out.update(tap_id=self.tap_id, connected=self.connected, queued_batches=self._queue.qsize(), target=self.target)
+        out.update(tap_id=self.tap_id, connected=self.connected, queued_batches=self._queue.qsize(), target=self.target,
+                   queue_high_water=self._high_water, queue_bound=self._queue.maxsize)
         return out
 
     def close(self, timeout: float = 5.0) -> None:
@@ -145,6 +173,9 @@ class FrameExporter:
         if isinstance(item, _Sketches):
             with self._lock:
                 self.counters.snapshots_dropped += len(item)
+        elif isinstance(item, _Embeddings):
+            with self._lock:
+                self.counters.embeddings_dropped += len(item)
         else:
             self._count_dropped(len(item))
 
@@ -165,6 +196,23 @@ class FrameExporter:
             self.counters.snapshots_sent += len(snaps)
         return monitor_pb2.FrameBatch(descriptor_names=DESCRIPTOR_NAMES, directions=snaps, stats=self._stats_proto())
 
+    def _embedding_batch(self, pooled: list) -> monitor_pb2.FrameBatch:
+        out = []
+        for p in pooled:
+            try:
+                v = p.vector()  # [d] float32; on CUDA waits for vLLM's copy (this thread only)
+            except Exception:
+                with self._lock:
+                    self.counters.embeddings_dropped += 1
+                log.debug("eigenwatch: could not read the embedding of %s", p.request_id, exc_info=True)
+                continue
+            out.append(monitor_pb2.PooledEmbedding(
+                request_id=p.request_id, engine_request_id=p.engine_request_id, model=self.model, layer=p.layer,
+                dim=v.shape[0], vector=v.astype("<f4", copy=False).tobytes(), tokens=p.tokens))
+        with self._lock:
+            self.counters.embeddings_sent += len(out)
+        return monitor_pb2.FrameBatch(descriptor_names=DESCRIPTOR_NAMES, embeddings=out, stats=self._stats_proto())
+
     def _stats_proto(self) -> monitor_pb2.TapStats:
         with self._lock:
             c = self.counters
@@ -179,6 +227,8 @@ class FrameExporter:
                 requests_untracked=c.requests_untracked,
                 requests_opted_out=c.requests_opted_out,
                 bad_options=c.bad_options,
+                embeddings_sent=c.embeddings_sent,
+                embeddings_dropped=c.embeddings_dropped,
             )
 
     def _batches(self, seeds: list[FrameSeed]) -> list[monitor_pb2.FrameBatch]:
@@ -203,7 +253,8 @@ class FrameExporter:
             frames.append(monitor_pb2.Frame(
                 request_id=s.request_id, engine_request_id=s.engine_request_id, model=self.model, layer=s.layer,
                 step=s.step, token_count=s.token_count, skipped_tokens=s.skipped_tokens, window=v, dim=s.dim,
-                final=s.final, centred_gram=cov.astype("<f4", copy=False).tobytes()))
+                final=s.final, centred_gram=cov.astype("<f4", copy=False).tobytes(),
+                signature=wire.sparse_terms(s.signature)))
             size += 4 * v * v
             if size >= BATCH_GRAM_BYTES:
                 out.append(monitor_pb2.FrameBatch(descriptor_names=DESCRIPTOR_NAMES, frames=frames))
@@ -232,6 +283,10 @@ class FrameExporter:
                 last = time.monotonic()
                 yield self._snapshot_batch(seeds)
                 continue
+            if isinstance(seeds, _Embeddings):
+                last = time.monotonic()
+                yield self._embedding_batch(seeds)
+                continue
             try:
                 batches = self._batches(seeds)
             except Exception:  # a bug here must cost frames, not the stream
@@ -248,15 +303,21 @@ class FrameExporter:
         backoff = 0.2
         outage_logged = False
         while not self._stop.is_set():
-            channel = grpc.insecure_channel(self.target, options=_CHANNEL_OPTIONS)
+            channel = None
             try:
+                # A new channel per connection: TLS files are read again, so renewed certificates apply.
+                channel = self.security.channel(self.target, _CHANNEL_OPTIONS)
                 grpc.channel_ready_future(channel).result(timeout=1.0)
-            except grpc.FutureTimeoutError:
-                channel.close()
+            except (grpc.FutureTimeoutError, OSError) as exc:
+                if channel is not None:
+                    channel.close()
                 self._connected.clear()
                 self._discard_queued()
                 if not outage_logged:
-                    log.warning("eigenwatch: sidecar at %s unreachable; dropping frames until it is back", self.target)
+                    why = (f"cannot read a TLS file ({exc})" if isinstance(exc, OSError) else
+                           "unreachable or refusing the TLS handshake (check EIGENWATCH_TLS_*)" if self.security.tls
+                           else "unreachable")
+                    log.warning("eigenwatch: sidecar at %s %s; dropping frames until it is back", self.target, why)
                     outage_logged = True
                 # Back off before reconnecting, but keep the queue empty meanwhile:
                 # drops are counted as they happen and nothing stale piles up.
@@ -284,7 +345,7 @@ class FrameExporter:
                 now = time.monotonic()
                 if why != self._last_error or now - self._last_error_at > 60.0:
                     self._last_error, self._last_error_at = why, now
-                    log.warning("eigenwatch: Ingest stream to %s ended: %s", self.target, why)
+                    log.warning("eigenwatch: Ingest stream to %s ended: %s [%.3f]", self.target, why, time.monotonic())
             except Exception:  # never let the exporter thread die
                 log.exception("eigenwatch: exporter error; reconnecting")
             finally:

@@ -36,6 +36,7 @@ class Frame:
     descriptors: np.ndarray  # [D] float64, in `names` order
     final: bool  # the request's last frame
     names: tuple[str, ...] = DESCRIPTOR_NAMES  # what `descriptors` holds, in order
+    signature: tuple | None = None  # (ids, weights) of the request's lexical signature, final frame only
 
     def descriptor(self, name: str) -> float:
         i = INDEX[name] if self.names is DESCRIPTOR_NAMES else self.names.index(name)
@@ -56,7 +57,19 @@ def to_proto(frame: Frame) -> monitor_pb2.Frame:
         eigenvalues=frame.eigenvalues.tolist(),
         descriptors=frame.descriptors.tolist(),
         final=frame.final,
+        signature=sparse_terms(frame.signature),
     )
+
+
+def sparse_terms(signature) -> monitor_pb2.SparseTerms | None:
+    """(ids [k], weights [k]) as numpy arrays or tensors (hooks/signatures.py) -> SparseTerms,
+    terms of weight 0 left out; None -> None."""
+    if signature is None:
+        return None
+    ids, weights = (np.asarray(t.cpu().numpy() if hasattr(t, "cpu") else t) for t in signature[:2])
+    keep = weights > 0
+    return monitor_pb2.SparseTerms(ids=ids[keep].tolist(), weights=weights[keep].tolist(),
+                                   vocab_size=int(signature[2]) if len(signature) > 2 else 0)
 
 
 def from_proto(f: monitor_pb2.Frame, names: tuple[str, ...], eigs: np.ndarray | None = None,
@@ -70,6 +83,8 @@ def from_proto(f: monitor_pb2.Frame, names: tuple[str, ...], eigs: np.ndarray | 
         eigenvalues=np.asarray(f.eigenvalues if eigs is None else eigs, dtype=np.float32),
         descriptors=np.asarray(f.descriptors if desc is None else desc, dtype=np.float64), final=f.final,
         names=DESCRIPTOR_NAMES if tuple(names) == DESCRIPTOR_NAMES else tuple(names),
+        signature=((np.asarray(f.signature.ids, dtype=np.int64), np.asarray(f.signature.weights, dtype=np.float32),
+                    f.signature.vocab_size) if f.HasField("signature") else None),
     )
 
 

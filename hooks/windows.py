@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import repeat
 
 import numpy as np
 import torch
@@ -50,6 +51,7 @@ class FrameSeed:
     valid: int  # rows of `gram` in use (leading block)
     dim: int  # MP n: d, or the projected k
     scale: float  # eigenvalues are those of the centred gram × scale (1/d)
+    signature: tuple | None = None  # (ids [k], weights [k]) tensors on a final frame (hooks/signatures.py)
 
 
 class _Request:
@@ -77,6 +79,7 @@ class WindowTap:
         self.proj_dim = proj_dim or None
         self.banks: dict[tuple[int, ...], WindowBank] = {}  # layer group -> its bank
         self.requests: dict[str, _Request] = {}
+        self.slot_of: dict[str, int] = {}  # engine id -> slot, for array lookups per step
         self.slots = Slots(max_requests)
         self.untracked = 0  # requests refused at the limit
         self.rows_seen = 0
@@ -93,6 +96,7 @@ class WindowTap:
             bank.ensure(slot)
             bank.reset(slot)
         self.requests[engine_id] = _Request(engine_id, skipped_tokens, external_id or engine_id, slot)
+        self.slot_of[engine_id] = slot
         return True
 
     def tracked(self, engine_id: str) -> bool:
@@ -128,28 +132,33 @@ class WindowTap:
         stack = torch.stack([rows[l] for l in group]) if len(group) > 1 else rows[group[0]][None]  # [L, N, d]
         bank = self._bank(group, stack)
         w, s = self.window, self.stride
-        single = [(self.requests[r], lo) for r, lo, hi in items if hi - lo == 1 and r in self.requests]
-        if single:
+        # The step's bookkeeping as arrays: one entry per item, no Python loop per request.
+        n = len(items)
+        ids, lo, hi = zip(*items)
+        lo = np.fromiter(lo, np.int64, n)
+        hi = np.fromiter(hi, np.int64, n)
+        slot = np.fromiter(map(self.slot_of.get, ids, repeat(-1)), np.int64, n)  # -1: not tracked
+        single = np.flatnonzero((hi - lo == 1) & (slot >= 0))
+        if single.size:
             # Decode rows: one batched update for every request and layer of the step.
-            slots = [req.slot for req, _ in single]
-            bank.append(slots, stack[:, host_index([lo for _, lo in single], stack.device)])
-            self.rows_seen += len(single) * len(group)
-            hit = [req for req, _ in single if bank.count[req.slot] % s == 0 and bank.count[req.slot] >= 2]
-            if hit:
-                grams, valid = bank.window_gram([req.slot for req in hit])  # [L, H, W, W]
-                for j, req in enumerate(hit):
+            slots = slot[single]
+            bank.append(slots, stack[:, host_index(lo[single], stack.device)])
+            self.rows_seen += int(single.size) * len(group)
+            count = bank.count[slots]
+            hit = np.flatnonzero((count % s == 0) & (count >= 2))
+            if hit.size:
+                grams, valid = bank.window_gram(slots[hit])  # [L, H, W, W]
+                for j, i in enumerate(hit.tolist()):
+                    req = self.requests[ids[single[i]]]
                     for li, layer in enumerate(group):
-                        self.emit(self._seed(req, layer, step, bank.count[req.slot], grams[li, j], valid[j], bank,
-                                             False))
-        for r, lo, hi in items:
-            if hi - lo == 1 or r not in self.requests:
-                continue
+                        self.emit(self._seed(req, layer, step, int(count[i]), grams[li, j], valid[j], bank, False))
+        for i in np.flatnonzero((hi - lo > 1) & (slot >= 0)).tolist():
             # A prefill chunk: every boundary inside it gets its window's Gram.
-            req = self.requests[r]
-            c0 = bank.count[req.slot]
-            bounds = [t for t in range((c0 // s + 1) * s, c0 + (hi - lo) + 1, s) if t >= 2]
-            self.rows_seen += (hi - lo) * len(group)
-            for t, g, v in bank.extend(req.slot, stack[:, lo:hi], bounds):  # g: [L, V, V]
+            req, a, b = self.requests[ids[i]], int(lo[i]), int(hi[i])
+            c0 = int(bank.count[req.slot])
+            bounds = [t for t in range((c0 // s + 1) * s, c0 + (b - a) + 1, s) if t >= 2]
+            self.rows_seen += (b - a) * len(group)
+            for t, g, v in bank.extend(req.slot, stack[:, a:b], bounds):  # g: [L, V, V]
                 full = g.new_zeros((len(group), w, w))
                 full[:, :v, :v] = g
                 for li, layer in enumerate(group):
@@ -160,6 +169,7 @@ class WindowTap:
         req = self.requests.pop(engine_id, None)
         if req is None:
             return
+        del self.slot_of[engine_id]
         seeds = []
         for group, bank in self.banks.items():
             n = bank.rows_in(req.slot)
@@ -176,6 +186,7 @@ class WindowTap:
         """Forget a request without frames (preempted: it is recomputed from scratch)."""
         req = self.requests.pop(engine_id, None)
         if req is not None:
+            del self.slot_of[engine_id]
             for bank in self.banks.values():
                 bank.reset(req.slot)
             self.slots.release(req.slot)
@@ -221,5 +232,6 @@ def to_frames(seeds: list[FrameSeed], model: str) -> tuple[list[Frame], list[tup
                 request_id=s.request_id, engine_request_id=s.engine_request_id, model=model, layer=s.layer,
                 step=s.step, token_count=s.token_count, skipped_tokens=s.skipped_tokens, window=s.valid,
                 dim=s.dim, eigenvalues=eigs[i, : s.valid].astype(np.float32), descriptors=desc[i], final=s.final,
+                signature=s.signature,
             ))
     return frames, [(seeds[i], why[i]) for i in range(len(seeds)) if why[i] is not None]

@@ -48,10 +48,10 @@ import numpy as np
 
 __all__ = [
     "OjaGridConfig", "OjaGrid", "HeavyLightConfig", "HeavyLight", "FDConfig", "FrequentDirections",
-    "SketchFailure", "principal_angle_degrees", "from_state_dict", "oja_block",
+    "StackedPower", "SketchFailure", "principal_angle_degrees", "from_state_dict", "oja_block", "leading_directions",
 ]
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: OjaGrid keeps clipped rows/energy and ‖A‖_F²
 _M32 = 0xFFFFFFFF
 
 
@@ -123,15 +123,16 @@ class _NumpyOps:
     def isfinite(self, x):
         return np.isfinite(x)
 
-    def solve_unit_lower(self, eta, low, rhs):
-        # (I − η_g·low) c_g = rhs_g for each g; low: [b, b] strictly lower, rhs: [G, b]
+    def solve_unit_lower(self, eta, low, rhs, weight=None):
+        # (I − η_g·low·diag(ω_g)) c_g = rhs_g for each g; low: [b, b] strictly lower, rhs: [G, b], ω: [G, b] or None
         from scipy.linalg.blas import get_blas_funcs
 
         trsm = get_blas_funcs("trsm", (low,))  # BLAS directly: scipy's checked wrapper costs more than a 128² solve
         eye = np.eye(low.shape[0], dtype=low.dtype)
         out = np.empty_like(rhs)
         for g in range(rhs.shape[0]):
-            out[g] = trsm(1.0, eye - eta[g] * low, rhs[g][:, None], lower=1, diag=1)[:, 0]
+            m = low if weight is None else low * weight[g][None, :]
+            out[g] = trsm(1.0, eye - eta[g] * m, rhs[g][:, None], lower=1, diag=1)[:, 0]
         return out
 
     def eigh(self, g):
@@ -212,10 +213,11 @@ class _TorchOps:
     def isfinite(self, x):
         return self.t.isfinite(x)
 
-    def solve_unit_lower(self, eta, low, rhs):
+    def solve_unit_lower(self, eta, low, rhs, weight=None):
         b = low.shape[0]
         eye = self.t.eye(b, dtype=low.dtype, device=self.device)
-        m = eye[None] - eta[:, None, None] * low[None]  # [G, b, b]
+        scaled = low[None] if weight is None else low[None] * weight[:, None, :]
+        m = eye[None] - eta[:, None, None] * scaled  # [G, b, b]
         return self.t.linalg.solve_triangular(m, rhs[:, :, None], upper=False, unitriangular=True)[:, :, 0]
 
     def eigh(self, g):
@@ -310,17 +312,20 @@ def _check_state(state, kind: str):
 
 # ---- (1) OjaGrid: fixed-η Oja on a geometric grid, selection on a held-back sample ----
 
-def oja_block(xp, v, x, eta):
-    """b sequential fixed-η Oja steps v ← v + η a (aᵀv), for G learning rates at once, in closed form.
+def oja_block(xp, v, x, eta, weight=None):
+    """b sequential fixed-η Oja steps v ← v + η ω a (aᵀv), for G learning rates at once, in closed form.
 
-    v: [G, d] unit rows, x: [b, d], eta: [G] -> [G, d] unit rows. With c_i = a_iᵀ v_{i−1} (the value
-    each row sees), v_b = v₀ + η Σ_i a_i c_i and c_i = a_iᵀv₀ + η Σ_{j<i} (a_iᵀa_j) c_j, i.e.
-    (I − η·tril(X Xᵀ, −1)) c = X v₀: one [b, b] Gram, one unit-lower-triangular solve per η and two
-    [G, d]×[d, b] products, identical to the row loop up to rounding. Growth inside a block is at most
-    Π(1 + η‖a_i‖²), which the failure rule (η‖a‖² ≤ τ) keeps far from overflow for b ≤ a few hundred.
+    v: [G, d] unit rows, x: [b, d], eta: [G], weight: None (ω = 1) or [G, b] per-run row weights ω_{g,i}
+    -> [G, d] unit rows. With c_i = a_iᵀ v_{i−1} (the value each row sees), v_b = v₀ + η Σ_i ω_i a_i c_i
+    and c_i = a_iᵀv₀ + η Σ_{j<i} ω_j (a_iᵀa_j) c_j, i.e. (I − η·tril(X Xᵀ, −1)·diag(ω)) c = X v₀: one
+    [b, b] Gram, one unit-lower-triangular solve per η and two [G, d]×[d, b] products, identical to the
+    row loop up to rounding. Growth inside a block is at most Π(1 + η ω_i ‖a_i‖²), which the load rule
+    (η ω ‖a‖² ≤ τ, by clipping or failure) keeps far from overflow for b ≤ a few hundred.
     """
     low = xp.tril(x @ x.T, -1)  # [b, b]
-    c = xp.solve_unit_lower(eta, low, v @ x.T)  # [G, b]
+    c = xp.solve_unit_lower(eta, low, v @ x.T, weight)  # [G, b]
+    if weight is not None:
+        c = c * weight
     w = v + eta[:, None] * (c @ x)  # [G, d]
     return w / ((w * w).sum(-1) ** 0.5)[:, None]
 
@@ -332,7 +337,9 @@ class OjaGridConfig:
     grid_ratio: float = 2.0  # h_{g+1} / h_g
     grid_size: int = 12      # G runs
     holdout: int = 256       # m rows of the held-back uniform sample used to pick η
-    tau: float = 0.25        # a run fails when a row has η‖a‖² > tau
+    tau: float = 0.25        # largest load η‖a‖² a row may put on a run (clipped to it, or the run fails)
+    clip_ratio: float | None = 8.0  # rows with ‖a‖² > clip_ratio × the running mean enter every run scaled down
+                                    # to that energy (None: never); the left-out energy is tracked
     row_scale: float | None = None  # None: mean ‖a‖² of the first update (fixed from then on)
     block: int = 64          # b rows per closed-form Oja block (cost ∝ b·d + 4·G·d per row; bench --sweep)
     dtype: str = "float32"
@@ -395,6 +402,17 @@ class OjaGrid:
         self.failed = xp.zeros((g,), "bool")
         self.heavy_rows = xp.zeros((g,), "int64")  # per run: rows with η‖a‖² > tau
         self.max_load = xp.zeros((g,), cfg.dtype)  # per run: max η‖a‖² seen
+        self.clipped = xp.zeros((), "float64")  # Σ (1 − ω)‖a‖²: the energy clipping left out of every run
+        self.clipped_rows = xp.zeros((), "int64")
+        self.fro2 = xp.zeros((), "float64")  # ‖A‖_F² of the rows fed to the runs
+        self.fed = xp.zeros((), "float64")  # rows fed to the runs
+        # Tail averages of each run's iterate (one snapshot per block): `avg_cur` sums this epoch's blocks,
+        # `avg_prev` the previous epoch's; an epoch ends when it has as many blocks as all epochs before it,
+        # so prev + cur always covers the last 1/2 to 3/4 of the blocks.
+        self.avg_cur = xp.zeros((g, d), cfg.dtype)
+        self.avg_prev = xp.zeros((g, d), cfg.dtype)
+        self.blocks_cur = 0
+        self.blocks_before = 0  # blocks before the current epoch
         self.nonfinite = xp.zeros((), "int64")
         self.seen = 0  # rows offered (host count: from shapes only)
 
@@ -433,26 +451,55 @@ class OjaGrid:
         self.seen += b
         keep = xp.cast(~admit, x.dtype)  # [b]: held-back rows are never fed to a run
         xm = x * keep[:, None]
-        load = self.eta[:, None] * (n2 * keep)[None, :]  # [G, b]
+        fed2 = n2 * keep
+        weight = None
+        if cfg.clip_ratio is not None:
+            # mean ‖a‖² of the rows fed before this block (the step scale s before any)
+            mean = xp.where(self.fed > 0, self.fro2 / xp.clamp_min(self.fed, 1.0), self.scale)
+            cap = xp.cast(mean * cfg.clip_ratio, x.dtype)
+            heavy = fed2 > cap
+            w1 = xp.where(heavy, cap / xp.clamp_min(fed2, cap), 1.0)  # [b]
+            self.clipped = self.clipped + xp.cast((1.0 - w1) * fed2, "float64").sum()
+            self.clipped_rows = self.clipped_rows + heavy.sum()
+            weight = w1[None, :].expand(len(self.steps), b) if xp.torch else np.broadcast_to(w1[None, :], (len(self.steps), b))
+            fed2w = fed2 * w1
+        else:
+            fed2w = fed2
+        self.fro2 = self.fro2 + xp.cast(fed2, "float64").sum()
+        self.fed = self.fed + xp.cast(keep, "float64").sum()
+        load = self.eta[:, None] * fed2w[None, :]  # [G, b]
         over = load > cfg.tau
         self.failed = self.failed | over.any(-1)
         self.heavy_rows = self.heavy_rows + over.sum(-1)
         self.max_load = xp.maximum(self.max_load, xp.amax(load, -1))
-        self.v = oja_block(xp, self.v, xm, self.eta)
+        self.v = oja_block(xp, self.v, xm, self.eta, weight)
+        self.avg_cur = self.avg_cur + self.v
+        self.blocks_cur += 1
+        if self.blocks_cur >= max(self.blocks_before, 1):
+            self.avg_prev, self.avg_cur = self.avg_cur, self.avg_prev * 0
+            self.blocks_before, self.blocks_cur = self.blocks_before + self.blocks_cur, 0
 
     # -- read out --
+    def candidates(self):
+        """[2G, d] unit rows: each run's last iterate (rows 0..G−1), then its tail average (rows G..2G−1;
+        the last iterate again before the first block)."""
+        xp = self.xp
+        avg = self.avg_prev + self.avg_cur
+        norm = (avg * avg).sum(-1) ** 0.5
+        good = xp.isfinite(norm) & (norm > 0)
+        avg = xp.where(good[:, None], avg / xp.where(good, norm, 1.0)[:, None], self.v)
+        return xp.cat([self.v, avg])
+
     def rayleigh(self):
-        """[G] Rayleigh quotients ‖R v_g‖²/|R| on the held-back sample (backend array)."""
+        """[2G] Rayleigh quotients ‖R u‖²/|R| of the candidates on the held-back sample (backend array)."""
         f = min(self.seen, self.config.holdout)
         r = self.holdout[:f]
-        return ((r @ self.v.T) ** 2).sum(0) / max(f, 1)
+        return ((r @ self.candidates().T) ** 2).sum(0) / max(f, 1)
 
-    def selected(self) -> int:
-        """Index of the run `estimate` returns: the largest held-back Rayleigh quotient among runs that
-        did not fail. Raises SketchFailure when every run failed."""
+    def _pick(self) -> int:
         xp = self.xp
         rq = self.rayleigh()
-        ok = ~self.failed & xp.isfinite(rq)
+        ok = xp.cat([~self.failed, ~self.failed]) & xp.isfinite(rq)
         if not bool(xp.item(ok.any())):
             raise SketchFailure(
                 f"OjaGrid: every η failed (a row had η‖a‖² > tau={self.config.tau}); the smallest step's "
@@ -461,28 +508,39 @@ class OjaGrid:
         score = xp.where(ok, rq, -1.0)
         return int(xp.item(score.argmax()))
 
+    def selected(self) -> int:
+        """Index g of the run whose last iterate or tail average `estimate` returns: the candidate with the
+        largest held-back Rayleigh quotient among runs that did not fail. Raises SketchFailure when every
+        run failed."""
+        return self._pick() % self.config.grid_size
+
     def estimate(self):
         """Unit top-eigenvector estimate [d] (backend array, largest entry positive)."""
         if self.seen == 0:
             raise SketchFailure("OjaGrid: no rows yet")
-        return _sign_fix(self.xp, self.v[self.selected()])
+        return _sign_fix(self.xp, self.candidates()[self._pick()])
 
     def status(self) -> dict:
         xp = self.xp
         host = xp.to_host
         try:
-            selected = self.selected() if self.seen else None
+            pick = self._pick() if self.seen else None
         except SketchFailure:
-            selected = None
+            pick = None
+        g = self.config.grid_size
+        selected = None if pick is None else pick % g
         failed = host(self.failed).tolist()
         # degraded: a larger η than the one returned was rejected for a heavy row, so the returned run may
         # simply be too slow to have converged (the case HeavyLight exists for)
         degraded = selected is None and any(failed) or selected is not None and any(failed[selected + 1:])
         return {
             "seen": self.seen, "scale": self.scale, "steps": self.config.steps.tolist(), "selected": selected,
-            "degraded": bool(degraded),
+            "selected_average": None if pick is None else pick >= g, "degraded": bool(degraded),
             "failed": failed, "heavy_rows": host(self.heavy_rows).tolist(),
             "max_load": host(self.max_load).astype(float).tolist(),
+            "clipped_rows": int(xp.item(self.clipped_rows)),
+            "clipped_energy": float(xp.item(self.clipped)),
+            "fed_energy": float(xp.item(self.fro2)),
             "rayleigh": host(self.rayleigh()).astype(float).tolist(),
             "nonfinite_rows": int(xp.item(self.nonfinite)),
         }
@@ -808,6 +866,127 @@ class HeavyLight:
     def merge(self, other):
         raise TypeError("HeavyLight is not mergeable: each sketch's power iterate belongs to its own epochs; "
                         "merge FrequentDirections instead")
+
+
+# ---- (2b) StackedPower: HeavyLight's light path on L streams at once (the live tap's) ----
+
+def _orth_batched(xp, w):
+    """w: [L, d, k] -> orthonormal bases [L, d, k], diag(R) ≥ 0 (the batched `_orth`)."""
+    q, r = xp.qr(w)
+    d = r.diagonal(dim1=-2, dim2=-1) if xp.torch else np.diagonal(r, axis1=-2, axis2=-1)
+    s = xp.where(d < 0, -1.0, 1.0)
+    return q * xp.cast(s, q.dtype)[..., None, :]
+
+
+def leading_directions(w, k: int, xp=None):
+    """w: [d, kb] (a block power product AᵀA·V; numpy unless xp says otherwise) -> its k leading left
+    singular vectors [d, k], unit columns, signs fixed (largest entry positive): the Rayleigh–Ritz step of
+    the block power method. Raises SketchFailure for a zero or non-finite product (no rows, or only bad ones)."""
+    xp = _NumpyOps() if xp is None else xp
+    if not (1 <= k <= w.shape[1]):
+        raise ValueError(f"k: expected 1 <= k <= {w.shape[1]}, got {k!r}")
+    total = float(xp.item((w * w).sum()))
+    if not (math.isfinite(total) and total > 0):
+        raise SketchFailure(f"the block product is {'zero' if total == 0 else 'not finite'}: no usable rows")
+    gram = xp.cast(w.T @ w, "float64")
+    _, evecs = xp.eigh(gram)  # ascending
+    c = xp.cast(xp.flip(evecs[:, -k:], 1), w.dtype)  # leading first
+    u = w @ c
+    u = _orth(xp, u) if k > 1 else u / ((u * u).sum() ** 0.5)
+    return _sign_fix(xp, u)
+
+
+class StackedPower:
+    """The block power method with history on L independent streams at once, batched: per update two
+    batched products ([L, n, d]·[L, d, k] and back), a power step (batched QR) only at epoch ends.
+
+    Per stream it is exactly `HeavyLight(history=True, shuffle=0, heavy_capacity=0)` (tests compare the
+    two): V ← orth(H + Σ_epoch a aᵀ V) at the end of epochs of epoch0, 2·epoch0, ... rows, the past carried
+    as H ← (H + Σ_epoch a aᵀ V)·VᵀV_new. What it leaves out, for the per-step budget of a live tap:
+    the shuffle buffer (the history keeps every row, so order matters only through the dropped part
+    Σ_past a aᵀ(I − V Vᵀ)V_new, which vanishes as V converges) and the exact heavy rows. `restart()`
+    starts a new stream segment from the current basis (warm start: a window of a stationary stream
+    then starts converged). Memory: 3 [L, d, k] blocks. Rows with a non-finite entry are zeroed and
+    counted. `update` reads nothing back to the host.
+    """
+
+    def __init__(self, streams: int, dim: int, block: int = 8, epoch0: int = 256, dtype: str = "float32",
+                 seeds=None, device=None):
+        _check_positive_int("streams", streams)
+        _check_positive_int("dim", dim)
+        _check_positive_int("block", block)
+        _check_positive_int("epoch0", epoch0)
+        if block > dim:
+            raise ValueError(f"block: expected 1 <= block <= dim={dim}, got {block}")
+        _check_dtype(dtype)
+        seeds = list(range(streams)) if seeds is None else list(seeds)
+        if len(seeds) != streams:
+            raise ValueError(f"seeds: expected {streams} seeds, got {len(seeds)}")
+        self.streams, self.dim, self.block, self.epoch0, self.dtype = streams, dim, block, epoch0, dtype
+        self.xp = xp = _ops(device)
+        v0 = np.stack([np.linalg.qr(np.random.default_rng(s).standard_normal((dim, block)))[0] for s in seeds])
+        self.basis = xp.from_host(v0, dtype)  # [L, d, k]
+        self.nonfinite = xp.zeros((streams,), "int64")
+        self.restart()
+
+    def restart(self, basis=None) -> None:
+        """A new segment: zero the accumulators and epochs, keep (or set) the basis."""
+        xp = self.xp
+        if basis is not None:
+            self.basis = basis
+        self.acc = xp.zeros((self.streams, self.dim, self.block), self.dtype)
+        self.hist = xp.zeros((self.streams, self.dim, self.block), self.dtype)
+        self.rows = 0  # rows of this segment, per stream
+        self.epoch_start, self.epoch_len, self.epochs = 0, self.epoch0, 0
+
+    def update(self, x) -> None:
+        """x: [L, n, d] (numpy or torch; a [n, d] block is taken as L = 1) — row i of stream l is x[l, i]."""
+        xp = self.xp
+        shape = tuple(x.shape)
+        if len(shape) == 2 and self.streams == 1:
+            x = x[None]
+            shape = tuple(x.shape)
+        if len(shape) != 3 or shape[0] != self.streams or shape[2] != self.dim:
+            raise ValueError(f"x: expected [{self.streams}, n, {self.dim}], got {shape}")
+        x = xp.rows(x, xp.dtype(self.dtype))
+        n2 = (x * x).sum(-1)  # [L, n]
+        finite = xp.isfinite(n2)
+        x = xp.where(finite[..., None], x, 0.0)
+        self.nonfinite = self.nonfinite + (~finite).sum(-1)
+        while x.shape[1]:
+            room = self.epoch_start + self.epoch_len - self.rows
+            part, x = x[:, :room], x[:, room:]
+            self.acc = self.acc + part.swapaxes(-1, -2) @ (part @ self.basis)
+            self.rows += part.shape[1]
+            if self.rows == self.epoch_start + self.epoch_len:
+                self._power_step()
+
+    def _power_step(self) -> None:
+        light = self.hist + self.acc
+        new = _orth_batched(self.xp, light)
+        self.hist = light @ (self.basis.swapaxes(-1, -2) @ new)
+        self.basis = new
+        self.acc = self.acc * 0
+        self.epochs += 1
+        self.epoch_start = self.rows
+        self.epoch_len *= 2
+
+    def light(self):
+        """[L, d, k]: H + Σ_epoch a aᵀ V, the block product `leading_directions` reads (a new array)."""
+        return self.hist + self.acc
+
+    def finish(self):
+        """End the segment: returns its block product [L, d, k] (`light()`) and restarts from orth of it
+        (one more power step, batched); a stream whose product is zero or not finite keeps its basis."""
+        xp = self.xp
+        w = self.light()
+        new = _orth_batched(xp, w)
+        ok = xp.isfinite(new).all(-1).all(-1) & ((w * w).sum(-1).sum(-1) > 0)  # [L], no host read
+        self.restart(xp.where(ok[:, None, None], new, self.basis))
+        return w
+
+    def memory_floats(self) -> int:
+        return 3 * self.streams * self.dim * self.block
 
 
 # ---- (3) Frequent Directions ----

@@ -39,6 +39,7 @@ state; a bank's capacity doubles when a slot past it is first used.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -63,10 +64,14 @@ class Slots:
         return self.max_slots - len(self._free)
 
 
-def host_index(values: list[int], device: torch.device) -> torch.Tensor:
-    """A host list of indices as an int64 tensor on `device`, without a host
-    synchronisation on a GPU (pinned memory, asynchronous copy)."""
-    t = torch.tensor(values, dtype=torch.int64)
+def host_index(values, device: torch.device) -> torch.Tensor:
+    """Host indices (a list or an int64 numpy array) as an int64 tensor on
+    `device`, without a host synchronisation on a GPU (pinned memory,
+    asynchronous copy)."""
+    if isinstance(values, np.ndarray):
+        t = torch.from_numpy(np.ascontiguousarray(values, dtype=np.int64))
+    else:
+        t = torch.tensor(values, dtype=torch.int64)
     return t if device.type == "cpu" else t.pin_memory().to(device, non_blocking=True)
 
 
@@ -127,7 +132,10 @@ class WindowBank:
             self._proj = torch.stack(mats).to(self.device)  # [L, d, k]
         s = min(initial_slots, max_slots)
         self._ring = torch.zeros(len(self.layers), s, window, self.k, device=self.device)  # [L, S, W, k]
-        self.count = [0] * s  # rows seen per slot (host-side: drives boundaries)
+        # Rows seen per slot, on the host: they drive the boundaries, and the
+        # scheduler tells the host how many rows each request got, so no device
+        # value is ever read back. numpy, so a step's bookkeeping is array ops.
+        self.count = np.zeros(s, dtype=np.int64)
 
     # One-layer banks show their tensors without the layer axis.
     def _view(self, t: torch.Tensor | None):
@@ -158,7 +166,7 @@ class WindowBank:
             old = self.capacity
             self._ring = torch.cat([self._ring, self._ring.new_zeros((len(self.layers), new - old,
                                                                       *self._ring.shape[2:]))], dim=1)
-            self.count += [0] * (new - old)
+            self.count = np.concatenate([self.count, np.zeros(new - old, dtype=np.int64)])
 
     def reset(self, slot: int) -> None:
         """Forget a slot's rows (its next row starts a new window)."""
@@ -166,7 +174,7 @@ class WindowBank:
             self.count[slot] = 0
 
     def rows_in(self, slot: int) -> int:
-        return self.count[slot] if slot < self.capacity else 0
+        return int(self.count[slot]) if slot < self.capacity else 0
 
     # ---- rows ---------------------------------------------------------------------------
     def _layered(self, rows: torch.Tensor, name: str) -> torch.Tensor:
@@ -184,18 +192,19 @@ class WindowBank:
     def index(self, values: list[int]) -> torch.Tensor:
         return host_index(values, self.device)
 
-    def append(self, slots: list[int], rows: torch.Tensor) -> None:
-        """One new row for each of B distinct slots, at every layer. rows: [B, d]
-        (one-layer bank) or [L, B, d]. One copy into the ring for all of them."""
-        if not slots:
+    def append(self, slots, rows: torch.Tensor) -> None:
+        """One new row for each of B distinct slots (a list or an int64 array), at
+        every layer. rows: [B, d] (one-layer bank) or [L, B, d]. One copy into the
+        ring for all of them; the indices are array arithmetic, no loop per slot."""
+        slots = np.asarray(slots, dtype=np.int64)
+        if slots.size == 0:
             return
         rows = self._layered(rows, "rows")
         n_layers, s_cap, w, k = len(self.layers), self.capacity, self.window, self.k
-        at = [s * w + self.count[s] % w for s in slots]  # flat ring row of each slot's new row, layer 0
-        for s in slots:
-            self.count[s] += 1
-        flat = self.index([li * s_cap * w + a for li in range(n_layers) for a in at])  # [L·B]
-        self._ring.view(-1, k).index_copy_(0, flat, self._store(rows).reshape(-1, k))
+        at = slots * w + self.count[slots] % w  # [B] flat ring row of each slot's new row, layer 0
+        self.count[slots] += 1  # slots are distinct: no lost increments
+        flat = (np.arange(n_layers, dtype=np.int64)[:, None] * (s_cap * w) + at).ravel()  # [L·B]
+        self._ring.view(-1, k).index_copy_(0, self.index(flat), self._store(rows).reshape(-1, k))
 
     def extend(self, slot: int, rows: torch.Tensor, boundaries: list[int] | None = None) -> list[tuple[int, torch.Tensor, int]]:
         """Many rows for one slot (a prefill chunk). rows: [n, d] (one-layer bank)
@@ -206,7 +215,7 @@ class WindowBank:
         n = rows.shape[1]
         if n == 0:
             return []
-        w, c0 = self.window, self.count[slot]
+        w, c0 = self.window, int(self.count[slot])
         x = self._store(rows)  # [L, n, k]
         prev = self._ordered(slot)  # [L, min(c0, W), k], oldest first
         out = []
@@ -228,21 +237,23 @@ class WindowBank:
 
     def _ordered(self, slot: int) -> torch.Tensor:
         """[L, min(count, W), k]: the slot's stored rows, oldest first."""
-        c, w = self.count[slot], self.window
+        c, w = int(self.count[slot]), self.window
         m = min(c, w)
         if m == 0:
             return self._ring.new_zeros((len(self.layers), 0, self.k))
         return self._ring[:, slot, self.index([p % w for p in range(c - m, c)])]
 
-    def window_gram(self, slots: list[int]) -> tuple[torch.Tensor, list[int]]:
+    def window_gram(self, slots) -> tuple[torch.Tensor, list[int]]:
         """The current windows' centred Grams [B, W, W] (one-layer bank) or
         [L, B, W, W], one batched product for all, and their valid counts V (the
         Gram's leading V×V block; before a slot has W rows its rows sit at
         positions 0..V−1, after that in ring order, which no spectrum minds)."""
-        valid = [min(self.count[s], self.window) for s in slots]
+        slots = np.asarray(slots, dtype=np.int64)
+        valid = np.minimum(self.count[slots], self.window).tolist()
         n_layers, b, w = len(self.layers), len(slots), self.window
-        if slots == list(range(slots[0], slots[0] + b)):
-            win = self._ring[:, slots[0]:slots[0] + b]  # consecutive slots (the usual case): a view, no copy
+        if b > 0 and bool(np.all(np.diff(slots) == 1)):
+            lo = int(slots[0])
+            win = self._ring[:, lo:lo + b]  # consecutive slots (the usual case): a view, no copy
         else:
             win = self._ring[:, self.index(slots)]  # [L, B, W, k], a gathered copy
         grams = centred_gram(win.reshape(n_layers * b, w, self.k), valid * n_layers).view(n_layers, b, w, w)

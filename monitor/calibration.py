@@ -292,6 +292,30 @@ def document(spike: dict[tuple[str, int], LayerCalibration], **sections) -> dict
     return doc
 
 
+def merged(saved: Calibration | None, spike: dict[tuple[str, int], LayerCalibration]) -> dict:
+    """The document a sidecar's --save-calibration writes: what the file held when the sidecar
+    started (`saved`: every section, and the layers this run has not learned) with this run's
+    layers over it, so a restart adds to what earlier runs learned instead of replacing it."""
+    if saved is None:
+        return document(spike)
+    doc = dict(saved.doc)
+    doc["models"] = spike_models({**saved.spike, **spike})
+    return doc
+
+
+def load_for_saving(path: str | Path) -> Calibration | None:
+    """The calibration already at a --save-calibration path (None when there is no file yet).
+    A file there that is not a calibration raises CalibrationError: it is not overwritten."""
+    if not Path(path).exists():
+        return None
+    try:
+        return load(path, flag="--save-calibration")
+    except CalibrationError as exc:
+        raise CalibrationError(f"{exc}; the sidecar adds what it learns to this file and will not overwrite "
+                               "something else: move it away or pick another path") from None
+
+
 def save(path: str | Path, doc: dict) -> Path:
-    """Write atomically (monitor/files.py): old file or new, never a torn one."""
+    """Write atomically (monitor/files.py: temporary file, fsync, rename, fsync of the folder):
+    old file or new, never a torn one. Blocking: the sidecar calls it on a worker thread."""
     return write_atomic(path, json.dumps(doc))

@@ -26,6 +26,7 @@ def write_atomic(path: str | Path, data: bytes | str) -> Path:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
+        _fsync_dir(path.parent)  # the rename itself survives a power cut, not only the data
     except BaseException:
         try:
             os.unlink(tmp)
@@ -33,3 +34,16 @@ def write_atomic(path: str | Path, data: bytes | str) -> Path:
             pass
         raise
     return path
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return  # a folder that cannot be opened (some platforms): the data is synced already
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -13,7 +13,17 @@ ceil of the `quantile` of the spike counts those windows show against the edge
 ≥ 2 × threshold + 2.
 
 Live (`SpikeDetector`): calibration from a file or learned from the first N
-frames of each layer. Offline (`SpectralSpike`): fitted on reference texts'
+frames of each layer — from many requests, so that no one client decides it:
+each request contributes at most ceil(N / R) frames (R = --calibration-requests,
+at most N), frames with physically impossible values are not learned from (a σ²
+above what any spectrum with that mean eigenvalue allows, eigenvalues that do
+not sum to between 1 and W mean eigenvalues, negative eigenvalues), σ² is the
+median over requests of each request's median, and the threshold is the
+`quantile` of the spike counts of the requests left after trimming those whose
+median count is an outlier (above the median of request medians by more than
+max(2, 3 scaled MADs)). A layer's buffer holds float32 relative eigenvalues and
+goes when the layer is calibrated, or after `idle_s` without frames (`sweep`).
+Offline (`SpectralSpike`): fitted on reference texts'
 windows; a text's score = max over its windows of (spikes − threshold), > 0
 where the live sidecar would flag a window.
 """
@@ -21,11 +31,13 @@ where the live sidecar would flag a window.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import numpy as np
 
 from eigenwatch.kernels.descriptors import count_spikes
+from eigenwatch.kernels.rmt import mp_quantile
 from eigenwatch.v1 import monitor_pb2
 
 from .calibration import LayerCalibration
@@ -44,6 +56,68 @@ def relative(eigs, sigma2: float, trace_mean: float) -> tuple[np.ndarray, float]
     if not trace_mean > 0:
         return None
     return np.asarray(eigs, dtype=np.float64) / trace_mean, float(sigma2) / trace_mean
+
+
+_MP_MEDIAN: dict[float, float] = {}
+
+
+def max_sigma2_rel(window: int, dim: int) -> float:
+    """The largest σ²/mean eigenvalue a window's spectrum can give: its median non-zero
+    eigenvalue is at most twice their mean, and σ² = median / the MP median."""
+    gamma = round((window - 1) / dim, 9)
+    med = _MP_MEDIAN.get(gamma)
+    if med is None:
+        if len(_MP_MEDIAN) > 4096:
+            _MP_MEDIAN.clear()
+        med = _MP_MEDIAN[gamma] = float(mp_quantile(0.5, gamma))
+    return 2.0 / med * 1.01  # 1%: the float32 rounding of the eigenvalues
+
+
+def implausible(rel_eigs: np.ndarray, window: int, dim: int, sigma2_rel: float) -> str | None:
+    """Why a window's (eigenvalues / trace_mean, sigma2 / trace_mean) cannot come from a real
+    centred Gram (None when they can)."""
+    if not (0.0 <= sigma2_rel <= max_sigma2_rel(window, dim)):
+        return "sigma2"
+    total = float(rel_eigs.sum())  # = non-zero eigenvalues p, 1 <= p <= W
+    if not (0.99 <= total <= 1.01 * window):
+        return "trace_mean"
+    if rel_eigs.size and float(rel_eigs.min()) < -1e-3 * float(np.abs(rel_eigs).max()):
+        return "eigenvalues"
+    return None
+
+
+def fit_requests(samples, quantile: float) -> LayerCalibration:
+    """The robust live fit. samples: [(rel_eigs, window, dim, sigma2_rel, request), ...] of one layer,
+    from several requests: σ² = median over requests of their median σ²; threshold = `quantile` of
+    the spike counts of the requests whose median count is not an outlier."""
+    by_req: dict[str, list] = {}
+    for smp in samples:
+        by_req.setdefault(smp[4], []).append(smp)
+    sigma2 = float(np.median([np.median([smp[3] for smp in group]) for group in by_req.values()]))
+    counts = {r: [count_spikes(smp[0], smp[1], smp[2], sigma2) for smp in group] for r, group in by_req.items()}
+    med = {r: float(np.median(c)) for r, c in counts.items()}
+    center = float(np.median(list(med.values())))
+    mad = 1.4826 * float(np.median([abs(m - center) for m in med.values()]))
+    limit = center + max(2.0, 3.0 * mad)
+    kept = [c for r, cs in counts.items() if med[r] <= limit for c in cs]
+    dims = {int(smp[2]) for smp in samples}
+    return LayerCalibration(sigma2=sigma2, spike_threshold=int(math.ceil(np.quantile(kept, quantile))),
+                            frames=len(samples), dim=dims.pop() if len(dims) == 1 else 0)
+
+
+class _Collecting:
+    """A layer's calibration buffer: samples, frames per request, bytes, last update."""
+
+    __slots__ = ("samples", "per_request", "nbytes", "updated")
+
+    def __init__(self):
+        self.samples: list = []
+        self.per_request: dict[str, int] = {}
+        self.nbytes = 0
+        self.updated = 0.0
+
+
+SAMPLE_BYTES = 256  # the tuple, its floats and the array header around each sample's eigenvalues
 
 
 def fit_layer(samples, quantile: float) -> LayerCalibration:
@@ -83,9 +157,12 @@ class SpikeDetector:
     name = NAME
 
     def __init__(self, calibration: dict[tuple[str, int], LayerCalibration] | None = None,
-                 calibration_frames: int = 64, quantile: float = 0.99, spike_threshold: int | None = None):
+                 calibration_frames: int = 64, quantile: float = 0.99, spike_threshold: int | None = None,
+                 calibration_requests: int = 8):
         if calibration_frames < 1:
             raise ValueError(f"calibration_frames: must be >= 1, got {calibration_frames}")
+        if calibration_requests < 1:
+            raise ValueError(f"calibration_requests: must be >= 1, got {calibration_requests}")
         if not 0.0 < quantile <= 1.0:
             raise ValueError(f"quantile: must lie in (0, 1], got {quantile}")
         if spike_threshold is not None and spike_threshold < 0:
@@ -94,12 +171,23 @@ class SpikeDetector:
         self.calibration_frames = calibration_frames
         self.quantile = quantile
         self.spike_threshold = spike_threshold
-        self._collecting: dict[tuple[str, int], list] = {}
+        # Requests a calibration must come from, and the frames each may give.
+        self.calibration_requests = min(calibration_requests, calibration_frames)
+        self.per_request_cap = -(-calibration_frames // self.calibration_requests)
+        self._collecting: dict[tuple[str, int], _Collecting] = {}
+        self.buffer_bytes = 0  # held by the calibration buffers
         self.on_calibrated = None  # callback(key, LayerCalibration)
+        self.on_refused = None  # callback(reason) for a frame not learned from
+
+    def _refuse(self, reason: str) -> SpikeResult:
+        if self.on_refused is not None:
+            self.on_refused(reason)
+        return SpikeResult(spikes=None)
 
     def observe(self, model: str, layer: int, eigs: np.ndarray, window: int, dim: int,
-                sigma2_frame: float, trace_mean: float) -> SpikeResult:
-        """One frame. Raises DimMismatch for frames of another width than the calibration's."""
+                sigma2_frame: float, trace_mean: float, request: str = "") -> SpikeResult:
+        """One frame (of request `request`, for the per-request cap on what a calibration learns
+        from). Raises DimMismatch for frames of another width than the calibration's."""
         key = (model, layer)
         cal = self.calibration.get(key)
         if cal is not None:
@@ -108,17 +196,44 @@ class SpikeDetector:
         if rel is None:
             return SpikeResult(spikes=None)
         if cal is None:
-            samples = self._collecting.setdefault(key, [])
-            samples.append((rel[0], window, dim, rel[1]))
-            if len(samples) < self.calibration_frames:
+            if implausible(rel[0], window, dim, rel[1]) is not None:
+                return self._refuse("calibration_impossible")
+            buf = self._collecting.get(key)
+            if buf is None:
+                buf = self._collecting[key] = _Collecting()
+            n = buf.per_request.get(request, 0)
+            if n >= self.per_request_cap:
+                return self._refuse("calibration_request_cap")
+            buf.per_request[request] = n + 1
+            sample = rel[0].astype(np.float32)
+            buf.samples.append((sample, window, dim, rel[1], request))
+            nbytes = sample.nbytes + SAMPLE_BYTES + len(request)
+            buf.nbytes += nbytes
+            self.buffer_bytes += nbytes
+            buf.updated = time.monotonic()
+            if len(buf.samples) < self.calibration_frames or len(buf.per_request) < self.calibration_requests:
                 return SpikeResult(spikes=None)
-            cal = self.calibration[key] = fit_layer(samples, self.quantile)
-            del self._collecting[key]
+            cal = self.calibration[key] = fit_requests(buf.samples, self.quantile)
+            self._drop(key)
             if self.on_calibrated is not None:
                 self.on_calibrated(key, cal)
         threshold = cal.spike_threshold if self.spike_threshold is None else self.spike_threshold
         spikes = count_spikes(rel[0], window, dim, cal.sigma2)
         return SpikeResult(spikes=spikes, severity=severity(spikes, threshold), threshold=float(threshold))
+
+    def _drop(self, key) -> None:
+        buf = self._collecting.pop(key, None)
+        if buf is not None:
+            self.buffer_bytes -= buf.nbytes
+
+    def sweep(self, idle_s: float, now: float | None = None) -> int:
+        """Drop the calibration buffers of layers that got no frame for idle_s (a model or layer
+        that went away before it calibrated). Returns how many."""
+        now = time.monotonic() if now is None else now
+        stale = [k for k, buf in self._collecting.items() if now - buf.updated > idle_s]
+        for k in stale:
+            self._drop(k)
+        return len(stale)
 
 
 class SpectralSpike:

@@ -95,7 +95,7 @@ def test_save_calibration_is_never_torn_even_when_killed(sidecar_factory, tmp_pa
     calibrations, never a truncated write."""
     path = tmp_path / "learned.json"
     sc = sidecar_factory("--listen", "127.0.0.1:0", "--metrics-port", "-1", "--calibration-frames", "2",
-                         "--save-calibration", str(path))
+                         "--save-calibration", str(path), "--max-models", "3000", "--max-layers", "12000")
     torn, seen, stop = [], [], threading.Event()
 
     def reader():

@@ -248,7 +248,7 @@ def test_sketch_settings_name_the_variable_and_accepted_values(monkeypatch, env,
 def test_windows_split_steps_exactly_and_keep_only_tracked_rows():
     rng = np.random.default_rng(3)
     x = stream(rng, basis(), 700)
-    sk = LayerSketches(256, sample=3, batch=64)
+    sk = LayerSketches(256, sample=3)
     # rows 100..149 belong to an opted-out request: never fed
     items = [("a", 0, 100), ("b", 150, 700)]
     got = sk.add_step({1: x, 2: x}, items)

@@ -58,7 +58,7 @@ def llm(sidecar, sidecar_port):
     saved = dict(os.environ)
     os.environ.update(EIGENWATCH_ENABLE="1", EIGENWATCH_SIDECAR=f"127.0.0.1:{sidecar_port}",
                       EIGENWATCH_MODEL_NAME="tiny", EIGENWATCH_WINDOW="16", EIGENWATCH_STRIDE="8",
-                      VLLM_CPU_KVCACHE_SPACE="1")
+                      EIGENWATCH_EMBEDDINGS="2", VLLM_CPU_KVCACHE_SPACE="1")
     engine = LLM(model=str(build_tiny_llama()), max_model_len=1024, max_num_batched_tokens=BUDGET,
                  enable_prefix_caching=True, seed=0)
     yield engine
@@ -158,6 +158,24 @@ def test_opt_out_through_extra_args(llm, sidecar):
     wait_for(lambda: metric_value(scrape(sidecar["sc"].metrics), "eigenwatch_tap_bad_options_total",
                                   model="tiny") >= before + 1, what="bad option counted on /metrics")
     client.close()
+
+
+def test_pooled_embedding_only_for_the_request_that_asked(llm, sidecar):
+    """EIGENWATCH_EMBEDDINGS=2: the request with vllm_xargs eigenwatch_embed=on sends its layer-2 mean
+    state (here to a sidecar without --shield, which counts it and streams nothing); the other does not."""
+    metrics = sidecar["sc"].metrics
+    text = scrape(metrics)
+    sent0 = metric_value(text, "eigenwatch_tap_embeddings_sent_total", model="tiny")
+    counted0 = metric_value(text, "eigenwatch_embeddings_total", result="no_shield")
+    (stats,) = llm.collective_rpc("eigenwatch_stats")
+    assert stats["embeddings"]["source"] == "2", stats
+    llm.generate(token_prompts([90, 30], seed=7), [greedy(5, eigenwatch_embed="on"), greedy(5)], use_tqdm=False)
+    wait_for(lambda: metric_value(scrape(metrics), "eigenwatch_embeddings_total", result="no_shield") == counted0 + 1,
+             what="one embedding at the sidecar")
+    text = scrape(metrics)
+    assert metric_value(text, "eigenwatch_tap_embeddings_sent_total", model="tiny") == sent0 + 1
+    assert metric_value(text, "eigenwatch_tap_embeddings_dropped_total", model="tiny") == 0
+    assert llm.collective_rpc("eigenwatch_stats")[0]["embeddings"]["waiting"] == 0
 
 
 def test_prefix_cache_hits_are_reported_as_skipped(llm, sidecar):

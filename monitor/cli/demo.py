@@ -71,7 +71,7 @@ class AlertPrinter:
         self.alerts = []
         self._channel = grpc.insecure_channel(target)
         stub = monitor_pb2_grpc.MonitorStub(self._channel)
-        self._call = stub.WatchAlerts(monitor_pb2.WatchAlertsRequest())
+        self._call = stub.WatchAlerts(monitor_pb2.WatchAlertsRequest(), metadata=_token_metadata())
         self._thread = threading.Thread(target=self._run, daemon=True, name="alert-printer")
         self._thread.start()
 
@@ -195,6 +195,14 @@ def _wait_calibrated(metrics_url: str, timeout: float) -> None:
     print("  (the sidecar has not finished calibrating yet; alerts start once it has)")
 
 
+def _token_metadata():
+    """The demo's sidecar is its own, on loopback, without TLS; it inherits
+    EIGENWATCH_TOKEN(_FILE) from this environment, so its clients send that token."""
+    from eigenwatch.hooks.config import ClientSecurity
+
+    return ClientSecurity(token=ClientSecurity.from_env().token).metadata()
+
+
 def _wait_reports(stub, ids, timeout: float) -> dict:
     import grpc
 
@@ -207,7 +215,8 @@ def _wait_reports(stub, ids, timeout: float) -> dict:
             if rid in out:
                 continue
             try:
-                rep = stub.GetReport(monitor_pb2.GetReportRequest(request_id=rid), timeout=5)
+                rep = stub.GetReport(monitor_pb2.GetReportRequest(request_id=rid), timeout=5,
+                                     metadata=_token_metadata())
             except grpc.RpcError:
                 continue
             if rep.finished:

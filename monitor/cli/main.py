@@ -1,5 +1,5 @@
 """The `eigenwatch` command line: sidecar, serve, demo, calibrate, score,
-report, extract, train, shield.
+report, extract, train, shield, signatures.
 
 `sidecar` imports neither torch nor vLLM; the commands that need a model
 import what they need inside the command.
@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     from eigenwatch.monitor.offline import calibrate, extract, report, score
     from eigenwatch.monitor.sidecar import config
 
-    from . import demo, serve, shield
+    from . import demo, serve, shield, signatures
 
     parser = argparse.ArgumentParser(prog="eigenwatch", description="Spectral monitoring for vLLM servers.")
     parser.add_argument("--log-level", default=os.environ.get("EIGENWATCH_LOG_LEVEL", "INFO"),
@@ -96,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
             extract.add_args, _offline("eigenwatch.monitor.offline.extract.extract_sequences"))
     command("train", "fit the EigenTrack risk model (GRU) on `eigenwatch extract` files, export ONNX",
             add_train_args, cmd_train)
+    command("signatures", "lexical signatures: index known-bad texts (--signatures), export the sparse head "
+            "(--sparse-head), encode texts", signatures.add_args, _offline("eigenwatch.monitor.cli.signatures.run"))
     command("shield", "EigenShield: fit a shield file from reference embeddings or texts; print its attack table",
             shield.add_args, _offline("eigenwatch.monitor.cli.shield.run"))
     return parser

@@ -76,6 +76,14 @@ def cmd_serve(args) -> int:
     cfg = config.from_args(args)
     env = tap_env("", layers=args.layers, window=args.window, stride=args.stride, default=args.default,
                   model_name=name, proj_dim=args.proj_dim)
+    if cfg.token_file and "EIGENWATCH_TOKEN" not in env:
+        env.setdefault("EIGENWATCH_TOKEN_FILE", cfg.token_file)  # the tap sends the sidecar's token
+    if cfg.tls_cert and not env.get("EIGENWATCH_TLS_CA"):
+        print("eigenwatch serve: --tls-cert: the tap in vLLM must trust the sidecar's certificate: set "
+              "EIGENWATCH_TLS_CA to the CA that signed it (and EIGENWATCH_TLS_CERT/EIGENWATCH_TLS_KEY with "
+              "--tls-client-ca, EIGENWATCH_TLS_SERVER_NAME if the certificate does not name 127.0.0.1)",
+              file=sys.stderr)
+        return 2
     problem = check_calibration(args, env)
     if problem is not None:
         print(f"eigenwatch serve: {problem}", file=sys.stderr)

@@ -16,7 +16,7 @@ import math
 import numpy as np
 
 from eigenwatch.kernels import shield as S
-from eigenwatch.monitor.offline import OfflineError, log
+from eigenwatch.monitor.offline import OfflineError, log, positive_int
 
 # ShieldConfig field -> the flag that sets it (its errors name the field)
 _FLAGS = {"sigma2": "--sigma2", "alpha": "--alpha", "quantile": "--rbns-quantile", "max_rbns": "--max-rbns",
@@ -31,7 +31,7 @@ def _model_args(p) -> None:
                    help="with --texts: hf (transformers, default) or vllm, the same tap either way")
     p.add_argument("--layer", type=int, default=-1,
                    help="with --texts: the layer whose hidden states are mean-pooled (default -1: the last)")
-    p.add_argument("--max-length", type=int, default=None,
+    p.add_argument("--max-length", type=positive_int, default=None,
                    help="with --texts: truncate texts to this many tokens (default: the model's max positions)")
     p.add_argument("--no-normalize", dest="normalize", action="store_false",
                    help="with --texts: keep the pooled rows as they are (default: L2-normalise each, as "
@@ -121,6 +121,9 @@ def _rows(args) -> tuple[np.ndarray, str]:
 
 
 def fit(args) -> int:
+    from eigenwatch.monitor.offline import check_out
+
+    check_out(args.out, example="shield.npz")  # before the fit, not after it
     cfg = _config(args)
     if not 0 <= args.calib_fraction < 1:
         raise OfflineError(f"--calib-fraction: expected a number in [0, 1), got {args.calib_fraction}")

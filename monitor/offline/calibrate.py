@@ -46,6 +46,7 @@ from eigenwatch.monitor.spectral_spike import SpectralSpike
 
 from . import OfflineError, log
 from .engines import Tap, fingerprint, model_info, open_engine
+from . import check_out
 from .features import add_tap_args, extract, parse_layers
 from .texts import InputStats, corrupt_all, read_jsonl
 
@@ -76,6 +77,7 @@ def tap_settings(args) -> Tap:
 
 
 def calibrate(args) -> int:
+    check_out(args.out, example="calibration.json")  # before the run, not after it
     tap = tap_settings(args)
     fars = parse_far(args.far)
     tap.check()

@@ -82,7 +82,7 @@ def embed_texts(model: str, items: list[tuple[str, str]], engine: str = "hf", la
         raise OfflineError(f"--layer: {layer} is out of range for a model with {n} layers (accepted: {-n}..{n - 1})")
     at = layer % n
     stats = InputStats()
-    eng = open_engine(engine, info, Tap(layers=(at,)))
+    eng = open_engine(engine, info, Tap(layers=(at,), source="--layer"))
     try:
         ids, feats = extract(eng, info, items, max_length, stats, desc)
     finally:

@@ -42,6 +42,7 @@ class Tap:
     window: int = 32
     stride: int = 16
     proj_dim: int = 0  # 0: no random projection
+    source: str = "--layers"  # where `layers` came from, for the error that rejects one
 
     def check(self) -> None:
         if self.window < 2:
@@ -126,9 +127,9 @@ def tapped_layers(info: ModelInfo, tap: Tap) -> tuple[int, ...]:
     if n is None:
         raise OfflineError(f"--model: {info.path}/config.json gives no layer count (num_hidden_layers)")
     try:
-        return resolve_layers(tuple(tap.layers) if tap.layers else None, n)
+        return resolve_layers(tuple(tap.layers) if tap.layers else None, n, source=tap.source)
     except ValueError as exc:
-        raise OfflineError(f"--layers: {exc}") from None
+        raise OfflineError(str(exc)) from None
 
 
 def open_engine(kind: str, info: ModelInfo, tap: Tap):
@@ -150,11 +151,12 @@ class HFEngine:
         from eigenwatch.hooks.hf import HFTap
 
         self.info = info
+        layers = tapped_layers(info, tap)  # a bad layer is named by where it came from, before the load
         cls = AutoModel if info.runner == "pooling" else AutoModelForCausalLM
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = cls.from_pretrained(info.path, dtype=torch.float32).to(device).eval()
         try:
-            self.tap = HFTap(self.model, layers=tap.layers, window=tap.window, stride=tap.stride,
+            self.tap = HFTap(self.model, layers=layers, window=tap.window, stride=tap.stride,
                              model_name=info.key, proj_dim=tap.proj_dim or None, capture=True)
         except ValueError as exc:
             raise OfflineError(f"--layers: {exc}") from None

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from eigenwatch.kernels.descriptors import DESCRIPTOR_NAMES
 
-from . import log
+from . import check_out, log
 from .calibrate import tap_settings
 from .engines import model_info, open_engine
 from .features import add_tap_args, extract
@@ -16,6 +16,7 @@ from .texts import InputStats, read_jsonl
 
 
 def extract_sequences(args) -> int:
+    check_out(args.out, example="sequences.jsonl")  # before the run, not after it
     tap = tap_settings(args)
     tap.check()
     stats = InputStats()

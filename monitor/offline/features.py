@@ -26,7 +26,7 @@ from eigenwatch.monitor.eigentrack import frames_to_sequence
 from eigenwatch.monitor.llmcheck import llmcheck_scatter, middle_layer
 from eigenwatch.monitor.spectral_spike import relative
 
-from . import log
+from . import log, positive_int
 from .texts import InputStats, tokenize
 
 
@@ -112,7 +112,7 @@ def add_tap_args(p) -> None:
     p.add_argument("--proj-dim", type=int, default=0,
                    help="randomly project rows to this many dims first, as the live tap's EIGENWATCH_PROJ_DIM "
                         "(default 0: off); the sidecar refuses frames of another width than calibrated")
-    p.add_argument("--max-length", type=int, default=None,
+    p.add_argument("--max-length", type=positive_int, default=None,
                    help="truncate texts to this many tokens (default: the model's max positions)")
 
 

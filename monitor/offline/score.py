@@ -18,7 +18,7 @@ from eigenwatch.monitor.combined import Combined
 from eigenwatch.monitor.mahalanobis import TokenMahalanobis
 from eigenwatch.monitor.spectral_spike import SpectralSpike
 
-from . import OfflineError, log
+from . import OfflineError, check_out, log, positive_int
 from .calibrate import ALL_DETECTORS
 from .engines import ENGINES, ModelInfo, Tap, fingerprint, model_info, open_engine
 from .features import extract
@@ -40,23 +40,64 @@ def check_fingerprint(cal: calib.Calibration, info: ModelInfo) -> None:
             f"({have['architecture']}): {detail}. Recalibrate with `eigenwatch calibrate` on this model.")
 
 
+def _int_field(off: dict, key: str, where: str, lo: int) -> int:
+    v = off.get(key, 0 if key == "proj_dim" else None)
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise OfflineError(f"{where}.{key}: expected an integer >= {lo}, got {v!r}; recalibrate with "
+                           "`eigenwatch calibrate`")
+    return v
+
+
+def offline_settings(off: dict, path: str):
+    """(detectors, combined, alert_far, tap) of a calibration's 'offline' section;
+    OfflineError naming the field (offline.window, offline.detectors.X, …) when one is
+    missing or of the wrong type."""
+    where = f"--calibration: {path}: offline"
+    for key in ("detectors", "combined", "alert_far", "layers", "window", "stride"):
+        if key not in off:
+            raise OfflineError(f"{where}.{key} is missing; recalibrate with `eigenwatch calibrate`")
+    layers = off["layers"]
+    if (not isinstance(layers, list) or not layers
+            or not all(isinstance(x, int) and not isinstance(x, bool) for x in layers)):
+        raise OfflineError(f"{where}.layers: expected a list of layer numbers, got {layers!r}")
+    tap = Tap(tuple(layers), _int_field(off, "window", where, 2), _int_field(off, "stride", where, 1),
+              _int_field(off, "proj_dim", where, 0), source=f"{where}.layers")
+    far = off["alert_far"]
+    if isinstance(far, bool) or not isinstance(far, (int, float)) or not 0 < far < 1:
+        raise OfflineError(f"{where}.alert_far: expected a rate in (0, 1), got {far!r}")
+    if not isinstance(off["detectors"], dict) or not off["detectors"]:
+        raise OfflineError(f"{where}.detectors: expected an object of detector states, got {off['detectors']!r}")
+    detectors = {}
+    for name, st in off["detectors"].items():
+        if name not in ALL_DETECTORS:
+            raise OfflineError(f"{where}.detectors.{name}: unknown detector (known: {', '.join(ALL_DETECTORS)})")
+        try:
+            detectors[name] = ALL_DETECTORS[name].from_state(st)
+        except KeyError as exc:
+            raise OfflineError(f"{where}.detectors.{name}: {exc.args[0]!r} is missing") from None
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise OfflineError(f"{where}.detectors.{name}: damaged ({exc})") from None
+    try:
+        combined = Combined.from_state(off["combined"])
+    except KeyError as exc:
+        raise OfflineError(f"{where}.combined: {exc.args[0]!r} is missing") from None
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise OfflineError(f"{where}.combined: damaged ({exc})") from None
+    return detectors, combined, float(far), tap
+
+
 def score(args) -> int:
+    check_out(args.out, example="scores.jsonl")  # before the run, not after it
     try:
         cal = calib.load(args.calibration)
         off = cal.require_offline()
     except calib.CalibrationError as exc:
         raise OfflineError(str(exc)) from None
+    detectors, combined, far, tap = offline_settings(off, args.calibration)
     stats = InputStats()
     items = read_jsonl(args.texts, stats)
     info = model_info(args.model)
     check_fingerprint(cal, info)
-    try:
-        detectors = {name: ALL_DETECTORS[name].from_state(st) for name, st in off["detectors"].items()}
-        combined = Combined.from_state(off["combined"])
-        far = float(off["alert_far"])
-        tap = Tap(tuple(off["layers"]), int(off["window"]), int(off["stride"]), int(off.get("proj_dim", 0)))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise OfflineError(f"--calibration: {args.calibration}: damaged 'offline' section ({exc!r})") from None
     max_length = args.max_length if args.max_length is not None else off.get("max_length")
     engine = open_engine(args.engine, info, tap)
     try:
@@ -107,5 +148,5 @@ def add_args(p) -> None:
     p.add_argument("--out", required=True, help="SCORES.jsonl to write")
     p.add_argument("--engine", default="hf", choices=ENGINES,
                    help="hf: transformers (default); vllm: the vLLM engine with the same tap")
-    p.add_argument("--max-length", type=int, default=None,
+    p.add_argument("--max-length", type=positive_int, default=None,
                    help="truncate texts to this many tokens (default: as calibrated)")

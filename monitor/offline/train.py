@@ -440,6 +440,13 @@ def run(args) -> int:
     """`eigenwatch train`: read --data, fit, export --out, print train/validation AUROC."""
     from .sequences import SequenceFileError, read_sequences
 
+    from . import OfflineError, check_out
+
+    try:
+        check_out(args.out, example="eigentrack.onnx")  # before training, not after it
+    except OfflineError as exc:
+        print(f"eigenwatch train: error: {exc}", file=sys.stderr)
+        return 2
     try:
         check_args(args.hidden, args.epochs, args.lr, args.val_fraction, args.stop_fraction, args.patience)
         seqs = read_sequences(args.data)

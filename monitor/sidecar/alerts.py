@@ -2,7 +2,8 @@
 a detector's finding becomes an alert (persistence for spikes, hysteresis for
 risk), and delivery (the request's record, the alerts counter, every
 WatchAlerts subscriber; a slow subscriber loses its oldest alert, ingest never
-waits).
+waits, and one that takes nothing for --watcher-stall-s is disconnected; at most
+--max-watchers subscribers at once).
 """
 
 from __future__ import annotations
@@ -10,7 +11,11 @@ from __future__ import annotations
 import asyncio
 import time
 
+import grpc
+
 from eigenwatch.v1 import monitor_pb2
+
+from .state import ALERT_BYTES
 
 INFO, WARNING, CRITICAL = monitor_pb2.SEVERITY_INFO, monitor_pb2.SEVERITY_WARNING, monitor_pb2.SEVERITY_CRITICAL
 SEVERITY_NAMES = {v: k.removeprefix("SEVERITY_").lower() for k, v in monitor_pb2.Severity.items() if v}
@@ -69,13 +74,25 @@ class Hysteresis:
         return None
 
 
+class _Watcher:
+    __slots__ = ("queue", "model", "detector", "min_severity", "dropped")
+
+    def __init__(self, request: monitor_pb2.WatchAlertsRequest, size: int):
+        self.queue: asyncio.Queue = asyncio.Queue(maxsize=size)
+        self.model, self.detector, self.min_severity = request.model, request.detector, request.min_severity
+        self.dropped = 0
+
+
 class AlertHub:
     """Raises alerts: records them on the request, counts them, fans them out."""
 
-    def __init__(self, metrics):
+    def __init__(self, metrics, max_watchers: int = 64, stall_s: float = 10.0, charge=None, queue_size: int = WATCH_QUEUE):
         self.metrics = metrics
-        # id -> (queue, filter); protobuf messages are unhashable, so no set of tuples.
-        self.watchers: dict[int, tuple[asyncio.Queue, monitor_pb2.WatchAlertsRequest]] = {}
+        self.max_watchers = max_watchers
+        self.stall_s = stall_s
+        self.queue_size = queue_size
+        self.charge = charge  # callback(request state, bytes) for the memory estimate
+        self.watchers: dict[int, _Watcher] = {}
 
     def raise_alert(self, st, detector: str, severity: int, value: float, threshold: float, message: str,
                     layer: int, token_count: int) -> monitor_pb2.Alert:
@@ -86,16 +103,20 @@ class AlertHub:
         )
         if len(st.alerts) < MAX_ALERTS_PER_REQUEST:
             st.alerts.append(alert)
+            if self.charge is not None and hasattr(st, "bytes"):  # request states (not drift's per-layer states)
+                self.charge(st, ALERT_BYTES)
         self.metrics.alerts.labels(st.model, detector, severity_name(severity)).inc()
-        for queue, flt in list(self.watchers.values()):
-            if flt.model and flt.model != alert.model:
+        for w in self.watchers.values():  # nothing here awaits: the dict cannot change meanwhile
+            if w.model and w.model != alert.model:
                 continue
-            if flt.detector and flt.detector != alert.detector:
+            if w.detector and w.detector != alert.detector:
                 continue
-            if alert.severity < flt.min_severity:
+            if alert.severity < w.min_severity:
                 continue
+            queue = w.queue
             if queue.full():  # a slow watcher loses its oldest alert, never blocks ingest
                 queue.get_nowait()
+                w.dropped += 1
                 self.metrics.alerts_dropped.inc()
             queue.put_nowait(alert)
         return alert
@@ -107,15 +128,33 @@ class AlertHub:
             return f"min_severity: {request.min_severity} is not one of {sorted(monitor_pb2.Severity.values())}"
         return None
 
-    async def watch(self, request: monitor_pb2.WatchAlertsRequest):
-        """The alerts matching `request`, as they are raised (until the caller stops)."""
-        queue: asyncio.Queue = asyncio.Queue(maxsize=WATCH_QUEUE)
-        key = id(queue)
-        self.watchers[key] = (queue, request)
+    async def serve(self, request: monitor_pb2.WatchAlertsRequest, context) -> None:
+        """Write the alerts matching `request` to a WatchAlerts stream as they are raised, until
+        the client goes. A write the client does not take within stall_s (its HTTP/2 window is
+        full: it stopped reading) ends the stream with RESOURCE_EXHAUSTED; meanwhile its queue
+        keeps the newest alerts. Over max_watchers, the stream is refused at once."""
+        if len(self.watchers) >= self.max_watchers:
+            self.metrics.refused.labels("watchers").inc()
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"WatchAlerts: {self.max_watchers} watchers already connected (the sidecar's "
+                                "--max-watchers); close one or raise the limit")
+        w = _Watcher(request, self.queue_size)
+        key = id(w)
+        self.watchers[key] = w
         self.metrics.alert_watchers.inc()
         try:
             while True:
-                yield await queue.get()
+                alert = await w.queue.get()
+                try:
+                    await asyncio.wait_for(context.write(alert), self.stall_s)
+                except asyncio.TimeoutError:
+                    self.metrics.refused.labels("watcher_stalled").inc()
+                    break
         finally:
             self.watchers.pop(key, None)
             self.metrics.alert_watchers.dec()
+        # outside the finally: an abort is an exception, and the watcher is gone already
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            f"WatchAlerts: the client took no alert for {self.stall_s:g} s (the sidecar's "
+                            f"--watcher-stall-s) and was disconnected after {w.dropped} dropped alert(s); read "
+                            "the stream continuously, or narrow it with model/detector/min_severity")

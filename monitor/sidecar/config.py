@@ -110,9 +110,11 @@ class SidecarConfig:
                            "(default %(default)s)", _int_at_least(1))
     save_calibration: str | None = flag(None, "write the learned calibration here (atomically) as each layer "
                                               "finishes calibrating")
-    max_requests: int = flag(10_000, "request states kept for reports (default %(default)s)", _int_at_least(1))
+    max_requests: int = flag(10_000, "request states kept for reports (default %(default)s); --memory-budget-mb "
+                                     "bounds their bytes too", _int_at_least(1))
     report_history: int = flag(256, "frames per layer and risk steps a request's GetReport keeps, newest "
-                                    "(default %(default)s; at most ~24 KB per layer per request)", _int_at_least(0))
+                                    "(default %(default)s; ~24 KB per layer per request with this version's 23 descriptors, at most "
+                                    "~67 KB with 64; charged against --memory-budget-mb)", _int_at_least(0))
     risk_model: str | None = flag(None, "EigenTrack risk model (ONNX from `eigenwatch train`): live risk per "
                                         "request, 'eigentrack' alerts, eigenwatch_risk histograms")
     risk_high: float | None = flag(None, "alert when the risk exceeds this (default: the calibration's "
@@ -139,12 +141,52 @@ class SidecarConfig:
     shield_reload_s: float = flag(1.0, "seconds between checks of --shield for a new file (inode, size, mtime), "
                                        "a number >= 0; 0 = never reload (default %(default)s)",
                                   _number_at_least(0.0, strict=False))
+    signatures: str | None = flag(None, "signature index (.npz from `eigenwatch signatures add`): requests whose lexical "
+                                        "signature (the tap's EIGENWATCH_SIGNATURE_LAYER) comes within its calibrated "
+                                        "threshold of a known-bad one raise 'signature_match'", metavar="SIGS.npz")
+    sparse_head: str | None = flag(None, "sparse head (.npz from `eigenwatch signatures head`) for the "
+                                         "eigenwatch.v1.Sparse service's SparseEncode", metavar="HEAD.npz")
     blas_threads: int = flag(1, "threads numpy's BLAS may use in this process (Filter's projection, the Gram "
                                 "spectra), an integer >= 0; 0 = BLAS's own default, all cores (default %(default)s: "
                                 "on shared cores a multi-threaded BLAS stalls on descheduled threads; "
                                 "bench/bench_filter.py measures it)", _int_at_least(0))
+    # Bounds and fairness (README "Limits"): what one client may make the sidecar hold or do.
+    max_models: int = flag(16, "distinct `model` label values the sidecar accepts, an integer >= 1 (default "
+                               "%(default)s); frames, stats and snapshots of further models are refused and counted "
+                               "in eigenwatch_refused_total{reason=\"models\"}", _int_at_least(1))
+    max_layers: int = flag(1024, "distinct (model, layer) pairs the sidecar accepts, all models together, an "
+                                 "integer >= 1 (default %(default)s; each pair is ~50 Prometheus series); further "
+                                 "ones are refused (eigenwatch_refused_total{reason=\"layers\"})", _int_at_least(1))
+    memory_budget_mb: int = flag(1024, "MiB of request state, calibration buffers and reports the sidecar may hold "
+                                       "(estimated, eigenwatch_state_bytes), an integer >= 16 (default %(default)s); "
+                                       "over it, the least recently updated requests are evicted",
+                                 _int_at_least(16))
+    calibration_requests: int = flag(8, "distinct requests a layer's learned calibration must come from, an "
+                                        "integer >= 1 (default %(default)s; at most --calibration-frames): each "
+                                        "request contributes at most calibration-frames / this many frames, and "
+                                        "sigma2 is the median of the per-request medians", _int_at_least(1))
+    max_streams: int = flag(64, "concurrent Ingest streams, an integer >= 1 (default %(default)s); one more is "
+                                "refused with RESOURCE_EXHAUSTED", _int_at_least(1))
+    max_watchers: int = flag(64, "concurrent WatchAlerts streams, an integer >= 1 (default %(default)s); one more "
+                                 "is refused with RESOURCE_EXHAUSTED", _int_at_least(1))
+    watcher_stall_s: float = flag(10.0, "a WatchAlerts client that takes no alert for this many seconds while "
+                                        "alerts wait for it is disconnected (RESOURCE_EXHAUSTED), a number > 0 "
+                                        "(default %(default)s); meanwhile its oldest alerts are dropped "
+                                        "(eigenwatch_alerts_dropped_total)", _number_at_least(0.0, strict=True))
+    # Auth and transport (monitor/sidecar/tls.py checks them at start).
+    tls_cert: str | None = flag(None, "serve TLS with this certificate chain (PEM); with --tls-key. The files are "
+                                      "read again when they change (certificate rotation)", metavar="FILE")
+    tls_key: str | None = flag(None, "the private key (PEM, unencrypted) of --tls-cert", metavar="FILE")
+    tls_client_ca: str | None = flag(None, "mTLS: require client certificates signed by this CA (PEM); "
+                                           "needs --tls-cert/--tls-key", metavar="FILE")
+    token_file: str | None = flag(None, "require `authorization: Bearer <token>` on the Monitor and Shield services, "
+                                        "the token read from this file (one trailing newline is stripped; any other "
+                                        "whitespace is an error). Or set EIGENWATCH_TOKEN (not both)", metavar="FILE")
+    allow_insecure_listen: bool = flag(False, "serve a non-loopback --listen address without a token or client "
+                                              "certificates (refused otherwise)", parse=bool)
     # Not flags: from the environment, or fixed.
-    token: str | None = None  # require `authorization: Bearer <token>` on the Monitor and Shield services (EIGENWATCH_TOKEN)
+    # The token (EIGENWATCH_TOKEN), never in the repr: configs get logged.
+    token: str | None = field(default=None, repr=False)
     idle_timeout_s: float = 900.0  # a request whose tap went silent this long is closed
 
     @property
@@ -167,13 +209,16 @@ def add_arguments(parser: argparse.ArgumentParser, rename: dict[str, str] | None
     for f in _flags():
         opt = option(f.name, rename)
         default = (defaults or {}).get(f.name, f.default)
+        if f.metadata["parse"] is bool:  # a switch
+            parser.add_argument(opt, dest=f.name, default=default, help=f.metadata["help"], action="store_true")
+            continue
         parser.add_argument(opt, dest=f.name, default=default, help=f.metadata["help"],
                             metavar=f.metadata["metavar"], type=f.metadata["parse"])
 
 
 def from_args(args: argparse.Namespace, **overrides) -> SidecarConfig:
     values = {f.name: getattr(args, f.name) for f in _flags() if hasattr(args, f.name)}
-    values["token"] = os.environ.get(TOKEN_ENV) or None
+    values["token"] = os.environ.get(TOKEN_ENV)  # "" too: tls.load refuses it rather than disable auth
     values.update(overrides)
     return SidecarConfig(**values)
 
@@ -186,6 +231,9 @@ def to_argv(cfg: SidecarConfig, **changes) -> list[str]:
     for f in _flags():
         value = getattr(cfg, f.name)
         if value is None or (value == f.default and f.name != "listen"):
+            continue
+        if value is True:  # a switch
+            argv.append(option(f.name))
             continue
         argv += [option(f.name), repr(value) if isinstance(value, float) else str(value)]
     return argv

@@ -28,6 +28,8 @@ _TAP_COUNTERS = {
     "rows_seen": "Hidden-state rows the taps read",
     "requests_untracked": "Requests not monitored because a tap was at its request limit",
     "bad_options": "Requests whose eigenwatch extra arg was not on/off (run with the default)",
+    "embeddings_sent": "Pooled embeddings the taps handed to gRPC (EIGENWATCH_EMBEDDINGS, requests that asked)",
+    "embeddings_dropped": "Pooled embeddings the taps lost before gRPC (queue full, sidecar away, at the limit)",
 }
 # Tap values that go up and down: gauges, not counters.
 _TAP_GAUGES = {
@@ -177,6 +179,18 @@ class Metrics:
                                  registry=registry)
         self.shield_threshold = Gauge("eigenwatch_shield_score_threshold",
                                       "Score above which Filter rejects a row (+Inf: none)", registry=registry)
+        # Taps' pooled embeddings, filtered and streamed over Shield.WatchEmbeddings.
+        self.embeddings = Counter(
+            "eigenwatch_embeddings",
+            "Pooled embeddings from taps by result (filtered, rejected: filtered and over the threshold; "
+            "no_shield, dim_mismatch, invalid: not filtered)", ["result"], registry=registry,
+        )
+        self.embeddings_dropped = Counter(
+            "eigenwatch_embeddings_dropped", "Filtered embeddings a WatchEmbeddings watcher lost by not keeping up",
+            registry=registry,
+        )
+        self.embedding_watchers = Gauge("eigenwatch_embedding_watchers", "Open WatchEmbeddings streams",
+                                        registry=registry)
         # The drift detector (monitor/sidecar/drift.py): per layer, not per request.
         self.top_direction_angle = Gauge(
             "eigenwatch_top_direction_angle_degrees",
@@ -198,5 +212,21 @@ class Metrics:
         )
         self.drift_alerted = Gauge("eigenwatch_drift_alerted", "1 while a layer is in the drift-alerted state", ml,
                                    registry=registry)
+        # Bounds (README "Limits"): what was refused, and the memory the sidecar estimates it holds.
+        self.refused = Counter(
+            "eigenwatch_refused",
+            "What the sidecar refused to hold or do, by reason: models / layers (label caps: frames, stats, "
+            "snapshots), memory (frames of a request alone over the budget), streams / watchers (concurrency "
+            "limits), watcher_stalled (a WatchAlerts client disconnected), report_size, undecodable (messages), "
+            "calibration_impossible / calibration_request_cap (frames not learned from)",
+            ["reason"], registry=registry,
+        )
+        self.state_bytes = Gauge(
+            "eigenwatch_state_bytes", "Estimated bytes of request state and calibration buffers the sidecar holds",
+            registry=registry,
+        )
+        self.memory_budget = Gauge(
+            "eigenwatch_memory_budget_bytes", "The sidecar's --memory-budget-mb, in bytes", registry=registry
+        )
         self.taps = TapStatsCollector()
         registry.register(self.taps)

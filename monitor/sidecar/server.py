@@ -4,22 +4,38 @@ reflection, and /metrics over HTTP.
 
 All request state lives on the server's event loop (no locks); Prometheus
 scrapes run on their own thread and read only thread-safe metrics. Work that
-could block the loop (writing the learned calibration) runs on a worker thread.
+could block the loop (writing the learned calibration, Gram eigensolves,
+building a large report) runs on worker threads.
+
+Bounds (README "Limits"): every message is decoded inside its handler, so bytes
+that are not the method's message get INVALID_ARGUMENT (logged once a minute
+per client, never a traceback); every frame is checked against fixed limits
+(ids, labels, window, dim, descriptor names) before anything of it is stored;
+label values are admitted up to --max-models / --max-layers; request state is
+bounded by --max-requests and by --memory-budget-mb; --max-streams and
+--max-watchers bound concurrent streams; GetReport refuses a reply over gRPC's
+message limit before building it. Client strings in logs and error messages
+are escaped and shortened (`clip`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
+import math
 import signal
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
 import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from google.protobuf import descriptor_pool
+from google.protobuf.message_factory import GetMessageClass
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
@@ -28,8 +44,9 @@ from eigenwatch.kernels.descriptors import DESCRIPTOR_NAMES, INDEX, describe_win
 from eigenwatch.kernels.gram import spectra_np
 from eigenwatch.monitor import calibration as calib
 from eigenwatch.monitor.spectral_spike import DimMismatch, SpikeDetector
-from eigenwatch.v1 import monitor_pb2, monitor_pb2_grpc, shield_pb2_grpc
+from eigenwatch.v1 import monitor_pb2, monitor_pb2_grpc, shield_pb2_grpc, sparse_pb2_grpc
 
+from . import tls
 from .alerts import AlertHub, Persistence
 from .config import SidecarConfig
 from .drift import DriftMonitor, validate_snapshot
@@ -39,8 +56,11 @@ from .risk import WARNING as RISK_SEVERITY
 from .risk import LiveRisk, LiveRiskSetup
 from .shield_service import SERVICE_NAME as SHIELD_SERVICE_NAME
 from .shield_service import Loaded as LoadedShield
-from .shield_service import ShieldLoadError, ShieldService, keep_freed_memory, limit_blas_threads, load_shield
-from .state import History, LayerState, RequestStore
+from .shield_service import ENERGY_DETECTOR, ShieldLoadError, ShieldService, keep_freed_memory, limit_blas_threads, load_shield
+from .signatures import SignatureFileError, SignatureMatcher, check_terms
+from .sparse_service import SERVICE_NAME as SPARSE_SERVICE_NAME
+from .sparse_service import SparseService
+from .state import REQUEST_BYTES, History, LabelGuard, LayerState, RequestStore, layer_bytes
 
 log = logging.getLogger("eigenwatch.sidecar")
 
@@ -49,6 +69,51 @@ REQUIRED_DESCRIPTORS = ("sigma2", "trace_mean", "spectral_entropy", "lambda1")
 # The largest window a frame may send as a centred Gram (the tap's own limit):
 # its eigensolve runs here, O(W³).
 MAX_GRAM_WINDOW = 1024
+# Per-frame limits, checked before anything of a frame is stored (README "Limits").
+MAX_WINDOW = 1024  # rows per window, so eigenvalues per frame
+MAX_DIM = 1 << 20  # row width d
+MAX_LAYER = 65535  # decoder-layer index
+MAX_ID_CHARS = 256  # request_id, engine_request_id, tap_id
+MAX_LABEL_CHARS = 128  # model (a Prometheus label value)
+MAX_DESCRIPTORS = 64  # descriptor_names per batch (this version sends 23)
+MAX_NAME_CHARS = 64  # one descriptor name
+# Margin under gRPC's message limit for a report's field tags and lengths.
+REPORT_MARGIN = 64 << 10
+UNDECODABLE_LOG_EVERY_S = 60.0
+
+
+def clip(text: str, limit: int = 80) -> str:
+    """A client's string for a log line or an error message: escaped (no newline or control
+    character can forge a line) and cut to `limit` characters, quoted."""
+    text = str(text)
+    short = text if len(text) <= limit else text[:limit]
+    out = repr(short)
+    return out if short is text else f"{out}… ({len(text)} chars)"
+
+
+def check_labels(f: monitor_pb2.Frame) -> tuple[str, str] | None:
+    """(field, problem) when a frame's ids or labels are over the limits."""
+    for name in ("request_id", "engine_request_id"):
+        if len(getattr(f, name)) > MAX_ID_CHARS:
+            return name, f"at most {MAX_ID_CHARS} characters, got {len(getattr(f, name))}"
+    if len(f.model) > MAX_LABEL_CHARS:
+        return "model", f"at most {MAX_LABEL_CHARS} characters (a Prometheus label), got {len(f.model)}"
+    if not f.model.isprintable():
+        return "model", "must be printable text (no newline or control character)"
+    if f.layer > MAX_LAYER:
+        return "layer", f"must be <= {MAX_LAYER}, got {f.layer}"
+    return None
+
+
+def check_names(names) -> str | None:
+    """The problem with a batch's descriptor_names, None when they are within the limits."""
+    if len(names) > MAX_DESCRIPTORS:
+        return f"descriptor_names: at most {MAX_DESCRIPTORS} names, got {len(names)}"
+    for n in names:
+        if len(n) > MAX_NAME_CHARS or not n.isprintable():
+            return (f"descriptor_names: {clip(n, 32)} is not a descriptor name (printable, at most "
+                    f"{MAX_NAME_CHARS} characters)")
+    return None
 
 
 def gram_spectra(frames) -> dict[int, tuple[np.ndarray, np.ndarray] | str]:
@@ -72,9 +137,14 @@ def gram_spectra(frames) -> dict[int, tuple[np.ndarray, np.ndarray] | str]:
 
 
 def validate_frame(f: monitor_pb2.Frame, n_names: int, eigs: np.ndarray | None = None,
-                   desc: np.ndarray | None = None) -> tuple[str, str] | None:
+                   desc: np.ndarray | None = None, index_of: dict[str, int] | None = None) -> tuple[str, str] | None:
     """(field, problem) for a malformed frame, None when it is fine. `eigs` and
-    `desc` are the frame's values as float64 arrays, when the caller has them."""
+    `desc` are the frame's values as float64 arrays, when the caller has them;
+    `index_of` (descriptor name -> position) enables the physical checks."""
+    if f.window > MAX_WINDOW:
+        return "window", f"at most {MAX_WINDOW} rows, got {f.window}"
+    if f.dim > MAX_DIM:
+        return "dim", f"must be <= {MAX_DIM}, got {f.dim}"
     if not f.request_id:
         return "request_id", "must not be empty"
     if not f.engine_request_id:
@@ -89,6 +159,8 @@ def validate_frame(f: monitor_pb2.Frame, n_names: int, eigs: np.ndarray | None =
         return "dim", f"must be >= 1, got {f.dim}"
     if f.token_count < 0 or f.skipped_tokens < 0:
         return "token_count", "token_count and skipped_tokens must be >= 0"
+    if f.HasField("signature") and (why := check_terms(f.signature)) is not None:
+        return "signature", why
     if f.centred_gram:
         if f.eigenvalues or f.descriptors:
             return "centred_gram", "set either centred_gram or eigenvalues and descriptors, not both"
@@ -104,10 +176,21 @@ def validate_frame(f: monitor_pb2.Frame, n_names: int, eigs: np.ndarray | None =
         return "descriptors", f"has {len(f.descriptors)} values but descriptor_names has {n_names}"
     eigs = np.asarray(f.eigenvalues, dtype=np.float64) if eigs is None else eigs
     desc = np.asarray(f.descriptors, dtype=np.float64) if desc is None else desc
-    if not np.isfinite(eigs).all():
+    # One reduction each on the hot path: the float64 sum of float32 values cannot overflow,
+    # so it is finite exactly when every value is.
+    if not math.isfinite(eigs.sum()):
         return "eigenvalues", "contains NaN or Inf"
     if not np.isfinite(desc).all():
         return "descriptors", "contains NaN or Inf"
+    # Physically impossible values: a Gram matrix has no negative eigenvalue (float32
+    # rounding aside), and variances are >= 0.
+    if eigs.size and (lo := float(eigs.min())) < 0 and lo < -1e-3 * float(np.abs(eigs).max()):
+        return "eigenvalues", f"a Gram matrix has no negative eigenvalues, got {lo:.6g}"
+    if index_of is not None:
+        for name in ("sigma2", "trace_mean", "lambda1"):
+            i = index_of.get(name)
+            if i is not None and desc[i] < 0:
+                return "descriptors", f"{name} is a variance and cannot be negative, got {float(desc[i]):.6g}"
     return None
 
 
@@ -129,133 +212,225 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
         self.cfg = cfg
         self.detector = detector
         self.metrics = metrics
-        self.alerts = AlertHub(metrics)
-        self.persistence = Persistence(cfg.persist)
-        self.store = RequestStore(cfg.max_requests, cfg.idle_timeout_s)
+        self.store = RequestStore(cfg.max_requests, cfg.idle_timeout_s, budget_bytes=cfg.memory_budget_mb << 20)
         self.store.on_evict = self._evicted
+        self.store.on_active = self._set_active
+        self.alerts = AlertHub(metrics, max_watchers=cfg.max_watchers, stall_s=cfg.watcher_stall_s,
+                               charge=self.store.charge)
+        self.persistence = Persistence(cfg.persist)
+        self.labels = LabelGuard(cfg.max_models, cfg.max_layers)
+        detector.on_refused = self._refused
+        metrics.memory_budget.set(cfg.memory_budget_mb << 20)
+        metrics.state_bytes.set_function(lambda: self.store.held + self.detector.buffer_bytes)
+        self._streams = 0
+        self._reports = asyncio.Semaphore(2)  # reports built at once (worker threads; the GIL is shared)
+        self._bad_clients: dict[str, float] = {}  # peer -> when its last undecodable message was logged
         self.risk = None if risk is None else LiveRisk(risk, metrics, history=cfg.report_history,
                                                        on_alert=self._risk_alert)
         if self.risk is not None:
             self.store.on_finish = self.risk.finish  # requests the idle sweep closes
         # run() has checked the file already; in-process sidecars (tests, offline) load it here
+        self.signatures = SignatureMatcher(cfg, self.alerts)  # --signatures (SignatureFileError)
         self.drift = DriftMonitor(calib.load(cfg.calibration).drift if cfg.calibration else None, metrics,
                                   self.alerts)
         # Every accepted frame, as a hooks.frames.Frame, to a callback on the loop
         # (the offline `--engine vllm` path collects a text's frames this way).
         self.frame_sink = frame_sink
+        self.embedding_sink = None  # taps' pooled embeddings -> the Shield service (set by Sidecar)
         self.detector.on_calibrated = self._calibrated
         self._children: dict[tuple[str, int], _LayerMetrics] = {}
-        self._active_models: set[str] = set()
+        # What --save-calibration holds already: a restart adds to it (run() has checked the file)
+        self._saved = calib.load_for_saving(cfg.save_calibration) if cfg.save_calibration else None
         self._writer = _CalibrationWriter(cfg.save_calibration) if cfg.save_calibration else None
         for (model, layer), cal in detector.calibration.items():
             metrics.calibration_sigma2.labels(model, str(layer)).set(cal.sigma2)
 
     # ---- Ingest ----------------------------------------------------------------------
+    def _refused(self, reason: str, n: int = 1) -> None:
+        self.metrics.refused.labels(reason).inc(n)
+
     async def Ingest(self, request_iterator, context):
-        accepted = rejected = 0
+        if self._streams >= self.cfg.max_streams:
+            self._refused("streams")
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"Ingest: {self.cfg.max_streams} streams already open (the sidecar's --max-streams); "
+                                "send every frame of a tap over one stream, or raise the limit")
+        self._streams += 1
         self.metrics.ingest_streams.inc()
         try:
-            index = -1
-            async for batch in request_iterator:
-                index += 1
-                if batch.HasField("stats"):
-                    self.metrics.taps.update(batch.stats)
-                snap_error = self._snapshots(batch.directions) if batch.directions else None
-                if not batch.frames:
-                    if snap_error is not None:
-                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"batch {index}: {snap_error}")
-                    continue
-                names = list(batch.descriptor_names)
-                grams = [(j, f) for j, f in enumerate(batch.frames) if f.centred_gram]
-                missing = [n for n in REQUIRED_DESCRIPTORS if n not in names]
-                if missing and len(grams) < len(batch.frames):
-                    rejected += len(batch.frames)
-                    self.metrics.frames_rejected.labels("descriptor_names").inc(len(batch.frames))
-                    await context.abort(
-                        grpc.StatusCode.INVALID_ARGUMENT,
-                        f"batch {index}: descriptor_names: missing {', '.join(missing)} "
-                        f"(got {names or 'none'})",
-                    )
-                first_error = None
-                mismatch = None
-                problems = {j: validate_frame(f, len(names)) for j, f in grams}
-                computed = {}
-                if grams:
-                    # Off the event loop: other streams and RPCs go on while LAPACK runs.
-                    computed = await asyncio.get_running_loop().run_in_executor(
-                        None, gram_spectra, [(j, f) for j, f in grams if problems[j] is None])
-                # Spectrum frames use the batch's descriptor names; Gram frames this
-                # sidecar's (it computed their descriptors).
-                index_of = {n: i for i, n in enumerate(names)}
-                names_t = tuple(names)
-                risk = self.risk
-                kinds = {False: (index_of, names_t, risk.batch_index(names_t) if risk is not None else None),
-                         True: (INDEX, DESCRIPTOR_NAMES,
-                                risk.batch_index(DESCRIPTOR_NAMES) if risk is not None and grams else None)}
-                finished = []
-                sink = [] if self.frame_sink is not None else None
-                for j, frame in enumerate(batch.frames):
-                    has_gram = bool(frame.centred_gram)
-                    if has_gram:
-                        problem = problems[j]
-                        got = computed.get(j)
-                        if problem is None and isinstance(got, str):
-                            # NaN activations, a degenerate window: nothing malformed, counted
-                            self.metrics.windows_unusable.labels(frame.model, _unusable_reason(got)).inc()
-                            continue
-                        eigs, desc = got if problem is None else (None, None)
-                    else:
-                        eigs = np.asarray(frame.eigenvalues, dtype=np.float64)
-                        desc = np.asarray(frame.descriptors, dtype=np.float64)
-                        problem = validate_frame(frame, len(names), eigs, desc)
-                    if problem is not None:
-                        rejected += 1
-                        self.metrics.frames_rejected.labels(problem[0]).inc()
-                        first_error = first_error or f"batch {index}: frames[{j}].{problem[0]}: {problem[1]}"
-                        continue
-                    f_index, f_names, f_risk = kinds[has_gram]
-                    try:
-                        st, done = self._apply(frame, f_index, f_names, eigs, desc)
-                    except DimMismatch as exc:  # calibrated for other tap settings: refuse, loudly
-                        rejected += 1
-                        self.metrics.frames_rejected.labels("dim").inc()
-                        mismatch = mismatch or f"batch {index}: frames[{j}].{exc}"
-                        continue
-                    if risk is not None:
-                        risk.add(st, frame, desc, f_risk)
-                        if done:
-                            finished.append(st)
-                    if sink is not None:
-                        sink.append(wire.from_proto(frame, f_names, eigs, desc))
-                    accepted += 1
-                if risk is not None:
-                    # All steps this batch completed, in one model call (per round), then
-                    # the requests it finished let go of their model state.
-                    risk.flush()
-                    for st in finished:
-                        risk.finish(st)
-                if sink:
-                    self.frame_sink(sink)
-                if snap_error is not None:
-                    first_error = first_error or f"batch {index}: {snap_error}"
-                if first_error is not None:
-                    # The valid frames of the batch were kept; the stream ends so the
-                    # sender sees the error (a tap reconnects and goes on).
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, first_error)
-                if mismatch is not None:
-                    await context.abort(grpc.StatusCode.FAILED_PRECONDITION, mismatch)
+            return await self._ingest(request_iterator, context)
         finally:
+            self._streams -= 1
             self.metrics.ingest_streams.dec()
+
+    async def _ingest(self, request_iterator, context):
+        accepted = rejected = 0
+        index = -1
+        async for batch in request_iterator:
+            index += 1
+            if batch.HasField("stats"):
+                self._tap_stats(batch.stats)
+            snap_error = self._snapshots(batch.directions) if batch.directions else None
+            if batch.embeddings and self.embedding_sink is not None:  # Shield.WatchEmbeddings
+                bad = self.embedding_sink(batch.embeddings)
+                if bad is not None and snap_error is None:
+                    snap_error = (grpc.StatusCode.INVALID_ARGUMENT, bad)
+            if not batch.frames:
+                if snap_error is not None:
+                    await context.abort(snap_error[0], f"batch {index}: {snap_error[1]}")
+                continue
+            names = list(batch.descriptor_names)
+            problem = check_names(names)
+            if problem is not None:
+                rejected += len(batch.frames)
+                self.metrics.frames_rejected.labels("descriptor_names").inc(len(batch.frames))
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"batch {index}: {problem}")
+            # Limits and label admission first: nothing of a refused frame is computed or kept.
+            guard = self.labels
+            refused: dict[int, tuple[str, str]] = {}
+            over: str | None = None
+            for j, f in enumerate(batch.frames):
+                if len(f.request_id) > MAX_ID_CHARS or len(f.engine_request_id) > MAX_ID_CHARS or \
+                        (f.model, f.layer) not in guard.pairs:
+                    problem = check_labels(f)
+                    if problem is None and f.model and f.layer >= 0:
+                        why = guard.admit(f.model, f.layer)
+                        if why is not None:
+                            self._refused(why)
+                            refused[j] = ("", why)
+                            over = over or why
+                            continue
+                    if problem is not None:
+                        refused[j] = problem
+            grams = [(j, f) for j, f in enumerate(batch.frames) if f.centred_gram and j not in refused]
+            missing = [n for n in REQUIRED_DESCRIPTORS if n not in names]
+            if missing and not all(f.centred_gram for f in batch.frames):
+                rejected += len(batch.frames)
+                self.metrics.frames_rejected.labels("descriptor_names").inc(len(batch.frames))
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"batch {index}: descriptor_names: missing {', '.join(missing)} "
+                    f"(got {clip(', '.join(names), 200) if names else 'none'})",
+                )
+            first_error = None
+            mismatch = None
+            # Spectrum frames use the batch's descriptor names; Gram frames this
+            # sidecar's (it computed their descriptors).
+            index_of = {n: i for i, n in enumerate(names)}
+            problems = {j: validate_frame(f, len(names)) for j, f in grams}
+            computed = {}
+            if grams:
+                # Off the event loop: other streams and RPCs go on while LAPACK runs.
+                computed = await asyncio.get_running_loop().run_in_executor(
+                    None, gram_spectra, [(j, f) for j, f in grams if problems[j] is None])
+            names_t = tuple(names)
+            risk = self.risk
+            kinds = {False: (index_of, names_t, risk.batch_index(names_t) if risk is not None else None),
+                     True: (INDEX, DESCRIPTOR_NAMES,
+                            risk.batch_index(DESCRIPTOR_NAMES) if risk is not None and grams else None)}
+            finished = []
+            touched = []
+            sink = [] if self.frame_sink is not None else None
+            for j, frame in enumerate(batch.frames):
+                if j in refused:
+                    field, why = refused[j]
+                    rejected += 1
+                    if field:  # over a limit: malformed (label caps are counted in eigenwatch_refused_total)
+                        self.metrics.frames_rejected.labels(field).inc()
+                        first_error = first_error or f"batch {index}: frames[{j}].{field}: {why}"
+                    continue
+                has_gram = bool(frame.centred_gram)
+                if has_gram:
+                    problem = problems[j]
+                    got = computed.get(j)
+                    if problem is None and isinstance(got, str):
+                        # NaN activations, a degenerate window: nothing malformed, counted
+                        self.metrics.windows_unusable.labels(frame.model, _unusable_reason(got)).inc()
+                        continue
+                    eigs, desc = got if problem is None else (None, None)
+                else:
+                    eigs = np.asarray(frame.eigenvalues, dtype=np.float64)
+                    desc = np.asarray(frame.descriptors, dtype=np.float64)
+                    problem = validate_frame(frame, len(names), eigs, desc, index_of)
+                if problem is not None:
+                    rejected += 1
+                    self.metrics.frames_rejected.labels(problem[0]).inc()
+                    first_error = first_error or f"batch {index}: frames[{j}].{problem[0]}: {problem[1]}"
+                    continue
+                f_index, f_names, f_risk = kinds[has_gram]
+                try:
+                    st, done = self._apply(frame, f_index, f_names, eigs, desc)
+                except DimMismatch as exc:  # calibrated for other tap settings: refuse, loudly
+                    rejected += 1
+                    self.metrics.frames_rejected.labels("dim").inc()
+                    mismatch = mismatch or f"batch {index}: frames[{j}].{exc}"
+                    continue
+                touched.append(st)
+                if risk is not None:
+                    risk.add(st, frame, desc, f_risk)
+                    if done:
+                        finished.append(st)
+                if sink is not None:
+                    sink.append(wire.from_proto(frame, f_names, eigs, desc))
+                accepted += 1
+            if risk is not None:
+                # All steps this batch completed, in one model call (per round), then
+                # the requests it finished let go of their model state.
+                risk.flush()
+                for st in finished:
+                    risk.finish(st)
+            if touched:
+                self.store.enforce(keep=touched[-1])  # over --memory-budget-mb: evict the stalest requests
+            if sink:
+                self.frame_sink(sink)
+            if snap_error is not None:
+                first_error = first_error or f"batch {index}: {snap_error[1]}"
+            if first_error is not None:
+                # The valid frames of the batch were kept; the stream ends so the
+                # sender sees the error (a tap reconnects and goes on).
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, first_error)
+            if mismatch is not None:
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, mismatch)
+            if over is not None:
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, self._over_message(index, over))
         return monitor_pb2.IngestSummary(frames_accepted=accepted, frames_rejected=rejected)
 
-    def _snapshots(self, snaps) -> str | None:
-        """Direction snapshots -> the drift detector; the first malformed one's problem (valid ones are kept)."""
+    def _over_message(self, index: int, why: str) -> str:
+        if why == "models":
+            return (f"batch {index}: model: the sidecar accepts {self.cfg.max_models} distinct models (--max-models) "
+                    "and has them; frames of other models were refused (the others were kept)")
+        return (f"batch {index}: layer: the sidecar accepts {self.cfg.max_layers} distinct (model, layer) pairs "
+                "(--max-layers) and has them; frames of other layers were refused (the others were kept)")
+
+    def _tap_stats(self, stats) -> None:
+        if len(stats.tap_id) > MAX_ID_CHARS or len(stats.model) > MAX_LABEL_CHARS or not stats.model.isprintable():
+            self.metrics.frames_rejected.labels("stats").inc()
+            return
+        why = self.labels.admit_model(stats.model or "unknown")
+        if why is not None:
+            self._refused(why)
+            return
+        self.metrics.taps.update(stats)
+
+    def _snapshots(self, snaps) -> tuple[grpc.StatusCode, str] | None:
+        """Direction snapshots -> the drift detector; the first malformed or refused one's
+        (status, problem) (valid ones are kept)."""
         first = None
         for j, s in enumerate(snaps):
             problem = validate_snapshot(s)
+            if problem is None and (len(s.model) > MAX_LABEL_CHARS or not s.model.isprintable()):
+                problem = ("model", f"printable, at most {MAX_LABEL_CHARS} characters")
+            if problem is None and s.layer > MAX_LAYER:
+                problem = ("layer", f"must be <= {MAX_LAYER}, got {s.layer}")
             if problem is not None:
                 self.metrics.direction_snapshots_rejected.labels(problem[0]).inc()
-                first = first or f"directions[{j}].{problem[0]}: {problem[1]}"
+                first = first or (grpc.StatusCode.INVALID_ARGUMENT, f"directions[{j}].{problem[0]}: {problem[1]}")
+                continue
+            why = self.labels.admit(s.model, s.layer)
+            if why is not None:
+                self._refused(why)
+                first = first or (grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                  f"directions[{j}]: " + self._over_message(0, why).removeprefix("batch 0: "))
                 continue
             self.drift.observe(s)
         return first
@@ -266,11 +441,14 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
         frame finished it). Raises DimMismatch (nothing recorded) for a frame whose
         width the layer's calibration does not match."""
         res = self.detector.observe(f.model, f.layer, eigs, f.window, f.dim,
-                                    float(desc[index_of["sigma2"]]), float(desc[index_of["trace_mean"]]))
+                                    float(desc[index_of["sigma2"]]), float(desc[index_of["trace_mean"]]),
+                                    f.engine_request_id)
         st, new = self.store.get_or_create(f.engine_request_id, f.request_id, f.model, f.skipped_tokens)
         if new:
             self.metrics.requests.labels(f.model).inc()
             st.descriptor_names = names
+            if self.risk is not None:  # its GRU state and risk history (sidecar/risk.py)
+                self.store.charge(st, 1024 + 16 * self.cfg.report_history)
         m = self._layer_metrics(f.model, f.layer)
         m.ingested.inc()
         m.entropy.observe(float(desc[index_of["spectral_entropy"]]))
@@ -280,6 +458,9 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
         if ls is None:
             width = len(st.descriptor_names)
             ls = st.layers[f.layer] = LayerState(history=History(self.cfg.report_history, width))
+            self.store.charge(st, layer_bytes(self.cfg.report_history, width, 0))
+        if f.window > ls.window:  # last_eigenvalues: float32 [window]
+            self.store.charge(st, 4 * (f.window - ls.window))
         ls.frames += 1
         ls.token_count = max(ls.token_count, f.token_count)
         ls.window, ls.dim = f.window, f.dim
@@ -295,10 +476,9 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
                 self.alerts.raise_alert(st, self.detector.name, res.severity, res.spikes, res.threshold,
                                         f"{res.spikes} eigenvalues above the calibrated MP edge at layer {f.layer} "
                                         f"(threshold {int(res.threshold)})", f.layer, f.token_count)
-        done = f.final and not st.finished
-        if new or done:
-            st.finished = st.finished or f.final
-            self._refresh_active()  # O(requests), so only when the set of active ones changes
+        if f.HasField("signature"):
+            self.signatures.observe(st, f)  # signature_match
+        done = f.final and self.store.finish(st)  # the active-requests gauge follows (store.on_active)
         return st, done
 
     def _risk_alert(self, st, risk: float, token_count: int) -> None:
@@ -325,29 +505,27 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
             )
         return lm
 
-    def _refresh_active(self) -> None:
-        active = self.store.active_by_model()
-        for model, n in active.items():
-            self.metrics.active_requests.labels(model).set(n)
-        for model in self._active_models - set(active):
-            self.metrics.active_requests.labels(model).set(0)
-        self._active_models = set(active)
+    def _set_active(self, model: str) -> None:
+        # Kept per model as requests start and finish: no walk over the store per new request.
+        self.metrics.active_requests.labels(model).set(self.store.active.get(model, 0))
 
     def _calibrated(self, key, cal) -> None:
         model, layer = key
         self.metrics.calibration_sigma2.labels(model, str(layer)).set(cal.sigma2)
-        log.info("calibrated %s layer %d: sigma2=%.4g spike_threshold=%d (%d frames, dim %d)",
-                 model, layer, cal.sigma2, cal.spike_threshold, cal.frames, cal.dim)
+        log.info("calibrated %s layer %d: sigma2=%.4g spike_threshold=%d (%d frames from %d+ requests, dim %d)",
+                 clip(model), layer, cal.sigma2, cal.spike_threshold, cal.frames, self.detector.calibration_requests,
+                 cal.dim)
         if self._writer is not None:
-            self._writer.submit(calib.document(dict(self.detector.calibration)))
+            # merged with what the file held at start (a restart adds, never replaces); written off the loop
+            self._writer.submit(calib.merged(self._saved, dict(self.detector.calibration)))
 
     # ---- WatchAlerts -----------------------------------------------------------------
     async def WatchAlerts(self, request, context):
         problem = AlertHub.check_filter(request)
         if problem is not None:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
-        async for alert in self.alerts.watch(request):
-            yield alert
+        # writes with context.write (a stalled client is disconnected; alerts.py)
+        await self.alerts.serve(request, context)
 
     # ---- GetReport -------------------------------------------------------------------
     async def GetReport(self, request, context):
@@ -357,8 +535,38 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
         if st is None:
             await context.abort(
                 grpc.StatusCode.NOT_FOUND,
-                f"request_id: no monitored request {request.request_id!r} (never seen, opted out, or evicted)",
+                f"request_id: no monitored request {clip(request.request_id)} (never seen, opted out, or evicted)",
             )
+        wanted = set(request.layers)
+        layers = sorted((l, ls) for l, ls in st.layers.items() if not wanted or l in wanted)
+        limit = request.history_limit or None
+        # The reply's size, bounded from above, before anything is built: a report over gRPC's
+        # message limit would be built, then refused by gRPC, on every retry.
+        width = len(st.descriptor_names or DESCRIPTOR_NAMES)
+        size = 4096 + sum(len(a.message) + len(a.request_id) + len(a.engine_request_id) + 128 for a in st.alerts)
+        for _, ls in layers:
+            rows = ls.history.n if ls.history is not None else 0
+            rows = min(rows, limit) if limit else rows
+            size += 64 + 9 * width + 5 * ls.window + rows * (16 + 9 * width)
+        if size > wire.MAX_MESSAGE_BYTES - REPORT_MARGIN:
+            self._refused("report_size")
+            per_layer = (size - 4096) // max(1, len(layers))
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"GetReport: the report of {clip(request.request_id)} would take ~{size >> 20} MiB ({len(layers)} "
+                f"layers, ~{per_layer >> 10} KiB each), over the {wire.MAX_MESSAGE_BYTES >> 20} MiB message limit; "
+                "ask for fewer layers (GetReportRequest.layers) or a shorter history (history_limit)")
+        # A consistent copy here, on the loop (array copies); the message is built on a worker thread.
+        snap = []
+        for layer, ls in layers:
+            counts = values = None
+            if ls.history is not None:
+                counts, values = ls.history.items()
+                if limit:
+                    counts, values = counts[-limit:], values[-limit:]
+                counts, values = counts.copy(), values.copy()
+            snap.append((layer, ls.frames, ls.token_count, ls.window, ls.dim, ls.last_descriptors,
+                         ls.last_eigenvalues, ls.max_spikes, counts, values))
         rep = monitor_pb2.Report(
             request_id=st.request_id,
             engine_request_id=st.engine_request_id,
@@ -370,31 +578,59 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
             descriptor_names=st.descriptor_names or DESCRIPTOR_NAMES,
             alerts=st.alerts,
         )
-        for layer, ls in sorted(st.layers.items()):
-            lr = monitor_pb2.LayerReport(
-                layer=layer, frames=ls.frames, token_count=ls.token_count, window=ls.window, dim=ls.dim,
-                last_descriptors=[] if ls.last_descriptors is None else ls.last_descriptors.tolist(),
-                last_eigenvalues=[] if ls.last_eigenvalues is None else ls.last_eigenvalues.tolist(),
-                max_spikes=ls.max_spikes,
-            )
-            if ls.history is not None:
-                counts, values = ls.history.items()
-                lr.history.extend(monitor_pb2.DescriptorSample(token_count=int(c), descriptors=v.tolist())
-                                  for c, v in zip(counts, values))
-            rep.layers.append(lr)
         if self.risk is not None and st.risk is not None:
             rep.risk.CopyFrom(self.risk.report(st.risk))
+            if limit and len(rep.risk.history) > limit:
+                del rep.risk.history[:-limit]
+        self.signatures.report(st, rep)
+        if sum(len(s[8]) for s in snap if s[8] is not None) < 64:
+            _layer_reports(rep, snap)  # small: quicker here than a hop to a thread
+            return rep
+        async with self._reports:  # a client looping big reports gets at most this many threads
+            await asyncio.get_running_loop().run_in_executor(None, _layer_reports, rep, snap)
         return rep
+
+    def embedding_alert(self, e, out) -> None:
+        """A tap embedding the shield rejected (shield_service.py): the request's
+        shield_energy alert, once per request and layer. Its state is created when
+        no frame of it arrived yet (a pooled request's embedding can come first)."""
+        if self.labels.admit_model(e.model) is not None:
+            return  # over --max-models: counted where its frames are refused
+        st, new = self.store.get_or_create(e.engine_request_id or e.request_id, e.request_id, e.model, 0)
+        if new:
+            self.metrics.requests.labels(e.model).inc()
+        key = (ENERGY_DETECTOR, e.layer)
+        if key in st.fired:
+            return
+        st.fired[key] = monitor_pb2.SEVERITY_WARNING
+        where = "the pooled output" if e.layer < 0 else f"layer {e.layer}'s mean state"
+        self.alerts.raise_alert(st, ENERGY_DETECTOR, monitor_pb2.SEVERITY_WARNING, out.score, out.threshold,
+                                f"{where} scores {out.score:.3g} outside the shield's subspace (threshold "
+                                f"{out.threshold:.3g}; energy {out.energy:.3g})", e.layer, 0)
 
     async def sweep_forever(self, every_s: float = 30.0) -> None:
         while True:
             await asyncio.sleep(every_s)
-            if self.store.sweep():
-                self._refresh_active()
+            self.store.sweep()  # silent requests closed (the active gauge follows through store.on_active)
+            self.detector.sweep(self.cfg.idle_timeout_s)  # calibration buffers of layers that went away
+            self.store.enforce()
 
     async def close(self) -> None:
         if self._writer is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._writer.close)
+
+
+def _layer_reports(rep: monitor_pb2.Report, snap) -> None:
+    """LayerReports from copies of the layers' state (GetReport); safe on a worker thread."""
+    for layer, frames, token_count, window, dim, last_desc, last_eigs, max_spikes, counts, values in snap:
+        lr = rep.layers.add(
+            layer=layer, frames=frames, token_count=token_count, window=window, dim=dim,
+            last_descriptors=[] if last_desc is None else last_desc.tolist(),
+            last_eigenvalues=[] if last_eigs is None else last_eigs.tolist(), max_spikes=max_spikes)
+        if counts is not None:
+            hist = lr.history
+            for c, v in zip(counts.tolist(), values.tolist()):
+                hist.add(token_count=c, descriptors=v)
 
 
 class _CalibrationWriter:
@@ -437,7 +673,7 @@ class TokenAuth(grpc.aio.ServerInterceptor):
     """Bearer-token check on the Monitor and Shield services (`authorization:
     Bearer <token>` metadata). Health and reflection stay open for probes and tooling."""
 
-    def __init__(self, token: str, services: tuple[str, ...] = (SERVICE_NAME, SHIELD_SERVICE_NAME)):
+    def __init__(self, token: str, services: tuple[str, ...] = (SERVICE_NAME, SHIELD_SERVICE_NAME, SPARSE_SERVICE_NAME)):
         import hmac
 
         self._expected = f"Bearer {token}".encode()
@@ -473,6 +709,93 @@ class TokenAuth(grpc.aio.ServerInterceptor):
         return grpc.unary_unary_rpc_method_handler(deny)
 
 
+class Undecodable:
+    """Bytes that are not the method's message: INVALID_ARGUMENT with a short message, counted
+    (eigenwatch_refused_total{reason="undecodable"}), logged once per client a minute."""
+
+    def __init__(self, metrics: Metrics, every_s: float = UNDECODABLE_LOG_EVERY_S, max_clients: int = 1024):
+        self.metrics = metrics
+        self.every_s = every_s
+        self.max_clients = max_clients
+        self._last: dict[str, float] = {}  # peer -> when it was last logged
+        self._suppressed: dict[str, int] = {}
+
+    async def __call__(self, context, method: str, type_name: str, exc: Exception) -> None:
+        self.metrics.refused.labels("undecodable").inc()
+        peer = context.peer() or "unknown"
+        now = time.monotonic()
+        last = self._last.get(peer)
+        if last is None or now - last >= self.every_s:
+            if len(self._last) >= self.max_clients and last is None:
+                self._last.clear()  # many clients: at worst one more line each
+                self._suppressed.clear()
+            self._last[peer] = now
+            more = self._suppressed.pop(peer, 0)
+            log.warning("%s: undecodable %s from %s (%s)%s; answered INVALID_ARGUMENT (at most one line a minute "
+                        "per client)", method, type_name, clip(peer), clip(f"{type(exc).__name__}: {exc}", 120),
+                        f", and {more} more since the last line" if more else "")
+        else:
+            self._suppressed[peer] = self._suppressed.get(peer, 0) + 1
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"{method}: the request is not a valid {type_name} message ({type(exc).__name__}); "
+                            "send the message of the method's proto (eigenwatch/v1/*.proto)")
+
+
+def _decoder(cls, method: str, on_error):
+    type_name = cls.DESCRIPTOR.full_name
+    from_string = cls.FromString
+
+    async def decode(raw: bytes, context):
+        try:
+            return from_string(raw)
+        except Exception as exc:  # DecodeError, and whatever else a parser of hostile bytes raises
+            await on_error(context, method, type_name, exc)
+
+    async def decode_stream(raw_iter, context):
+        async for raw in raw_iter:
+            try:
+                msg = from_string(raw)
+            except Exception as exc:
+                await on_error(context, method, type_name, exc)
+            yield msg
+
+    return decode, decode_stream
+
+
+def add_service(server, servicer, service_name: str, on_undecodable) -> None:
+    """Register `servicer`'s methods of the proto service `service_name` with raw-bytes requests,
+    decoded inside the handler: grpc.aio answers a deserializer that raises with UNKNOWN and
+    logs a traceback per message; here bad bytes get `on_undecodable` (INVALID_ARGUMENT)."""
+    service = descriptor_pool.Default().FindServiceByName(service_name)
+    handlers = {}
+    for m in service.methods:
+        req_cls, resp_cls = GetMessageClass(m.input_type), GetMessageClass(m.output_type)
+        impl = getattr(servicer, m.name)
+        decode, decode_stream = _decoder(req_cls, m.name, on_undecodable)
+        if m.client_streaming and m.server_streaming and inspect.isasyncgenfunction(impl):
+            async def handler(raw_iter, context, impl=impl, decode_stream=decode_stream):
+                async for item in impl(decode_stream(raw_iter, context), context):
+                    yield item
+        elif m.client_streaming:
+            async def handler(raw_iter, context, impl=impl, decode_stream=decode_stream):
+                return await impl(decode_stream(raw_iter, context), context)
+        elif m.server_streaming and inspect.isasyncgenfunction(impl):
+            async def handler(raw, context, impl=impl, decode=decode):
+                request = await decode(raw, context)
+                async for item in impl(request, context):
+                    yield item
+        else:
+            async def handler(raw, context, impl=impl, decode=decode):
+                result = impl(await decode(raw, context), context)
+                return await result if inspect.isawaitable(result) else result
+        make = {(False, False): grpc.unary_unary_rpc_method_handler,
+                (False, True): grpc.unary_stream_rpc_method_handler,
+                (True, False): grpc.stream_unary_rpc_method_handler,
+                (True, True): grpc.stream_stream_rpc_method_handler}[(m.client_streaming, m.server_streaming)]
+        handlers[m.name] = make(handler, request_deserializer=None, response_serializer=resp_cls.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+
+
 class Sidecar:
     """A running sidecar: gRPC server + /metrics. Use `await start()`, `await stop()`."""
 
@@ -483,11 +806,16 @@ class Sidecar:
         self.registry = registry or CollectorRegistry()
         self.metrics = Metrics(self.registry)
         self.detector = detector or SpikeDetector(
-            calibration_frames=cfg.calibration_frames, quantile=cfg.quantile, spike_threshold=cfg.spike_threshold
+            calibration_frames=cfg.calibration_frames, quantile=cfg.quantile, spike_threshold=cfg.spike_threshold,
+            calibration_requests=cfg.calibration_requests,
         )
         self.service = MonitorService(cfg, self.detector, self.metrics, risk, frame_sink)
         # shield: cfg.shield loaded already (run() checks it before serving); else loaded here
-        self.shield_service = ShieldService(cfg, self.metrics, shield)
+        self.shield_service = ShieldService(cfg, self.metrics, shield, on_rejected=self.service.embedding_alert)
+        self.service.embedding_sink = self.shield_service.on_embeddings
+        self.sparse_service = SparseService(cfg)  # --sparse-head (SignatureFileError)
+        self.service.signatures.use_vocab(self.sparse_service.head)
+        self._undecodable = Undecodable(self.metrics)
         self.server: grpc.aio.Server | None = None
         self.port: int | None = None
         self.metrics_port: int | None = None
@@ -503,21 +831,25 @@ class Sidecar:
         return f"{self.cfg.listen.rsplit(':', 1)[0]}:{self.port}"
 
     async def start(self) -> None:
+        security = tls.load(self.cfg)  # token, TLS files, the listen rule: SecurityError names the flag
         self.server = grpc.aio.server(
-            interceptors=[TokenAuth(self.cfg.token)] if self.cfg.token else None,
+            interceptors=[TokenAuth(security.token)] if security.token else None,
             options=[
                 ("grpc.max_send_message_length", wire.MAX_MESSAGE_BYTES),
                 ("grpc.max_receive_message_length", wire.MAX_MESSAGE_BYTES),
             ]
         )
-        monitor_pb2_grpc.add_MonitorServicer_to_server(self.service, self.server)
-        shield_pb2_grpc.add_ShieldServicer_to_server(self.shield_service, self.server)
+        # Each service's messages are decoded inside its handlers (add_service): bytes that are
+        # not the method's message get INVALID_ARGUMENT, not UNKNOWN and a traceback.
+        for servicer, name in ((self.service, SERVICE_NAME), (self.shield_service, SHIELD_SERVICE_NAME),
+                               (self.sparse_service, SPARSE_SERVICE_NAME)):
+            add_service(self.server, servicer, name, self._undecodable)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, self.server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, SHIELD_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+            (SERVICE_NAME, SHIELD_SERVICE_NAME, SPARSE_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         try:
-            self.port = self.server.add_insecure_port(self.cfg.listen)
+            self.port = security.bind(self.server, self.cfg.listen)  # TLS when configured; unix sockets 0600
         except RuntimeError:
             self.port = 0
         if self.port == 0 and not self.cfg.listen.startswith("unix:"):
@@ -529,6 +861,8 @@ class Sidecar:
         # Shield is NOT_SERVING without --shield (its calls answer FAILED_PRECONDITION)
         await health_servicer.set(SHIELD_SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING
                                   if self.shield_service.loaded else health_pb2.HealthCheckResponse.NOT_SERVING)
+        await health_servicer.set(SPARSE_SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING  # needs --sparse-head
+                                  if self.sparse_service.loaded else health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.cfg.metrics_enabled:
             try:
                 self._http, _thread = start_http_server(self.cfg.metrics_port, addr=self.cfg.metrics_host,
@@ -549,6 +883,7 @@ class Sidecar:
             await self.server.stop(grace)
         await self.service.close()
         await self.shield_service.close()
+        await self.sparse_service.close()
         if self._http is not None:
             self._http.shutdown()
             self._http.server_close()
@@ -617,7 +952,9 @@ def run(cfg: SidecarConfig) -> int:
     try:
         cal = calib.load(cfg.calibration) if cfg.calibration else None
         detector = SpikeDetector(cal.spike if cal else None, cfg.calibration_frames, cfg.quantile,
-                                 cfg.spike_threshold)
+                                 cfg.spike_threshold, cfg.calibration_requests)
+        if cfg.save_calibration:
+            calib.load_for_saving(cfg.save_calibration)  # a file there that is not a calibration: exit 2 now
         risk = load_live_risk(cfg, cal)  # the ONNX model and its thresholds, checked before serving
         shield = load_shield(cfg) if cfg.shield else None
     except (calib.CalibrationError, LiveRiskError, ShieldLoadError) as exc:
@@ -639,7 +976,7 @@ def run(cfg: SidecarConfig) -> int:
         log.info("large buffers: %s", why)
     try:
         asyncio.run(_serve(cfg, detector, risk, shield))
-    except OSError as exc:
+    except (OSError, tls.SecurityError, SignatureFileError) as exc:
         print(f"eigenwatch sidecar: {exc}", file=sys.stderr)
         return 2
     return 0

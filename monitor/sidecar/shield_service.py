@@ -1,5 +1,8 @@
 """The eigenwatch.v1.Shield service: EigenShield's Filter and GetShield over gRPC
-(numpy, no torch), with the --shield file reloaded off the event loop when it changes."""
+(numpy, no torch), with the --shield file reloaded off the event loop when it
+changes; and WatchEmbeddings: taps' pooled embeddings (hooks/embeddings.py)
+filtered by the same shield, streamed to subscribers, with the `shield_energy`
+detector alerting on the rows the shield rejects."""
 
 from __future__ import annotations
 
@@ -26,6 +29,11 @@ log = logging.getLogger("eigenwatch.sidecar.shield")
 
 SERVICE_NAME = shield_pb2.DESCRIPTOR.services_by_name["Shield"].full_name
 RESULTS = ("ok", "invalid_argument", "failed_precondition", "error")
+EMBEDDING_RESULTS = ("filtered", "rejected", "no_shield", "dim_mismatch", "invalid")
+ENERGY_DETECTOR = "shield_energy"
+WATCH_QUEUE = 256  # filtered embeddings a slow watcher may fall behind before it loses the oldest
+MAX_EMBEDDING_WATCHERS = 64
+MAX_EMBEDDING_DIM = 1 << 16
 NO_SHIELD = "no shield loaded: start the sidecar with --shield PATH (a file from `eigenwatch shield fit`)"
 
 
@@ -193,10 +201,32 @@ def filter_rows(cur: Loaded, req: shield_pb2.FilterRequest) -> shield_pb2.Filter
     )
 
 
+def check_embedding(e) -> str | None:
+    """What is wrong with a tap's PooledEmbedding, naming the field; None when nothing is."""
+    if not 1 <= e.dim <= MAX_EMBEDDING_DIM:
+        return f"dim: expected 1..{MAX_EMBEDDING_DIM}, got {e.dim}"
+    if len(e.vector) != 4 * e.dim:
+        return f"vector: has {len(e.vector)} bytes but 4 x dim = {4 * e.dim} (float32 little-endian)"
+    return None
+
+
+class _EmbeddingWatcher:
+    __slots__ = ("queue", "model", "rejected_only")
+
+    def __init__(self, request: shield_pb2.WatchEmbeddingsRequest):
+        self.queue: asyncio.Queue = asyncio.Queue(maxsize=WATCH_QUEUE)
+        self.model, self.rejected_only = request.model, request.rejected_only
+
+
 class ShieldService(shield_pb2_grpc.ShieldServicer):
-    def __init__(self, cfg: SidecarConfig, metrics: Metrics, loaded: Loaded | None = None):
+    def __init__(self, cfg: SidecarConfig, metrics: Metrics, loaded: Loaded | None = None, on_rejected=None):
         self.cfg = cfg
         self.metrics = metrics
+        # on_rejected(embedding, FilteredEmbedding): raises the request's shield_energy alert (the Monitor
+        # service owns request state and alert fan-out); None: count only.
+        self.on_rejected = on_rejected
+        self._watchers: dict[int, _EmbeddingWatcher] = {}
+        self._embedding_results = {r: metrics.embeddings.labels(r) for r in EMBEDDING_RESULTS}
         if loaded is None and cfg.shield:
             loaded = load_shield(cfg)  # raises ShieldLoadError
         self.current: Loaded | None = None
@@ -247,6 +277,69 @@ class ShieldService(shield_pb2_grpc.ShieldServicer):
             m.filter_rejected_rows.inc(out.rejected_rows)
         m.filter_seconds.observe(time.perf_counter() - t0)
         return out
+
+    # ---- taps' embeddings -----------------------------------------------------------
+    def on_embeddings(self, embeddings) -> str | None:
+        """A batch's PooledEmbeddings (on the event loop, from Ingest): filter each
+        with the loaded shield, fan it out, alert on rejected rows. One row is a few
+        d×rank products: cheap enough inline. Returns the first malformed one's
+        problem (the others are kept), for Ingest to report."""
+        cur = self.current
+        first = None
+        now = time.time()
+        for j, e in enumerate(embeddings):
+            problem = check_embedding(e)
+            if problem is not None:
+                self._embedding_results["invalid"].inc()
+                first = first or f"embeddings[{j}].{problem}"
+                continue
+            if cur is None:
+                self._embedding_results["no_shield"].inc()  # nothing to filter with: never streamed raw
+                continue
+            if e.dim != cur.shield.dim:
+                self._embedding_results["dim_mismatch"].inc()
+                continue
+            x = np.frombuffer(e.vector, dtype="<f4").reshape(1, e.dim)
+            y, energy, score = S.project(cur.shield, x)
+            if not (np.isfinite(energy[0]) and np.isfinite(score[0])):
+                self._embedding_results["invalid"].inc()
+                first = first or f"embeddings[{j}].vector: NaN, Inf or overflowing values"
+                continue
+            rejected = bool(score[0] > cur.threshold)
+            self._embedding_results["rejected" if rejected else "filtered"].inc()
+            out = shield_pb2.FilteredEmbedding(
+                request_id=e.request_id, engine_request_id=e.engine_request_id, model=e.model, layer=e.layer,
+                dim=e.dim, filtered=y.astype("<f4", copy=False).tobytes(), energy=float(energy[0]),
+                score=float(score[0]), rejected=rejected, threshold=cur.threshold,
+                data_sha256=cur.shield.data_sha256, time=now)
+            self._fan_out(out)
+            if rejected and self.on_rejected is not None:
+                self.on_rejected(e, out)
+        return first
+
+    def _fan_out(self, out: shield_pb2.FilteredEmbedding) -> None:
+        for w in self._watchers.values():  # nothing here awaits: the dict cannot change meanwhile
+            if (w.model and w.model != out.model) or (w.rejected_only and not out.rejected):
+                continue
+            if w.queue.full():  # a slow watcher loses its oldest, never blocks ingest
+                w.queue.get_nowait()
+                self.metrics.embeddings_dropped.inc()
+            w.queue.put_nowait(out)
+
+    async def WatchEmbeddings(self, request, context):
+        if len(self._watchers) >= MAX_EMBEDDING_WATCHERS:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"{MAX_EMBEDDING_WATCHERS} WatchEmbeddings streams are open; close one first")
+        w = _EmbeddingWatcher(request)
+        key = id(w)
+        self._watchers[key] = w
+        self.metrics.embedding_watchers.inc()
+        try:
+            while True:
+                yield await w.queue.get()
+        finally:
+            del self._watchers[key]
+            self.metrics.embedding_watchers.dec()
 
     # ---- GetShield -----------------------------------------------------------------
     async def GetShield(self, request, context):
