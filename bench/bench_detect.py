@@ -14,6 +14,7 @@ monitor/offline/texts.py, which is none of the shifts).
     .venv/bin/python bench/bench_detect.py --far-seeds 5       # false-alarm rate over 5 calibration splits
     .venv/bin/python bench/bench_detect.py --keep work/        # keep texts, CALIB.json and SCORES.jsonl
     .venv/bin/python bench/bench_detect.py --bound             # what re-weighting the combination could buy
+    .venv/bin/python bench/bench_detect.py --throughput --models minilm   # `score` against the bare forward
 
 "baselines" are the anchors users compare against: LLM-Check's hidden score
 and the Mahalanobis distance of mean-pooled hidden states.
@@ -187,6 +188,82 @@ def evaluate(model: str, engine: str, files: dict, work: Path, far: list[float],
             "n_calibration": n_cal, "combined_voters": sorted(voters), "weight_bound": wb}
 
 
+def bare_forward(model: str, texts: list[str], batch: int) -> float:
+    """texts/s of the bare transformers forward with hidden states (the model's own
+    floor for `score`): texts sorted by length, `batch` per padded forward, as
+    `score` batches them; tokenised up front, load not counted."""
+    import torch
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    from eigenwatch.monitor.offline.engines import model_info
+
+    info = model_info(model)
+    cls = AutoModel if info.runner == "pooling" else AutoModelForCausalLM
+    net = cls.from_pretrained(info.path, dtype=torch.float32).eval()
+    ids = sorted((info.tokenizer(t, truncation=True, max_length=info.max_positions)["input_ids"] for t in texts),
+                 key=len)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for at in range(0, len(ids), batch):
+            part = ids[at: at + batch]
+            x = torch.zeros((len(part), max(map(len, part))), dtype=torch.long)
+            mask = torch.zeros_like(x)
+            for b, tok in enumerate(part):
+                x[b, : len(tok)] = torch.tensor(tok)
+                mask[b, : len(tok)] = 1
+            net(input_ids=x, attention_mask=mask, output_hidden_states=True)
+    return len(ids) / (time.perf_counter() - t0)
+
+
+def score_rate(model: str, calib: Path, texts: Path, out: Path, batch: int) -> float:
+    """texts/s `eigenwatch score` reports for itself (model load not counted)."""
+    r = subprocess.run([EIGENWATCH, "score", "--model", model, "--calibration", str(calib), "--texts", str(texts),
+                        "--out", str(out), "--batch-size", str(batch)], capture_output=True, text=True)
+    if r.returncode != 0:
+        sys.exit(f"eigenwatch score failed ({r.returncode}):\n{r.stderr[-3000:]}")
+    for line in r.stderr.splitlines():
+        if "texts/s" in line and line.startswith("eigenwatch score:"):
+            return float(line.split(" s, ", 1)[1].split(" texts/s")[0])
+    sys.exit("eigenwatch score printed no throughput line")
+
+
+def throughput(model: str, files: dict, work: Path, rounds: int = 3) -> dict:
+    """`score` texts/s at batch 32 and at batch 1 against the bare forward at batch 32 and 1,
+    interleaved over `rounds` rounds (medians); and how far the batched scores are from the
+    one-text-per-forward ones."""
+    calib = work / f"{model}.calib.json"
+    print(f"\n== {model}: score throughput (HF engine) ==")
+    if not calib.exists():
+        run("calibrate", "--model", model, "--texts", files["reference"], "--out", str(calib))
+    evals = work / "eval_all.jsonl"
+    with evals.open("w") as out:
+        for name in ("heldout", *detect_data.SHIFTS):
+            out.write(Path(files[name]).read_text())
+    texts = [json.loads(l)["text"] for l in evals.read_text().splitlines()]
+    rates = defaultdict(list)
+    for _ in range(rounds):
+        rates["bare, batch 32"].append(bare_forward(model, texts, 32))
+        rates["score, batch 32"].append(score_rate(model, calib, evals, work / "s32.jsonl", 32))
+        rates["bare, batch 1"].append(bare_forward(model, texts, 1))
+        rates["score, batch 1"].append(score_rate(model, calib, evals, work / "s1.jsonl", 1))
+    med = {k: float(np.median(v)) for k, v in rates.items()}
+    for k, v in rates.items():
+        print(f"  {k:18s} median {med[k]:7.1f} texts/s   (min {min(v):.1f}, max {max(v):.1f}, {len(texts)} texts)")
+    ratio = med["score, batch 32"] / med["bare, batch 32"]
+    print(f"  score / bare forward at batch 32: {ratio:.3f} (goal >= 0.5); at batch 1: "
+          f"{med['score, batch 1'] / med['bare, batch 1']:.3f}")
+    a = {r["id"]: r for r in map(json.loads, (work / "s32.jsonl").read_text().splitlines())}
+    b = {r["id"]: r for r in map(json.loads, (work / "s1.jsonl").read_text().splitlines())}
+    dp = max(abs(a[k]["score"] - b[k]["score"]) for k in a)
+    dd = max(abs(a[k]["detectors"][d] - b[k]["detectors"][d]) / max(1.0, abs(b[k]["detectors"][d]))
+             for k in a for d in b[k]["detectors"])
+    flips = sum(a[k]["alert"] != b[k]["alert"] for k in a)
+    print(f"  batch 32 vs batch 1: max |Δ -log10 p| {dp:.2e}, max relative Δ detector value {dd:.2e}, "
+          f"alert verdicts that differ: {flips} of {len(a)}")
+    return {"rates": rates, "medians": med, "ratio": ratio, "max_dlog10p": dp, "max_rel_ddetector": dd,
+            "alert_flips": flips}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="minilm,tiny")
@@ -200,6 +277,10 @@ def main() -> None:
                          "on what re-weighting the combined score could buy")
     ap.add_argument("--report", type=Path, default=None, help="write an HTML report per model into this folder")
     ap.add_argument("--json", type=Path, default=None, help="write the numbers here")
+    ap.add_argument("--throughput", action="store_true",
+                    help="instead: `score` texts/s against the bare batched forward with hidden states, and the "
+                         "batched scores against one text per forward")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of --throughput (default %(default)s)")
     ap.add_argument("--keep", type=Path, default=None,
                     help="work in this folder and keep it: the texts, CALIB.json and SCORES.jsonl per model")
     args = ap.parse_args()
@@ -210,6 +291,9 @@ def main() -> None:
         work.mkdir(parents=True, exist_ok=True)
         files = detect_data.build(work / "data", seed=args.seed)
         for model in args.models.split(","):
+            if args.throughput:
+                results[model] = throughput(model, files, work, args.rounds)
+                continue
             results[model] = evaluate(model, args.engine, files, work, far, args.report, args.far_seeds, args.bound)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))

@@ -58,14 +58,14 @@ def main() -> int:
         for _ in range(args.rounds):
             for mode in times:
                 tapped = mode != "untapped"
-                if tapped:
+                if not tapped:
+                    llm.collective_rpc("eigenwatch_uninstall")
+                elif not llm.collective_rpc("eigenwatch_stats")[0]["installed"]:
                     (st,) = llm.collective_rpc("eigenwatch_install")
-                    assert st["installed"], st
+                    assert st.get("installed"), st
                     deadline = time.monotonic() + 30
                     while not llm.collective_rpc("eigenwatch_stats")[0]["connected"] and time.monotonic() < deadline:
                         time.sleep(0.1)
-                else:
-                    llm.collective_rpc("eigenwatch_uninstall")
                 paused = mode.endswith("paused")
                 if paused:
                     os.kill(sc.proc.pid, signal.SIGSTOP)

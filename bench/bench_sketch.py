@@ -21,7 +21,8 @@ The score is |⟨v, v₁⟩| with v₁ the exact top eigenvector of the realised
 accumulated block by block by tests/reference.py), printed beside the realised gap λ₁/λ₂.
 
 Methods (memory in rows of d floats):
-- oja_grid: kernels.sketch.OjaGrid, defaults (12 η, held-back sample 256, η chosen online).
+- oja_grid: kernels.sketch.OjaGrid, defaults (12 η, held-back sample 256, rows over 8× the running
+  mean ‖a‖² clipped, last iterate or tail average of a run chosen online on the held-back sample).
 - heavy_light: kernels.sketch.HeavyLight, defaults (shuffle 1024, heavy 64, block 8).
 - oja_best4: plain fixed-η Oja (tests/reference.py, one row at a time, float64), η = h/s with s the
   first block's mean ‖a‖², h ∈ {3e-4, 1e-3, 3e-3, 1e-2}, the best of the four chosen in hindsight.
@@ -32,9 +33,13 @@ rows/s counts update + final estimate time only (stream generation and the refer
 the machine is noted in the header. The block sweep (--sweep) measures OjaGrid's closed-form block
 size b against a per-row loop (the sequential recurrence vectorised over the grid), numpy and torch.
 
+--live times the tap's path instead (hooks/sketches.py LayerSketches.add_step, torch on the CPU): µs per
+step for 3 layers × 64 rows at d = 256 (the tiny Llama at 64 concurrent decodes), 3 × 16 and 8 × 64 at
+d = 1024, and ms per finished window's directions() (the exporter thread's share).
+
     python bench/bench_sketch.py [--d 1024 4096] [--n 200000] [--gaps 1.5 3 10 30]
                                  [--orders random sorted bursts] [--quick] [--sweep] [--ipca-max-d 1024]
-                                 [--threads 1]
+                                 [--threads 1] [--live [--steps 400]]
 """
 
 from __future__ import annotations
@@ -290,6 +295,36 @@ def gpu_section(d, rows, seed):
         print(f"  {name:12s} {rows / med:14,.0f} rows/s   {1e3 * med / (rows / 256):8.3f} ms per 256-row step")
 
 
+def live_section(steps: int, threads: int) -> None:
+    import torch
+
+    from eigenwatch.hooks.sketches import LayerSketches
+
+    torch.set_num_threads(threads)
+    print(f"\nlive tap path (LayerSketches.add_step, every=4096, sample=1, torch CPU, {threads} thread(s), "
+          f"{steps} steps, median of 3):")
+    for d, layers, rows in [(256, 3, 64), (1024, 3, 16), (1024, 8, 64)]:
+        g = torch.Generator().manual_seed(0)
+        data = [torch.randn(rows, d, generator=g) for _ in range(8)]
+        items = [(f"r{i}", i * (rows // 8), (i + 1) * (rows // 8)) for i in range(8)]
+        per_step, per_window = [], []
+        for _ in range(3):
+            ls = LayerSketches(4096)
+            for s in range(20):
+                ls.add_step({l: data[(s + l) % 8] for l in range(layers)}, items)
+            wins = []
+            t = time.perf_counter()
+            for s in range(steps):
+                wins.extend(ls.add_step({l: data[(s + l) % 8] for l in range(layers)}, items))
+            per_step.append((time.perf_counter() - t) / steps)
+            t = time.perf_counter()
+            for w in wins:
+                w.directions()
+            per_window.append((time.perf_counter() - t) / max(len(wins), 1))
+        print(f"  d={d:5d} layers={layers} rows/step={rows:3d}  {1e6 * statistics.median(per_step):9.1f} µs/step"
+              f"  {1e3 * statistics.median(per_window):7.2f} ms per window's directions()")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--d", type=int, nargs="+", default=[1024, 4096])
@@ -301,7 +336,12 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1, help="BLAS threads for every method (default 1)")
     ap.add_argument("--quick", action="store_true", help="d=256, n=20000, gaps 1.5 and 10")
     ap.add_argument("--sweep", action="store_true", help="also the OjaGrid block-size sweep and GPU timing")
+    ap.add_argument("--live", action="store_true", help="only the tap's per-step sketch cost (hooks/sketches.py)")
+    ap.add_argument("--steps", type=int, default=400, help="steps per --live case (default %(default)s)")
     args = ap.parse_args(argv)
+    if args.live:
+        live_section(args.steps, args.threads)
+        return
     if args.quick:
         args.d, args.n, args.gaps = [256], 20_000, [1.5, 10.0]
     for name in ("d", "gaps"):

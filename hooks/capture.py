@@ -44,6 +44,8 @@ class TokenSums:
         """stream: [N, d] rows of one step at one layer; items: (request id, lo, hi)."""
         try:
             rows = stream.detach().to(device="cpu", dtype=torch.float64)  # [N, d]
+            if rows.ndim != 2:
+                raise ValueError(f"stream: expected rows [N, d], got shape {tuple(rows.shape)}")
             for rid, lo, hi in items:
                 req = self.live.get(rid)
                 if req is None:
@@ -52,10 +54,9 @@ class TokenSums:
                     continue
                 x = rows[lo:hi]  # [m, d]
                 acc = req.layers.get(layer)
-                if acc is None:
-                    d = x.shape[1]
-                    acc = req.layers[layer] = [0, torch.zeros(d, dtype=torch.float64),
-                                               torch.zeros(d, d, dtype=torch.float64)]
+                if acc is None:  # the first rows: the products themselves, no zeroed [d, d] to add into
+                    req.layers[layer] = [x.shape[0], x.sum(dim=0), x.T @ x]
+                    continue
                 acc[0] += x.shape[0]
                 acc[1].add_(x.sum(dim=0))
                 acc[2].addmm_(x.T, x)

@@ -345,7 +345,7 @@ class FrameExporter:
                 now = time.monotonic()
                 if why != self._last_error or now - self._last_error_at > 60.0:
                     self._last_error, self._last_error_at = why, now
-                    log.warning("eigenwatch: Ingest stream to %s ended: %s [%.3f]", self.target, why, time.monotonic())
+                    log.warning("eigenwatch: Ingest stream to %s ended: %s", self.target, why)
             except Exception:  # never let the exporter thread die
                 log.exception("eigenwatch: exporter error; reconnecting")
             finally:

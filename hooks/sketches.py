@@ -119,7 +119,7 @@ class LayerSketches:
             if g.power is not None:
                 p = g.power
                 q = StackedPower(1, p.dim, p.block, p.epoch0, p.dtype, seeds=[0], device=p.xp.device)
-                q.basis, q.acc, q.hist = p.basis[i:i + 1], p.acc[i:i + 1], p.hist[i:i + 1]
+                q.basis_t, q.acc_t, q.hist_t = p.basis_t[i:i + 1], p.acc_t[i:i + 1], p.hist_t[i:i + 1]
                 q.rows, q.epoch_start, q.epoch_len, q.epochs = p.rows, p.epoch_start, p.epoch_len, p.epochs
                 q.nonfinite = p.nonfinite[i:i + 1]
                 one.power = q
@@ -162,7 +162,12 @@ class LayerSketches:
 
 def _keep(x, items):
     """x: [L, N, d] -> the rows of the tracked spans along N (a view when they are one span from row 0)."""
-    spans = [(lo, hi) for _, lo, hi in items if hi > lo]
+    spans: list[list[int]] = []
+    for lo, hi in sorted((lo, hi) for _, lo, hi in items if hi > lo):
+        if spans and lo <= spans[-1][1]:  # adjacent requests' rows: one span (a view, not a gather)
+            spans[-1][1] = max(spans[-1][1], hi)
+        else:
+            spans.append([lo, hi])
     if len(spans) == 1 and spans[0][0] == 0:
         return x[:, :spans[0][1]]
     idx = np.concatenate([np.arange(lo, hi) for lo, hi in spans]) if spans else np.zeros(0, np.int64)

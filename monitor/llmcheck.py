@@ -29,12 +29,27 @@ def middle_layer(layers) -> int:
 
 
 def llmcheck_scatter(count: int, total, scatter, ridge: float = RIDGE) -> float:
-    """The score from (n, Σx [d], XᵀX [d, d]) of the text's hidden states."""
+    """The score from (n, Σx [d], XᵀX [d, d]) of the text's hidden states.
+
+    Through one Cholesky factorisation, not an eigensolve (≈ 4× less work at
+    d = 384, where the eigensolve was a quarter of `score`'s time): with
+    m = min(n, d), the centred scatter has rank ≤ m, so all but its top m
+    eigenvalues are 0 and log det(C + ridge·I) = Σ_top-m log(λ_i + ridge) +
+    (d − m)·log(ridge). The score is then (log det − (d − m)·log ridge) / 2m.
+    Falls back to the eigensolve when C + ridge·I is not numerically positive
+    definite (NaN input, a scatter not from real rows)."""
     mu = np.asarray(total, dtype=np.float64) / count
     c = np.asarray(scatter, dtype=np.float64) - count * np.outer(mu, mu)  # Zᵀ Z
     c = 0.5 * (c + c.T)
-    lam = np.linalg.eigvalsh(c)[::-1][: min(count, c.shape[0])]  # σ_i², descending
-    return float(np.mean(0.5 * np.log(np.maximum(lam, 0.0) + ridge)))
+    d = c.shape[0]
+    m = min(count, d)
+    try:
+        chol = np.linalg.cholesky(c + ridge * np.eye(d))
+    except np.linalg.LinAlgError:
+        lam = np.linalg.eigvalsh(c)[::-1][:m]  # σ_i², descending
+        return float(np.mean(0.5 * np.log(np.maximum(lam, 0.0) + ridge)))
+    logdet = 2.0 * float(np.sum(np.log(np.diagonal(chol))))
+    return (logdet - (d - m) * np.log(ridge)) / (2.0 * m)
 
 
 class LLMCheckHidden:

@@ -252,8 +252,8 @@ def test_windows_split_steps_exactly_and_keep_only_tracked_rows():
     # rows 100..149 belong to an opted-out request: never fed
     items = [("a", 0, 100), ("b", 150, 700)]
     got = sk.add_step({1: x, 2: x}, items)
-    assert [(w.layer, w.tokens_seen, w.window_tokens) for w in got] == [(1, 256, 256), (1, 512, 256),
-                                                                        (2, 256, 256), (2, 512, 256)]
+    assert sorted((w.layer, w.tokens_seen, w.window_tokens) for w in got) == [(1, 256, 256), (1, 512, 256),
+                                                                              (2, 256, 256), (2, 512, 256)]
     assert all(w.rows in (85, 86) for w in got)  # one row in 3 of 256 tokens
     more = sk.add_step({1: x[:50]})
     assert more == [] and sk.layers[1].window == 650 - 512 + 50

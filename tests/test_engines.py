@@ -204,6 +204,7 @@ def test_token_sums_are_exact_bounded_and_mark_failures():
     assert tap.hook_errors == 1
     tap.windows = SimpleNamespace(finish=lambda rid, step: None, drop=lambda rid: None)
     tap.opted_out, tap.step, tap.layout, tap.rows = set(), 0, None, {}
+    tap.embeds = tap.signatures = None  # optional parts, off
     tap._before_step(SimpleNamespace(finished_req_ids=["d-0000000d"], preempted_req_ids=[]))
     assert tap.pop_captured(["d"]) == {"d": None}
 

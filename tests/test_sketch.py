@@ -15,8 +15,8 @@ import reference  # noqa: E402
 
 from eigenwatch.kernels import sketch as sk  # noqa: E402
 from eigenwatch.kernels.sketch import (  # noqa: E402
-    FDConfig, FrequentDirections, HeavyLight, HeavyLightConfig, OjaGrid, OjaGridConfig, SketchFailure,
-    principal_angle_degrees,
+    FDConfig, FrequentDirections, HeavyLight, HeavyLightConfig, OjaGrid, OjaGridConfig, SketchFailure, StackedPower,
+    leading_directions, principal_angle_degrees,
 )
 
 try:
@@ -110,7 +110,7 @@ def test_oja_block_matches_row_loop(d, b):
 def test_oja_grid_reports_too_heavy_row():
     d = 37
     x = planted(d, 3000, top=4.0, seed=1)
-    g = OjaGrid(d, holdout=64, tau=0.25, dtype="float64")
+    g = OjaGrid(d, holdout=64, tau=0.25, clip_ratio=None, dtype="float64")  # strict Price–Xun rule: no clipping
     g.update(x[:1000])
     scale = g.scale
     heavy = np.zeros((5, d))
@@ -137,6 +137,116 @@ def test_oja_grid_raises_when_every_run_failed():
     assert all(g.status()["failed"]) and g.status()["degraded"] and g.status()["selected"] is None
     with pytest.raises(SketchFailure, match="tau"):
         g.estimate()
+
+
+def _burst_stream(d, n, seed):
+    """planted(top=3) with 3 bursts of 5 rows along random directions, each 2% of ‖A‖_F² (below λ₂)."""
+    x = planted(d, n, top=3.0, seed=seed)
+    rng = np.random.default_rng(seed + 1)
+    c2 = 0.02 * (x ** 2).sum() / 5
+    for start in rng.choice(np.arange(500, n - 20), 3, replace=False):
+        w = rng.standard_normal(d)
+        x[start:start + 5] = np.sqrt(c2) * rng.choice([-1.0, 1.0], (5, 1)) * (w / np.linalg.norm(w))
+    return x
+
+
+def test_oja_grid_clips_heavy_rows_and_counts_what_it_left_out():
+    d, n = 37, 6000
+    x = _burst_stream(d, n, seed=3)
+    u = top(x)[:, 0]
+    g = feed(OjaGrid(d, holdout=128, dtype="float64", clip_ratio=8.0), x, 64)
+    st_ = g.status()
+    # float64 reference of the clipping rule: a fed row heavier than 8× the mean ‖a‖² of the rows fed before
+    # its block enters scaled down to that energy; rows admitted to the reservoir (Algorithm R on the row
+    # hash, even if evicted later) are fed to no run
+    t = np.arange(n, dtype=np.int64)
+    fed = ~(sk._uniform(sk._NumpyOps(), t, 0, 1) * (t + 1) < 128)
+    n2 = (x ** 2).sum(1)
+    left, rows, total, count = 0.0, 0, 0.0, 0
+    for b in range(0, n, 64):
+        idx = [i for i in range(b, min(b + 64, n)) if fed[i]]
+        cap = 8.0 * (total / count if count else g.scale)
+        heavy = [i for i in idx if n2[i] > cap]
+        left += sum(n2[i] - cap for i in heavy)
+        rows += len(heavy)
+        total += n2[idx].sum()
+        count += len(idx)
+    assert rows >= 12 and st_["clipped_rows"] == rows  # the 15 burst rows, less any held back
+    assert st_["clipped_energy"] == pytest.approx(left, rel=1e-9)
+    assert st_["fed_energy"] == pytest.approx(n2[fed].sum(), rel=1e-12)
+    assert not any(st_["failed"])
+    assert corr(g.estimate(), u) >= 0.99
+    # without clipping the same grid has to fail its larger steps on the burst rows
+    strict = feed(OjaGrid(d, holdout=128, dtype="float64", clip_ratio=None), x, 64).status()
+    assert any(strict["failed"]) and strict["clipped_rows"] == 0
+
+
+def test_oja_grid_tail_average_is_the_mean_of_the_last_half_of_block_iterates():
+    d, b = 13, 16
+    x = planted(d, 16 * 37, top=4.0, seed=4)
+    g = OjaGrid(d, holdout=8, grid_size=3, block=b, row_scale=1.0, dtype="float64")
+    iterates = []
+    for i in range(0, len(x), b):
+        g.update(x[i:i + b])
+        iterates.append(np.array(g.v))
+    # epochs of 1, 1, 2, 4, 8, 16 blocks (each as long as all before it); 37 blocks: prev = the 16 blocks
+    # 16..31, current = blocks 32..36
+    want = np.mean(iterates[16:], axis=0)
+    want /= np.linalg.norm(want, axis=1, keepdims=True)
+    cand = np.asarray(g.candidates())
+    assert cand.shape == (6, d)
+    np.testing.assert_allclose(cand[:3], iterates[-1], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(cand[3:], want, rtol=0, atol=1e-12)
+    assert len(g.rayleigh()) == 6 and 0 <= g.selected() < 3
+    assert isinstance(g.status()["selected_average"], bool)
+
+
+# ---- StackedPower: HeavyLight's light path on L streams, batched ----
+
+@pytest.mark.parametrize("streams,d,block,step", [(1, 1, 1, 7), (3, 37, 8, 230), (2, 64, 5, 1000), (4, 9, 9, 1)])
+def test_stacked_power_equals_heavy_light_light_path_per_stream(streams, d, block, step):
+    rng = np.random.default_rng(d + streams)
+    n = 1300 if step > 1 else 300
+    x = rng.standard_normal((streams, n, d)) * np.linspace(2, 0.3, d)
+    x[-1, n // 2, d // 2] = np.inf  # a bad row in one stream only: zeroed and counted there
+    seeds = [11 * i + 1 for i in range(streams)]
+    sp = StackedPower(streams, d, block=block, epoch0=64, dtype="float64", seeds=seeds)
+    ref = [HeavyLight(d, block=block, shuffle=0, heavy_capacity=0, epoch0=64, dtype="float64", seed=s) for s in seeds]
+    for i in range(0, n, step):
+        sp.update(x[:, i:i + step])
+        for l in range(streams):
+            ref[l].update(x[l, i:i + step])
+    w = sp.light()
+    assert w.shape == (streams, d, block)
+    k = min(block, 2)
+    for l in range(streams):
+        np.testing.assert_allclose(leading_directions(w[l], k), ref[l].estimate(k), rtol=0, atol=1e-10)
+    assert np.asarray(sp.nonfinite).tolist() == [0] * (streams - 1) + [1]
+    if torch is not None:
+        tp = StackedPower(streams, d, block=block, epoch0=64, dtype="float64", seeds=seeds, device="cpu")
+        for i in range(0, n, step):
+            tp.update(torch.from_numpy(x[:, i:i + step]))
+        assert isinstance(tp.light(), torch.Tensor)
+        np.testing.assert_allclose(tp.light().numpy(), w, rtol=1e-9, atol=1e-9 * np.abs(w).max())
+
+
+def test_stacked_power_finish_warm_starts_the_next_segment():
+    d = 37
+    x = planted(d, 4096, top=3.0, seed=6)
+    u = top(x)[:, 0]
+    sp = StackedPower(1, d, block=4, epoch0=256, dtype="float64")
+    sp.update(x[None])
+    w = sp.finish()
+    assert corr(leading_directions(w[0], 1)[:, 0], u) >= 0.999
+    assert sp.rows == 0 and sp.epochs == 0 and not np.asarray(sp.light()).any()
+    # the new basis is orth(w): its first column is already the leading direction's neighbour
+    assert corr(np.asarray(sp.basis)[0] @ (np.asarray(sp.basis)[0].T @ u), u) >= 0.999
+    sp.update(np.zeros((1, 10, d)))
+    with pytest.raises(SketchFailure, match="zero"):
+        leading_directions(sp.light()[0], 1)
+    before = np.array(sp.basis)
+    sp.finish()  # a zero product keeps the basis
+    np.testing.assert_array_equal(np.asarray(sp.basis), before)
 
 
 # ---- HeavyLight: heavy-row buffer bound and shuffle ----
@@ -345,6 +455,11 @@ def test_principal_angle_degrees_matches_scipy():
     (lambda: principal_angle_degrees(np.ones(4), np.ones(5)), "v"),
     (lambda: principal_angle_degrees(np.zeros(4), np.ones(4)), "u"),
     (lambda: OjaGrid(8, config=OjaGridConfig(dim=8)), "config"),
+    (lambda: OjaGridConfig(dim=8, clip_ratio=0.0), "clip_ratio"),
+    (lambda: StackedPower(2, 8, block=9), "block"),
+    (lambda: StackedPower(2, 8).update(np.zeros((3, 4, 8))), "x"),
+    (lambda: StackedPower(2, 8, seeds=[1]), "seeds"),
+    (lambda: leading_directions(np.ones((8, 2)), 3), "k"),
 ])
 def test_bad_arguments_name_the_argument(build, match):
     with pytest.raises(ValueError, match=match):

@@ -89,19 +89,30 @@ def _stats(llm):
 
 
 def _tap_recovered(llm, sc, seed):
-    """A new request after the fault reaches `sc` complete: every token of every tapped layer."""
+    """Requests after the fault reach `sc` complete: every token of every tapped layer.
+    The sidecar may still be working through what piled up in its socket during the
+    fault (it runs at a lower priority than vLLM), and a tap drops frames while it
+    is behind, by design: so a request whose frames were dropped is followed by
+    another, until one arrives whole (60 s at most)."""
     wait_for(lambda: _stats(llm)["connected"], timeout=60, what="tap reconnected")
     client = SidecarClient(sc.grpc)
+    deadline = time.monotonic() + 60
+    tries = []
     try:
-        out = llm.generate(_prompts(1, seed), _greedy(17), use_tqdm=False)[0]
-        try:
-            rep = wait_for(lambda: (r := client.try_report(out.request_id)) is not None and r.finished and r,
-                           timeout=30, what="the report of a request sent after the fault")
-        except AssertionError:
-            print("DEBUG", time.monotonic(), out.request_id, _stats(llm), client.try_report(out.request_id), sc.lines[-20:])
-            raise
-        assert len(rep.layers) == 3
-        assert all(l.token_count == len(out.prompt_token_ids) + 17 - 1 for l in rep.layers)
+        while time.monotonic() < deadline:
+            wait_for(lambda: _stats(llm)["queued_batches"] == 0, timeout=30, what="tap queue drained")
+            out = llm.generate(_prompts(1, seed + len(tries)), _greedy(17), use_tqdm=False)[0]
+            tries.append(out.request_id)
+            try:
+                rep = wait_for(lambda: (r := client.try_report(out.request_id)) is not None and r.finished and r,
+                               timeout=10, what="the report of a request sent after the fault")
+            except AssertionError:
+                continue
+            assert len(rep.layers) == 3
+            assert all(l.token_count == len(out.prompt_token_ids) + 17 - 1 for l in rep.layers)
+            return
+        raise AssertionError(f"no complete report at the sidecar for {len(tries)} request(s) sent after the fault; "
+                             f"tap stats {_stats(llm)}")
     finally:
         client.close()
 
@@ -149,9 +160,7 @@ def test_sidecar_paused_then_killed_and_restarted_during_generation(llm, sidecar
     wait_for(lambda: metric_value(scrape(sc.metrics), "eigenwatch_frames_ingested_total") > ingested,
              every=0.01, what="frames of the running generation")
     sc.kill()
-    print("DEBUG killed", time.monotonic())
     sc = sidecar["restart"]()
-    print("DEBUG restarted", time.monotonic(), worker.is_alive())
     restarted_during = worker.is_alive()
     worker.join(timeout=300)
     assert not worker.is_alive()

@@ -132,46 +132,89 @@ def tapped_layers(info: ModelInfo, tap: Tap) -> tuple[int, ...]:
         raise OfflineError(str(exc)) from None
 
 
-def open_engine(kind: str, info: ModelInfo, tap: Tap):
+def open_engine(kind: str, info: ModelInfo, tap: Tap, batch: int | None = None):
+    """batch: texts per forward of the hf engine (default HFEngine.BATCH_TEXTS)."""
     tap.check()
+    # numpy's BLAS on one thread: beside torch's own threads, a multi-threaded OpenBLAS
+    # spun against them and took 140 ms for one 384 × 384 Cholesky (1.8 ms on one thread,
+    # same process, measured here); the per-text linear algebra is small, torch's is not.
+    from eigenwatch.monitor.process import limit_blas_threads
+
+    limit_blas_threads(1)
     if kind == "hf":
-        return HFEngine(info, tap)
+        return HFEngine(info, tap, batch)
     if kind == "vllm":
         return VllmEngine(info, tap)
     raise OfflineError(f"--engine: expected one of {', '.join(ENGINES)}, got {kind!r}")
 
 
 class HFEngine:
-    """transformers, one text per forward, with hooks/hf.py's tap."""
+    """transformers with hooks/hf.py's tap, several texts per forward: texts are
+    taken in chunks of CHUNK, sorted by length inside a chunk (little padding),
+    cut into batches of at most BATCH_TEXTS texts and BATCH_TOKENS padded
+    tokens, and reported back in the order given."""
 
-    def __init__(self, info: ModelInfo, tap: Tap):
+    CHUNK = 256
+    BATCH_TEXTS = 32
+    BATCH_TOKENS = 8192  # padded tokens per forward: bounds activation memory (T × d × layers)
+
+    def __init__(self, info: ModelInfo, tap: Tap, batch: int | None = None):
         import torch
         from transformers import AutoModel, AutoModelForCausalLM
 
         from eigenwatch.hooks.hf import HFTap
 
         self.info = info
+        if batch is not None:
+            self.BATCH_TEXTS = batch
         layers = tapped_layers(info, tap)  # a bad layer is named by where it came from, before the load
         cls = AutoModel if info.runner == "pooling" else AutoModelForCausalLM
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = cls.from_pretrained(info.path, dtype=torch.float32).to(device).eval()
         try:
             self.tap = HFTap(self.model, layers=layers, window=tap.window, stride=tap.stride,
-                             model_name=info.key, proj_dim=tap.proj_dim or None, capture=True)
+                             model_name=info.key, proj_dim=tap.proj_dim or None, capture=True,
+                             max_batch=self.BATCH_TEXTS)
         except ValueError as exc:
             raise OfflineError(f"--layers: {exc}") from None
         self.layers = self.tap.layers
 
+    def batches(self, chunk: list[tuple[str, list[int]]]) -> list[list[tuple[str, list[int]]]]:
+        """A chunk of texts as forward batches: by length, each within both limits, no id twice."""
+        out, cur, ids = [], [], set()
+        for rid, tok in sorted(chunk, key=lambda t: len(t[1])):
+            width = max(len(tok), len(cur[-1][1]) if cur else 0)  # sorted: this text is the longest so far
+            if cur and (len(cur) >= self.BATCH_TEXTS or width * (len(cur) + 1) > self.BATCH_TOKENS or rid in ids):
+                out.append(cur)
+                cur, ids = [], set()
+            cur.append((rid, tok))
+            ids.add(rid)
+        if cur:
+            out.append(cur)
+        return out
+
     def run(self, prepared, desc: str = ""):
         from tqdm import tqdm
 
-        for rid, ids in tqdm(prepared, desc=desc, unit="text", file=sys.stderr, dynamic_ncols=True):
-            try:
-                frames, sums = self.tap.run(rid, list(ids))
-            except (ValueError, RuntimeError) as exc:
-                yield rid, None, None, str(exc)
-                continue
-            yield rid, frames, sums, None
+        prepared = [(rid, list(ids)) for rid, ids in prepared]
+        with tqdm(total=len(prepared), desc=desc, unit="text", file=sys.stderr, dynamic_ncols=True) as bar:
+            for at in range(0, len(prepared), self.CHUNK):
+                chunk = prepared[at: at + self.CHUNK]
+                done: dict[int, tuple] = {}
+                position = {}
+                for i, (rid, _) in enumerate(chunk):
+                    position.setdefault(rid, []).append(i)
+                for batch in self.batches(chunk):
+                    try:
+                        results = self.tap.run_batch(batch)
+                    except (ValueError, RuntimeError) as exc:  # the forward itself failed: every text of the batch
+                        results = [(rid, None, None, str(exc)) for rid, _ in batch]
+                    for rid, frames, sums, why in results:
+                        i = position[rid].pop(0)
+                        done[i] = (rid, None, None, why) if why is not None else (rid, frames, sums, None)
+                    bar.update(len(batch))
+                for i in range(len(chunk)):
+                    yield done[i]
 
     def start_sketches(self, every: int, sample: int) -> None:
         """Top-direction windows (hooks/sketches.py, the live tap's) over the rows of the next runs."""

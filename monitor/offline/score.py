@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 from eigenwatch.monitor import calibration as calib
@@ -99,7 +100,8 @@ def score(args) -> int:
     info = model_info(args.model)
     check_fingerprint(cal, info)
     max_length = args.max_length if args.max_length is not None else off.get("max_length")
-    engine = open_engine(args.engine, info, tap)
+    engine = open_engine(args.engine, info, tap, args.batch_size)
+    t0 = time.perf_counter()
     try:
         ids, feats = extract(engine, info, items, max_length, stats, "score", detectors.get(TokenMahalanobis.name))
     finally:
@@ -136,6 +138,9 @@ def score(args) -> int:
                              "last_descriptors": feats[i]["last_desc"][l].tolist()}
                     for l in sorted(feats[i]["last_desc"])}
                 fh.write(json.dumps(line) + "\n")
+    took = time.perf_counter() - t0
+    log(f"eigenwatch score: {len(feats)} text(s) in {took:.2f} s, {len(feats) / max(took, 1e-9):.1f} texts/s "
+        "(forward, tap, detectors and writing; the model load before is not counted)")
     log(stats.summary("scored", len(feats)))
     log(f"eigenwatch score: wrote {out}: {len(feats)} line(s), {alerts} alert(s) at false-alarm rate {far}")
     return 0
@@ -150,3 +155,6 @@ def add_args(p) -> None:
                    help="hf: transformers (default); vllm: the vLLM engine with the same tap")
     p.add_argument("--max-length", type=positive_int, default=None,
                    help="truncate texts to this many tokens (default: as calibrated)")
+    p.add_argument("--batch-size", type=positive_int, default=None,
+                   help="texts per forward with --engine hf (default 32, padded to the longest of the batch, "
+                        "texts sorted by length first); 1 runs one text per forward")
