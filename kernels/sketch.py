@@ -60,7 +60,7 @@ __all__ = [
     "StackedPower", "SketchFailure", "principal_angle_degrees", "from_state_dict", "oja_block", "leading_directions",
 ]
 
-STATE_VERSION = 2  # 2: OjaGrid keeps clipped rows/energy and ‖A‖_F²
+STATE_VERSION = 3  # 2: OjaGrid keeps clipped rows/energy and ‖A‖_F²; 3: and each run's checkpoint
 _M32 = 0xFFFFFFFF
 
 
@@ -392,9 +392,14 @@ class OjaGrid:
     fed before its block enters every run as ω·a aᵀ with ω = cap/‖a‖²; status() reports the rows and the
     energy Σ(1 − ω)‖a‖² left out (the tr D of the module docstring's bound). A burst of heavy rows along
     one direction then cannot kick the large-η runs (bench `bursts`). `clip_ratio=None` is the strict
-    Price–Xun rule alone. Candidates: each run's last iterate and its tail average (`candidates()`).
+    Price–Xun rule alone. Candidates: each run's last iterate, its tail average and its checkpoint
+    (`candidates()`): at every epoch end (blocks 1, 2, 4, 8, ...) the iterate replaces the run's kept
+    checkpoint when its Rayleigh quotient on the held-back sample as it is then is the larger. Why: in an
+    adversarial order whose last rows carry no v₁ (bench `sorted`), every fixed-η run forgets v₁ over the
+    tail, and the last iterate and the tail average both come too late; the checkpoint keeps the point a
+    run had reached. All candidates still compete on the final sample, so the guarantee above is kept.
 
-    Memory: V, two tail sums [G, d] each + reservoir [m + 1, d] floats; per block of b rows a [G, b, b]
+    Memory: V, two tail sums and the checkpoints [G, d] each + reservoir [m + 1, d] floats; per block of b rows a [G, b, b]
     solve workspace.
     Rows that enter the reservoir and are later evicted are seen by no run: about m·(1 + ln(n/m)) of
     n rows, a uniform random subset. Not mergeable (two Oja products do not combine).
@@ -431,6 +436,7 @@ class OjaGrid:
         self.avg_prev = xp.zeros((g, d), cfg.dtype)
         self.blocks_cur = 0
         self.blocks_before = 0  # blocks before the current epoch
+        self.best = self.v * 1  # [G, d] each run's checkpoint (see the class doc)
         self.nonfinite = xp.zeros((), "int64")
         self.seen = 0  # rows offered (host count: from shapes only)
 
@@ -496,20 +502,28 @@ class OjaGrid:
         if self.blocks_cur >= max(self.blocks_before, 1):
             self.avg_prev, self.avg_cur = self.avg_cur, self.avg_prev * 0
             self.blocks_before, self.blocks_cur = self.blocks_before + self.blocks_cur, 0
+            # Epoch end (geometric: log2 of the blocks, ever): keep the iterate if it beats the checkpoint
+            # on the held-back sample as it is now. [G] comparisons, one [f, d] × [d, 2G] product.
+            f = min(self.seen, cfg.holdout)
+            r = self.holdout[:f]
+            rq = ((r @ xp.cat([self.v, self.best]).T) ** 2).sum(0)  # [2G]
+            g = len(self.steps)
+            better = rq[:g] >= rq[g:]
+            self.best = xp.where(better[:, None], self.v, self.best)
 
     # -- read out --
     def candidates(self):
-        """[2G, d] unit rows: each run's last iterate (rows 0..G−1), then its tail average (rows G..2G−1;
-        the last iterate again before the first block)."""
+        """[3G, d] unit rows: each run's last iterate (rows 0..G−1), its tail average (rows G..2G−1; the
+        last iterate again before the first block), then its checkpoint (rows 2G..3G−1)."""
         xp = self.xp
         avg = self.avg_prev + self.avg_cur
         norm = (avg * avg).sum(-1) ** 0.5
         good = xp.isfinite(norm) & (norm > 0)
         avg = xp.where(good[:, None], avg / xp.where(good, norm, 1.0)[:, None], self.v)
-        return xp.cat([self.v, avg])
+        return xp.cat([self.v, avg, self.best])
 
     def rayleigh(self):
-        """[2G] Rayleigh quotients ‖R u‖²/|R| of the candidates on the held-back sample (backend array)."""
+        """[3G] Rayleigh quotients ‖R u‖²/|R| of the candidates on the held-back sample (backend array)."""
         f = min(self.seen, self.config.holdout)
         r = self.holdout[:f]
         return ((r @ self.candidates().T) ** 2).sum(0) / max(f, 1)
@@ -517,7 +531,7 @@ class OjaGrid:
     def _pick(self) -> int:
         xp = self.xp
         rq = self.rayleigh()
-        ok = xp.cat([~self.failed, ~self.failed]) & xp.isfinite(rq)
+        ok = xp.cat([~self.failed, ~self.failed, ~self.failed]) & xp.isfinite(rq)
         if not bool(xp.item(ok.any())):
             raise SketchFailure(
                 f"OjaGrid: every η failed (a row had η‖a‖² > tau={self.config.tau}); the smallest step's "
@@ -553,7 +567,9 @@ class OjaGrid:
         degraded = selected is None and any(failed) or selected is not None and any(failed[selected + 1:])
         return {
             "seen": self.seen, "scale": self.scale, "steps": self.config.steps.tolist(), "selected": selected,
-            "selected_average": None if pick is None else pick >= g, "degraded": bool(degraded),
+            "selected_average": None if pick is None else g <= pick < 2 * g,
+            "selected_candidate": None if pick is None else ("last", "average", "checkpoint")[pick // g],
+            "degraded": bool(degraded),
             "failed": failed, "heavy_rows": host(self.heavy_rows).tolist(),
             "max_load": host(self.max_load).astype(float).tolist(),
             "clipped_rows": int(xp.item(self.clipped_rows)),
@@ -565,7 +581,7 @@ class OjaGrid:
 
     def memory_floats(self) -> int:
         cfg = self.config
-        return (cfg.grid_size + cfg.holdout + 1) * cfg.dim
+        return (cfg.grid_size + cfg.holdout + 1) * cfg.dim  # the run iterates and the reservoir
 
     # -- state --
     def state_dict(self) -> dict:
@@ -579,7 +595,7 @@ class OjaGrid:
             "clipped": float(xp.item(self.clipped)), "clipped_rows": int(xp.item(self.clipped_rows)),
             "fro2": float(xp.item(self.fro2)), "fed": float(xp.item(self.fed)),
             "avg_cur": xp.to_host(self.avg_cur), "avg_prev": xp.to_host(self.avg_prev),
-            "blocks_cur": self.blocks_cur, "blocks_before": self.blocks_before,
+            "blocks_cur": self.blocks_cur, "blocks_before": self.blocks_before, "best": xp.to_host(self.best),
         }
 
     @classmethod
@@ -601,6 +617,7 @@ class OjaGrid:
         sk.fed = xp.from_host(np.float64(state["fed"]), "float64")
         sk.avg_cur, sk.avg_prev = xp.from_host(state["avg_cur"], cfg.dtype), xp.from_host(state["avg_prev"], cfg.dtype)
         sk.blocks_cur, sk.blocks_before = int(state["blocks_cur"]), int(state["blocks_before"])
+        sk.best = xp.from_host(state["best"], cfg.dtype)
         if sk.scale is not None:
             sk.eta = sk.steps / sk.scale
         return sk

@@ -194,11 +194,36 @@ def test_oja_grid_tail_average_is_the_mean_of_the_last_half_of_block_iterates():
     want = np.mean(iterates[16:], axis=0)
     want /= np.linalg.norm(want, axis=1, keepdims=True)
     cand = np.asarray(g.candidates())
-    assert cand.shape == (6, d)
+    assert cand.shape == (9, d)
     np.testing.assert_allclose(cand[:3], iterates[-1], rtol=0, atol=1e-12)
-    np.testing.assert_allclose(cand[3:], want, rtol=0, atol=1e-12)
-    assert len(g.rayleigh()) == 6 and 0 <= g.selected() < 3
+    np.testing.assert_allclose(cand[3:6], want, rtol=0, atol=1e-12)
+    assert len(g.rayleigh()) == 9 and 0 <= g.selected() < 3
     assert isinstance(g.status()["selected_average"], bool)
+    assert g.status()["selected_candidate"] in ("last", "average", "checkpoint")
+
+
+def test_oja_grid_checkpoint_keeps_what_a_run_had_before_a_tail_without_v1():
+    # An adversarial order: the rows carrying v1 first, then a long tail of rows orthogonal to it. Every
+    # fixed-η run forgets v1 over the tail; the checkpoint (the iterate at an epoch end, kept while its
+    # Rayleigh quotient on the held-back sample is the best so far) still holds it, and wins the final pick.
+    d = 24
+    rng = np.random.default_rng(11)
+    head = planted(d, 10000, top=9.0, seed=12)
+    v1 = np.linalg.eigh(head.T @ head)[1][:, -1]
+    tail = rng.standard_normal((40000, d)) * np.linspace(0.4, 0.1, d)  # v1 stays the top direction overall
+    tail -= np.outer(tail @ v1, v1)  # no v1 at all in the tail
+    x = np.concatenate([head, tail])
+    exact = np.linalg.eigh(x.T @ x)[1][:, -1]
+    assert abs(exact @ v1) > 0.999  # v1 is still the stream's top direction
+    g = feed(OjaGrid(d, holdout=256, grid_size=4, grid_min=8e-3, dtype="float64"), x, 64)  # all η forget
+    cand = np.asarray(g.candidates())
+    last = np.abs(cand[:4] @ exact).max()
+    kept = np.abs(cand[8:] @ exact).max()
+    assert kept > 0.99 and kept > last + 0.05, (kept, last)
+    assert abs(np.asarray(g.estimate()) @ exact) > 0.99
+    # the checkpoints survive a state round trip
+    back = OjaGrid.from_state_dict(g.state_dict())
+    np.testing.assert_array_equal(np.asarray(back.candidates()), cand)
 
 
 # ---- StackedPower: HeavyLight's light path on L streams, batched ----
