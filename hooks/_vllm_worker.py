@@ -50,6 +50,7 @@ import torch
 from .capture import TokenSums
 from .config import TapConfig, bad_request_opt, embed_opt, request_opt, resolve_layers
 from .embeddings import EmbeddingTap
+from .hidden import HiddenStatsTap, load_hidden_calibration
 from .export import FrameExporter
 from .layers import find_decoder_layers
 from .signatures import signature_bank
@@ -218,6 +219,11 @@ class _VllmTap:
         # Lexical signatures (hooks/signatures.py): None unless EIGENWATCH_SIGNATURE_LAYER is set.
         self.signatures = signature_bank(cfg, model, self.layers, len(stack), model_cfg, self)
         self.embeds = self._embedding_tap(cfg, len(stack))
+        # The combined score's hidden-state statistics (hooks/hidden.py): None without EIGENWATCH_CALIBRATION.
+        cal = (load_hidden_calibration(cfg.calibration, self.layers, cfg.window, cfg.stride)
+               if cfg.calibration else None)
+        self.hidden = HiddenStatsTap(cal, cfg.max_requests) if cal is not None else None
+        self.hidden_lost = 0  # finished requests whose statistics found no final frame
         self.path, self.path_reason = self._choose_path(model)
         if self.path == "aux":
             # Aux id i+1 is the residual stream after decoder layer i (vLLM's numbering).
@@ -380,6 +386,12 @@ class _VllmTap:
         if self.capture:
             for layer, stream in rows.items():
                 self._capture_rows(layer, stream, items)
+        if self.hidden is not None:
+            try:  # own guard: a failed statistic must not cost the frames of this step
+                self.hidden.add_step(rows, items)
+            except Exception:
+                self.hook_errors += 1
+                self._log_once("hidden", "eigenwatch: hidden-state statistics failed (logged once)")
         if self.embeds is not None and self.embeds.wanted:
             try:  # own guard: a failed sum must not cost the frames of this step
                 self.embeds.add_step(rows, items)
@@ -446,8 +458,16 @@ class _VllmTap:
                 self.embeds.finish(rid)
         # A preempted request is recomputed from scratch later: its rows would
         # be seen twice. Forget it; it starts over when it is resumed.
+        if self.hidden is not None and scheduler_output.finished_req_ids:
+            try:  # finished requests' statistics onto their final frames
+                self.hidden_lost += self.hidden.before_step(scheduler_output.finished_req_ids, self.pending)
+            except Exception:
+                self.hook_errors += 1
+                self._log_once("hidden-finish", "eigenwatch: hidden-state statistics failed (logged once)")
         for rid in getattr(scheduler_output, "preempted_req_ids", None) or ():
             self.windows.drop(rid)
+            if self.hidden is not None:
+                self.hidden.drop(rid)
             self.sums.drop(rid)
             if self.embeds is not None:
                 self.embeds.drop(rid)
@@ -503,6 +523,9 @@ class _VllmTap:
             capture_path_reason=self.path_reason,
             sketch=None if self.sketches is None else self.sketches.stats(),
             signature=None if self.signatures is None else self.signatures.stats(),
+            hidden=None if self.hidden is None else {
+                "calibration": self.hidden.cal.path, "id": self.hidden.cal.id,
+                "tracked": len(self.hidden.slot_of), "untracked": self.hidden.untracked, "lost": self.hidden_lost},
             embeddings=None if self.embeds is None else {"source": self.cfg.embeddings,
                                                          "waiting": len(self.embeds.wanted)},
             spectra_at="sidecar" if self.exporter.grams else "tap",

@@ -119,6 +119,10 @@ class TapConfig:
     # "on": every monitored request sends its embedding unless it says eigenwatch_embed=off (vLLM's
     # /v1/embeddings API has no per-request extra args, so this is how its requests ask).
     embed_default: str = "off"
+    # CALIB.json from `eigenwatch calibrate` (EIGENWATCH_CALIBRATION): the tap computes the
+    # combined score's hidden-state statistics against its Gaussians (hooks/hidden.py) and
+    # sends them on final frames; "" = off.
+    calibration: str = ""
 
     def spectra_in_sidecar(self) -> bool:
         """Whether frames leave as centred Grams (the `spectra` setting resolved)."""
@@ -147,6 +151,7 @@ class TapConfig:
             signature_topk=_env_int("SIGNATURE_TOPK", cls.signature_topk, 1, 1 << 20),
             embeddings=_env_embeddings(),
             embed_default=_env_choice("EMBED_DEFAULT", cls.embed_default, ("on", "off")),
+            calibration=os.environ.get(ENV_PREFIX + "CALIBRATION", "").strip(),
         )
         if cfg.sketch_sample > cfg.sketch_every:  # every window must keep a row
             raise ValueError(f"{ENV_PREFIX}SKETCH_SAMPLE: expected an integer in [1, {ENV_PREFIX}SKETCH_EVERY="

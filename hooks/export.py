@@ -32,7 +32,7 @@ from eigenwatch.v1 import monitor_pb2, monitor_pb2_grpc
 
 from . import frames as wire
 from .config import ClientSecurity
-from .windows import FrameSeed, to_frames
+from .windows import FrameSeed, hidden_values, to_frames
 
 log = logging.getLogger("eigenwatch.tap")
 
@@ -254,7 +254,7 @@ class FrameExporter:
                 request_id=s.request_id, engine_request_id=s.engine_request_id, model=self.model, layer=s.layer,
                 step=s.step, token_count=s.token_count, skipped_tokens=s.skipped_tokens, window=v, dim=s.dim,
                 final=s.final, centred_gram=cov.astype("<f4", copy=False).tobytes(),
-                signature=wire.sparse_terms(s.signature)))
+                signature=wire.sparse_terms(s.signature), hidden=wire.hidden_stats(hidden_values(s))))
             size += 4 * v * v
             if size >= BATCH_GRAM_BYTES:
                 out.append(monitor_pb2.FrameBatch(descriptor_names=DESCRIPTOR_NAMES, frames=frames))

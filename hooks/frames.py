@@ -37,6 +37,8 @@ class Frame:
     final: bool  # the request's last frame
     names: tuple[str, ...] = DESCRIPTOR_NAMES  # what `descriptors` holds, in order
     signature: tuple | None = None  # (ids, weights) of the request's lexical signature, final frame only
+    # (rows, token_sqdist, pooled_sqdist, llmcheck or None, calibration id): hooks/hidden.py, final frames only
+    hidden: tuple | None = None
 
     def descriptor(self, name: str) -> float:
         i = INDEX[name] if self.names is DESCRIPTOR_NAMES else self.names.index(name)
@@ -58,7 +60,20 @@ def to_proto(frame: Frame) -> monitor_pb2.Frame:
         descriptors=frame.descriptors.tolist(),
         final=frame.final,
         signature=sparse_terms(frame.signature),
+        hidden=hidden_stats(frame.hidden),
     )
+
+
+def hidden_stats(values) -> monitor_pb2.HiddenStats | None:
+    """(rows, token_sqdist, pooled_sqdist, llmcheck or None, calibration id) -> HiddenStats; None -> None."""
+    if values is None:
+        return None
+    rows, token, pooled, llm, cal = values
+    msg = monitor_pb2.HiddenStats(rows=int(rows), token_sqdist=float(token), pooled_sqdist=float(pooled),
+                                  calibration=cal)
+    if llm is not None:
+        msg.llmcheck = float(llm)
+    return msg
 
 
 def sparse_terms(signature) -> monitor_pb2.SparseTerms | None:
@@ -85,6 +100,9 @@ def from_proto(f: monitor_pb2.Frame, names: tuple[str, ...], eigs: np.ndarray | 
         names=DESCRIPTOR_NAMES if tuple(names) == DESCRIPTOR_NAMES else tuple(names),
         signature=((np.asarray(f.signature.ids, dtype=np.int64), np.asarray(f.signature.weights, dtype=np.float32),
                     f.signature.vocab_size) if f.HasField("signature") else None),
+        hidden=((f.hidden.rows, f.hidden.token_sqdist, f.hidden.pooled_sqdist,
+                 f.hidden.llmcheck if f.hidden.HasField("llmcheck") else None, f.hidden.calibration)
+                if f.HasField("hidden") else None),
     )
 
 

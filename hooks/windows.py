@@ -52,6 +52,7 @@ class FrameSeed:
     dim: int  # MP n: d, or the projected k
     scale: float  # eigenvalues are those of the centred gram × scale (1/d)
     signature: tuple | None = None  # (ids [k], weights [k]) tensors on a final frame (hooks/signatures.py)
+    hidden: object = None  # hooks/hidden.HiddenPart on a final frame (the tap has a calibration)
 
 
 class _Request:
@@ -200,6 +201,18 @@ class WindowTap:
         )
 
 
+def hidden_values(seed: FrameSeed) -> tuple | None:
+    """The seed's hidden-state statistics (hooks/hidden.py), computed here, on the
+    exporter's thread; None when it has none or they cannot be computed (logged)."""
+    if seed.hidden is None:
+        return None
+    try:
+        return seed.hidden.values()
+    except Exception:  # a bad number must cost the statistics, never the frame
+        log.debug("eigenwatch: hidden-state statistics of %s failed", seed.request_id, exc_info=True)
+        return None
+
+
 def to_frames(seeds: list[FrameSeed], model: str) -> tuple[list[Frame], list[tuple[FrameSeed, str]]]:
     """Frames of many seeds, and the seeds that gave none with the reason (NaN/Inf
     activations, a window the descriptors refuse). One batched eigensolve for
@@ -232,6 +245,6 @@ def to_frames(seeds: list[FrameSeed], model: str) -> tuple[list[Frame], list[tup
                 request_id=s.request_id, engine_request_id=s.engine_request_id, model=model, layer=s.layer,
                 step=s.step, token_count=s.token_count, skipped_tokens=s.skipped_tokens, window=s.valid,
                 dim=s.dim, eigenvalues=eigs[i, : s.valid].astype(np.float32), descriptors=desc[i], final=s.final,
-                signature=s.signature,
+                signature=s.signature, hidden=hidden_values(s),
             ))
     return frames, [(seeds[i], why[i]) for i in range(len(seeds)) if why[i] is not None]

@@ -158,6 +158,18 @@ class RiskModel:
         risk, h_new = self._session.run([output, "h_out"], {"x": x32, "h": np.ascontiguousarray(h)})
         return risk.astype(np.float64), h_new
 
+    def step_with_logit(self, x, h=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`step` giving both outputs of one model call: (risk [B], logit [B] float64, h_new [B, H])."""
+        x = np.asarray(x, dtype=np.float64)
+        if x.ndim != 2 or x.shape[1] != self.feature_dim:
+            return self.step(x, h) + (None,)  # step raises the error that names the shape
+        h = self.initial_state(len(x)) if h is None else np.asarray(h, dtype=np.float32)
+        if h.shape != (len(x), self.hidden_size):
+            return self.step(x, h) + (None,)
+        x32 = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32)
+        risk, logit, h_new = self._session.run(["risk", "logit", "h_out"], {"x": x32, "h": np.ascontiguousarray(h)})
+        return risk.astype(np.float64), logit.astype(np.float64), h_new
+
     def sequence(self, x) -> np.ndarray:
         """Risk after every step of one sequence: x [T, F] -> [T] float64."""
         x = np.asarray(x, dtype=np.float64)

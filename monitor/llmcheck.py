@@ -12,44 +12,17 @@ alike: the centred scatter C = XᵀX − n·μμᵀ (μ = Σx/n) is ZᵀZ, whose
 min(n, d) eigenvalues are the σ_i². (Z has rank ≤ T − 1, so for T ≤ d one term
 is ½·log 1e-3, the same for every text of that length.) The detector: the
 two-sided robust deviation |s − median| / (1.4826·MAD) from the reference.
+The score itself is computed in kernels/hidden_stats.py, which the live tap
+shares (re-exported here).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-RIDGE = 1e-3
+from eigenwatch.kernels.hidden_stats import RIDGE, llmcheck_rows, llmcheck_scatter, middle_layer  # noqa: F401
+
 NAME = "llmcheck_hidden"
-
-
-def middle_layer(layers) -> int:
-    """The layer whose hidden states LLM-Check reads: the middle tapped one."""
-    layers = sorted(layers)
-    return layers[len(layers) // 2]
-
-
-def llmcheck_scatter(count: int, total, scatter, ridge: float = RIDGE) -> float:
-    """The score from (n, Σx [d], XᵀX [d, d]) of the text's hidden states.
-
-    Through one Cholesky factorisation, not an eigensolve (≈ 4× less work at
-    d = 384, where the eigensolve was a quarter of `score`'s time): with
-    m = min(n, d), the centred scatter has rank ≤ m, so all but its top m
-    eigenvalues are 0 and log det(C + ridge·I) = Σ_top-m log(λ_i + ridge) +
-    (d − m)·log(ridge). The score is then (log det − (d − m)·log ridge) / 2m.
-    Falls back to the eigensolve when C + ridge·I is not numerically positive
-    definite (NaN input, a scatter not from real rows)."""
-    mu = np.asarray(total, dtype=np.float64) / count
-    c = np.asarray(scatter, dtype=np.float64) - count * np.outer(mu, mu)  # Zᵀ Z
-    c = 0.5 * (c + c.T)
-    d = c.shape[0]
-    m = min(count, d)
-    try:
-        chol = np.linalg.cholesky(c + ridge * np.eye(d))
-    except np.linalg.LinAlgError:
-        lam = np.linalg.eigvalsh(c)[::-1][:m]  # σ_i², descending
-        return float(np.mean(0.5 * np.log(np.maximum(lam, 0.0) + ridge)))
-    logdet = 2.0 * float(np.sum(np.log(np.diagonal(chol))))
-    return (logdet - (d - m) * np.log(ridge)) / (2.0 * m)
 
 
 class LLMCheckHidden:

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from eigenwatch.kernels.hidden_stats import LowRankGaussian
+
 MAX_COMPONENTS = 256  # eigen-directions of a sample covariance kept in a calibration file
 
 
-class ShrinkageGaussian:
+class ShrinkageGaussian(LowRankGaussian):
     """Mean + Ledoit–Wolf shrunk covariance Σ = s·μ·I + (1 − s)·S, with S the
     sample covariance (1/n), μ = tr(S)/p and s the Ledoit–Wolf (2004) optimal
     shrinkage. Works for n < p: Σ is full rank whenever s > 0 and μ > 0.
@@ -28,6 +30,8 @@ class ShrinkageGaussian:
     Stored in low-rank form (S = U Λ Uᵀ, at most min(n, p, MAX_COMPONENTS)
     directions; S's smaller eigenvalues, if any are dropped, count as 0), so the
     state is O(r·p) and Σ⁻¹ = (1/a)(I − U diag(bλ/(a + bλ)) Uᵀ), a = sμ, b = 1 − s.
+    Distances, state and loading are kernels/hidden_stats.LowRankGaussian's (the
+    live tap scores tokens with the same class).
     """
 
     def fit(self, X) -> "ShrinkageGaussian":
@@ -117,30 +121,7 @@ class ShrinkageGaussian:
         tr_c = float(np.trace(S) - 2.0 * mu @ m + m @ m)
         um, uu = self.U.T @ m, self.U.T @ mu  # [r]
         ucu = np.einsum("ir,ir->r", self.U, S @ self.U) - 2.0 * uu * um + um * um  # u_kᵀ C u_k
-        w = self.b * self.lam / (self.a + self.b * self.lam)
-        return max(float(tr_c - (w * ucu).sum()) / self.a, 0.0)
-
-    def sqdist(self, X) -> np.ndarray:
-        """Squared Mahalanobis distances of the rows of X to the mean."""
-        X = np.atleast_2d(np.asarray(X, dtype=np.float64))
-        Z = X - self.mean
-        proj = Z @ self.U
-        w = self.b * self.lam / (self.a + self.b * self.lam)
-        d2 = ((Z ** 2).sum(axis=1) - (proj ** 2 * w).sum(axis=1)) / self.a
-        return np.maximum(d2, 0.0)
-
-    def state(self) -> dict:
-        return {"mean": self.mean.tolist(), "a": self.a, "b": self.b, "shrinkage": self.shrinkage,
-                "lam": self.lam.tolist(), "U": self.U.tolist(), "p": self.p}
-
-    @classmethod
-    def from_state(cls, st: dict) -> "ShrinkageGaussian":
-        g = cls()
-        g.mean = np.asarray(st["mean"], dtype=np.float64)
-        g.a, g.b, g.shrinkage, g.p = float(st["a"]), float(st["b"]), float(st["shrinkage"]), int(st["p"])
-        g.lam = np.asarray(st["lam"], dtype=np.float64)
-        g.U = np.asarray(st["U"], dtype=np.float64).reshape(g.p, len(g.lam))
-        return g
+        return max(float(tr_c - (self.weights() * ucu).sum()) / self.a, 0.0)
 
 
 class DescriptorMahalanobis:

@@ -94,6 +94,9 @@ def cmd_serve(args) -> int:
         print(f"eigenwatch serve: {exc}", file=sys.stderr)
         return 2
     env["EIGENWATCH_SIDECAR"] = sidecar.grpc
+    if args.calibration and "EIGENWATCH_CALIBRATION" not in env:
+        # the tap computes the combined score's hidden-state statistics against the same file
+        env["EIGENWATCH_CALIBRATION"] = str(Path(args.calibration).resolve())
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(path),
            "--served-model-name", name, "--host", args.host, "--port", str(args.port)]
     if runner == "pooling":

@@ -1,0 +1,276 @@
+"""Live hidden-state statistics: what the combined score's hidden-state voters
+need, computed in the tap from the rows it already captures, against the
+Gaussians of the calibration file (EIGENWATCH_CALIBRATION=CALIB.json, written
+by `eigenwatch calibrate`). A request's final frame at each tapped layer
+carries three numbers (HiddenStats in monitor.proto), never the states:
+
+- token_sqdist: mean over its rows of d²(x_t)/p against the layer's token
+  Gaussian (token_mahalanobis): every row is scored on the device as it passes,
+  O(p·r) per row (kernels/hidden_stats.row_sqdist), and summed per request;
+- pooled_sqdist: d²(Σx/n)/p against the layer's pooled-state Gaussian
+  (hidden_mahalanobis), from the request's running Σx [p] per layer;
+- llmcheck: LLM-Check's hidden score at the calibration's middle layer, from the
+  request's rows there while they are at most p (the n × n Gram), then from
+  their scatter XᵀX [p, p] (kernels/hidden_stats.llmcheck_rows / _scatter).
+
+Per step (inside the post-step work, batched over requests): one [N, p] × [p, r]
+product per layer and one index_add of the rows and their distances into the
+requests' slots; the middle layer's rows are copied per request (a Python step
+per request there, only while it is short of p rows or its scatter is updated).
+The finishing math (one p-wide distance, one Cholesky) runs on the exporter's
+thread (HiddenPart.values), never in the forward.
+
+Memory per tracked request: L·p + L float64 sums, plus min(n, p)·p float64 at
+the middle layer (p² once it holds p rows); `max_requests` bounds the requests.
+Equal to `eigenwatch score`'s values up to float64 rounding: the offline
+detectors compute the same numbers from the text's token sums (features.py).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from itertools import repeat
+
+import numpy as np
+import torch
+
+from eigenwatch.kernels.hidden_stats import (LowRankGaussian, calibration_id, llmcheck_rows, llmcheck_scatter,
+                                             middle_layer, row_sqdist)
+from eigenwatch.kernels.window_bank import Slots, host_index
+
+log = logging.getLogger("eigenwatch.hidden")
+
+VOTERS = ("token_mahalanobis", "hidden_mahalanobis", "llmcheck_hidden")
+
+
+class HiddenCalibration:
+    """What the tap reads from a calibration file: per tapped layer the token and
+    pooled Gaussians (either may be absent), the LLM-Check layer, the file's id."""
+
+    def __init__(self, cal_id: str, layers: tuple[int, ...], token: dict, pooled: dict, llm_layer: int | None,
+                 path: str):
+        self.id, self.layers, self.token, self.pooled, self.llm_layer, self.path = (
+            cal_id, layers, token, pooled, llm_layer, path)
+
+
+def load_hidden_calibration(path: str, tap_layers: tuple[int, ...], window: int, stride: int,
+                            source: str = "EIGENWATCH_CALIBRATION") -> HiddenCalibration | None:
+    """The hidden-state part of CALIB.json for a tap with these settings. None when
+    the file has no offline detectors that read hidden states (nothing to compute);
+    ValueError naming the file and field when it cannot be used."""
+    try:
+        with open(path) as fh:
+            doc = json.load(fh)
+    except OSError as exc:
+        raise ValueError(f"{source}: cannot read {path!r}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise ValueError(f"{source}: {path!r} is not JSON ({exc}); write it with `eigenwatch calibrate`") from None
+    off = doc.get("offline") if isinstance(doc, dict) else None
+    if not isinstance(off, dict) or not isinstance(off.get("detectors"), dict):
+        return None  # a sidecar-only calibration (spike σ² per layer): no hidden-state voters
+    where = f"{source}: {path}: offline"
+    layers = off.get("layers")
+    if not isinstance(layers, list) or sorted(layers) != list(tap_layers):
+        raise ValueError(f"{where}.layers is {layers!r} but the tap watches layers {list(tap_layers)}: set "
+                         f"EIGENWATCH_LAYERS={','.join(str(l) for l in layers or [])} or recalibrate on these layers")
+    for key, have in (("window", window), ("stride", stride)):
+        if off.get(key) != have:
+            raise ValueError(f"{where}.{key} is {off.get(key)!r} but the tap runs with EIGENWATCH_{key.upper()}="
+                             f"{have}: the combined score would not match the calibration; set it to {off.get(key)!r}")
+    dets = off["detectors"]
+    try:
+        token = {int(l): LowRankGaussian.from_state(g)
+                 for l, g in dets.get("token_mahalanobis", {}).get("layers", {}).items()}
+        pooled = {int(l): LowRankGaussian.from_state(g)
+                  for l, g in dets.get("hidden_mahalanobis", {}).get("layers", {}).items()}
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ValueError(f"{where}.detectors: a damaged Gaussian ({exc}); recalibrate with `eigenwatch calibrate`") \
+            from None
+    llm = middle_layer(tap_layers) if "llmcheck_hidden" in dets else None
+    if not token and not pooled and llm is None:
+        return None
+    for name, g in list(token.items()) + list(pooled.items()):
+        if name not in tap_layers:
+            raise ValueError(f"{where}.detectors: a Gaussian for layer {name}, which the tap does not watch")
+    return HiddenCalibration(calibration_id(dets), tuple(tap_layers), token, pooled, llm, path)
+
+
+class HiddenPart:
+    """One request's sums at one layer, handed to its final frame seed; `values()`
+    (the exporter's thread) turns them into (rows, token_sqdist, pooled_sqdist,
+    llmcheck or None, calibration id)."""
+
+    __slots__ = ("cal", "layer", "rows", "sq", "total", "mid")
+
+    def __init__(self, cal: HiddenCalibration, layer: int, rows: int, sq, total, mid):
+        self.cal, self.layer, self.rows, self.sq, self.total, self.mid = cal, layer, rows, sq, total, mid
+
+    def values(self) -> tuple:
+        n = self.rows
+        token = float(self.sq.cpu()) / n if self.layer in self.cal.token else float("nan")
+        g = self.cal.pooled.get(self.layer)
+        pooled = float("nan")
+        if g is not None:
+            mean = self.total.cpu().numpy() / n
+            pooled = float(g.sqdist(mean[None])[0]) / g.p
+        llm = None
+        if self.mid is not None:
+            kind, data = self.mid
+            if kind == "rows":
+                llm = llmcheck_rows(data.cpu().numpy())
+            else:
+                llm = llmcheck_scatter(n, self.total.cpu().numpy(), data.cpu().numpy())
+        return n, token, pooled, llm, self.cal.id
+
+
+class HiddenStatsTap:
+    """Per-request running sums for `HiddenCalibration`'s statistics (see the module docstring)."""
+
+    def __init__(self, cal: HiddenCalibration, max_requests: int):
+        self.cal = cal
+        self.layers = cal.layers
+        self.li = {l: i for i, l in enumerate(self.layers)}
+        self.slots = Slots(max_requests)
+        self.slot_of: dict[str, int] = {}
+        self.n = np.zeros(0, dtype=np.int64)  # [S] rows per slot (every tapped layer sees the same rows)
+        self.sq = None  # [S, L] float64: Σ_t d²(x_t)/p per layer (0 where a layer has no token Gaussian)
+        self.total = None  # [S, L, p] float64: Σx per layer
+        self.mid: dict[int, list] = {}  # slot -> [rows chunks] (≤ p rows), or ["scatter", XᵀX [p, p]]
+        self._g = None  # per layer (mean, U, w, a) tensors on the rows' device, or None
+        self.untracked = 0
+        self.refused: set[str] = set()  # ids refused at the limit: never started later with rows missing
+
+    def _ensure(self, slot: int, like: torch.Tensor) -> None:
+        if self.total is None:
+            L, p = len(self.layers), like.shape[-1]
+            self.sq = torch.zeros((0, L), dtype=torch.float64, device=like.device)
+            self.total = torch.zeros((0, L, p), dtype=torch.float64, device=like.device)
+            self._g = {}
+            for l in self.layers:
+                g = self.cal.token.get(l)
+                if g is not None:
+                    if g.p != p:
+                        raise ValueError(f"EIGENWATCH_CALIBRATION: layer {l}'s token Gaussian is {g.p} wide, "
+                                         f"the model's rows are {p}: recalibrate on this model")
+                    self._g[l] = tuple(torch.as_tensor(v, dtype=torch.float64, device=like.device)
+                                       for v in (g.mean, g.U, g.weights())) + (g.a,)
+        if slot >= self.total.shape[0]:
+            grow = max(slot + 1, 2 * self.total.shape[0], 8)
+            k = grow - self.total.shape[0]
+            self.sq = torch.cat([self.sq, self.sq.new_zeros((k,) + self.sq.shape[1:])])
+            self.total = torch.cat([self.total, self.total.new_zeros((k,) + self.total.shape[1:])])
+            self.n = np.concatenate([self.n, np.zeros(k, dtype=np.int64)])
+
+    def add_step(self, rows: dict[int, torch.Tensor], items: list[tuple[str, int, int]]) -> None:
+        """rows {layer: [N, p]} of one step, items (engine id, lo, hi) of the tracked requests."""
+        if not items or not rows:
+            return
+        n = len(items)
+        ids, lo, hi = zip(*items)
+        lo = np.fromiter(lo, np.int64, n)
+        hi = np.fromiter(hi, np.int64, n)
+        slot = np.fromiter(map(self.slot_of.get, ids, repeat(-1)), np.int64, n)
+        like = next(iter(rows.values()))
+        for i in np.flatnonzero(slot < 0).tolist():  # new requests only
+            if ids[i] in self.refused:
+                continue
+            s = self.slots.alloc()
+            if s is None:
+                self.untracked += 1
+                self.refused.add(ids[i])
+                continue
+            self._ensure(s, like)
+            self.slot_of[ids[i]] = s
+            slot[i] = s
+        keep = slot >= 0
+        if not keep.any():
+            return
+        lo, hi, slot = lo[keep], hi[keep], slot[keep]
+        lens = hi - lo
+        # Stream positions of the kept rows and each one's slot, built without a Python loop.
+        starts = np.cumsum(lens) - lens
+        pos = np.repeat(lo - starts, lens) + np.arange(int(lens.sum()))
+        row_slot = host_index(np.repeat(slot, lens), like.device)
+        pos_t = host_index(pos, like.device)
+        self.n[slot] += lens
+        for l, x in rows.items():
+            li = self.li.get(l)
+            if li is None:
+                continue
+            xs = x.index_select(0, pos_t).double()  # [M, p]
+            self.total[:, li].index_add_(0, row_slot, xs)
+            g = self._g.get(l)
+            if g is not None:
+                self.sq[:, li].index_add_(0, row_slot, row_sqdist(xs, *g))
+            if l == self.cal.llm_layer:
+                self._mid_rows(xs, slot, lens)
+
+    def _mid_rows(self, xs: torch.Tensor, slot: np.ndarray, lens: np.ndarray) -> None:
+        p = xs.shape[1]
+        at = 0
+        for s, m in zip(slot.tolist(), lens.tolist()):
+            part = xs[at:at + m]
+            at += m
+            acc = self.mid.get(s)
+            if acc is None:
+                acc = self.mid[s] = []
+            if acc and isinstance(acc[0], str):  # ["scatter", XᵀX]
+                acc[1].addmm_(part.T, part)
+                continue
+            acc.append(part.clone())  # a copy: a view would keep the whole step's rows alive
+            if int(self.n[s]) > p:  # more rows than width: the scatter is the smaller state now
+                X = torch.cat(acc)
+                self.mid[s] = ["scatter", X.T @ X]
+
+    def finish(self, engine_id: str) -> dict[int, HiddenPart] | None:
+        """The request ended: its parts per layer (None if it was not tracked); its slot is freed."""
+        s = self.slot_of.pop(engine_id, None)
+        if s is None:
+            self.refused.discard(engine_id)
+            return None
+        n = int(self.n[s])
+        parts = None
+        if n > 0:
+            mid = self.mid.get(s)
+            if mid:
+                mid = ("scatter", mid[1]) if isinstance(mid[0], str) else ("rows", torch.cat(mid))
+            parts = {l: HiddenPart(self.cal, l, n, self.sq[s, i].clone(), self.total[s, i].clone(),
+                                   mid if l == self.cal.llm_layer else None)
+                     for i, l in enumerate(self.layers)}
+        self._release(s)
+        return parts
+
+    def drop(self, engine_id: str) -> None:
+        """Forget a request (preempted: it is recomputed from scratch)."""
+        s = self.slot_of.pop(engine_id, None)
+        self.refused.discard(engine_id)
+        if s is not None:
+            self._release(s)
+
+    def _release(self, s: int) -> None:
+        self.n[s] = 0
+        self.sq[s].zero_()
+        self.total[s].zero_()
+        self.mid.pop(s, None)
+        self.slots.release(s)
+
+    def before_step(self, finished, pending: list) -> int:
+        """Finished requests hand their parts to their final frame seeds in `pending`;
+        returns how many requests had no final frame to carry them (fewer than 2 rows)."""
+        lost = 0
+        finals = None
+        for rid in finished:
+            parts = self.finish(rid)
+            if parts is None:
+                continue
+            if finals is None:
+                finals = {(sd.engine_request_id, sd.layer): sd for sd in pending if sd.final}
+            got = False
+            for l, part in parts.items():
+                seed = finals.get((rid, l))
+                if seed is not None:
+                    seed.hidden = part
+                    got = True
+            lost += not got
+        return lost

@@ -1,0 +1,131 @@
+"""Hidden-state statistics against a calibrated Gaussian, for the combined
+score's hidden-state voters: one place for the math the offline detectors
+(monitor/mahalanobis.py, monitor/llmcheck.py) and the live tap
+(hooks/hidden.py) both run, so live and offline give the same numbers.
+
+- `LowRankGaussian`: mean m, Σ⁻¹ = (1/a)(I − U diag(w) Uᵀ) with w = bλ/(a + bλ)
+  (a shrunk covariance a·I + b·U diag(λ) Uᵀ, U [p, r] orthonormal, r ≤ 256). Its
+  state is the JSON the calibration file stores. Squared distance of a row:
+  d²(x) = (‖z‖² − Σ_k w_k (u_kᵀ z)²) / a, z = x − m: O(p·r) per row, so the tap
+  scores every token on the device without a p × p matrix.
+- `row_sqdist` (torch): that distance for a batch of rows, in float64.
+- `llmcheck_scatter` / `llmcheck_rows`: LLM-Check's hidden score (Sriramanan et
+  al., 2024) of a text's rows at one layer, from its sums (offline) or from the
+  rows themselves (the tap keeps ≤ p rows: then the n × n Gram is the cheaper
+  matrix with the same non-zero eigenvalues).
+- `middle_layer`: the layer LLM-Check reads; `calibration_id`: the short id of a
+  calibration's detector states, which the tap sends with its statistics so the
+  sidecar never combines numbers made against another file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+
+RIDGE = 1e-3  # LLM-Check's ridge on σ²
+
+
+def middle_layer(layers) -> int:
+    """The layer whose hidden states LLM-Check reads: the middle tapped one."""
+    layers = sorted(layers)
+    return layers[len(layers) // 2]
+
+
+def calibration_id(detectors: dict) -> str:
+    """16 hex characters identifying a calibration's detector states (its
+    offline.detectors section), the same on the tap and the sidecar."""
+    blob = json.dumps(detectors, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+class LowRankGaussian:
+    """Mean + shrunk covariance a·I + b·U diag(λ) Uᵀ in low-rank form (see the
+    module docstring); monitor/mahalanobis.ShrinkageGaussian fits it."""
+
+    mean: np.ndarray  # [p]
+    a: float
+    b: float
+    shrinkage: float
+    lam: np.ndarray  # [r]
+    U: np.ndarray  # [p, r]
+    p: int
+
+    def weights(self) -> np.ndarray:
+        """w_k = bλ_k / (a + bλ_k): how much of direction k Σ⁻¹ takes out, [r]."""
+        return self.b * self.lam / (self.a + self.b * self.lam)
+
+    def sqdist(self, X) -> np.ndarray:
+        """Squared Mahalanobis distances of the rows of X [n, p] to the mean: [n]."""
+        X = np.atleast_2d(np.asarray(X, dtype=np.float64))
+        Z = X - self.mean
+        proj = Z @ self.U
+        d2 = ((Z ** 2).sum(axis=1) - (proj ** 2 * self.weights()).sum(axis=1)) / self.a
+        return np.maximum(d2, 0.0)
+
+    def state(self) -> dict:
+        return {"mean": self.mean.tolist(), "a": self.a, "b": self.b, "shrinkage": self.shrinkage,
+                "lam": self.lam.tolist(), "U": self.U.tolist(), "p": self.p}
+
+    @classmethod
+    def from_state(cls, st: dict):
+        g = cls()
+        g.mean = np.asarray(st["mean"], dtype=np.float64)
+        g.a, g.b, g.shrinkage, g.p = float(st["a"]), float(st["b"]), float(st["shrinkage"]), int(st["p"])
+        g.lam = np.asarray(st["lam"], dtype=np.float64)
+        g.U = np.asarray(st["U"], dtype=np.float64).reshape(g.p, len(g.lam))
+        if g.mean.shape != (g.p,) or not g.a > 0:
+            raise ValueError(f"a Gaussian of width p={g.p} needs mean [{g.p}] and a > 0, "
+                             f"got mean {list(g.mean.shape)} and a={g.a}")
+        return g
+
+
+def row_sqdist(x, mean, U, w, a: float):
+    """torch: d²(x_t)/p for rows x [N, p] (any float dtype; computed in float64),
+    mean [p], U [p, r], w [r] float64 tensors on x's device -> [N] float64, ≥ 0."""
+    z = x.double() - mean  # [N, p]
+    proj = z @ U  # [N, r]
+    d2 = (z * z).sum(dim=1) - (proj * proj) @ w  # [N]
+    return (d2 / a).clamp_min_(0.0) / mean.shape[0]
+
+
+def llmcheck_scatter(count: int, total, scatter, ridge: float = RIDGE) -> float:
+    """LLM-Check's score, mean_i ½·log(σ_i² + ridge) over the top min(n, d)
+    singular values σ_i of the text's centred rows Z, from (n, Σx [d], XᵀX [d, d]).
+
+    Through one Cholesky factorisation, not an eigensolve (≈ 4× less work at
+    d = 384): with m = min(n, d), the centred scatter C = ZᵀZ has rank ≤ m, so all
+    but its top m eigenvalues are 0 and log det(C + ridge·I) = Σ_top-m log(λ_i +
+    ridge) + (d − m)·log(ridge). The score is then (log det − (d − m)·log ridge) / 2m.
+    Falls back to the eigensolve when C + ridge·I is not numerically positive
+    definite (NaN input, a scatter not from real rows)."""
+    mu = np.asarray(total, dtype=np.float64) / count
+    c = np.asarray(scatter, dtype=np.float64) - count * np.outer(mu, mu)  # Zᵀ Z
+    return _logdet_score(0.5 * (c + c.T), min(count, c.shape[0]), ridge)
+
+
+def llmcheck_rows(X, ridge: float = RIDGE) -> float:
+    """The same score from the rows X [n, d] themselves: through the n × n Gram
+    Z Zᵀ when n ≤ d (its eigenvalues are the σ_i², exactly the top n of ZᵀZ),
+    through the scatter otherwise."""
+    X = np.asarray(X, dtype=np.float64)
+    n, d = X.shape
+    if n > d:
+        return llmcheck_scatter(n, X.sum(axis=0), X.T @ X, ridge)
+    Z = X - X.mean(axis=0)
+    g = Z @ Z.T
+    return _logdet_score(0.5 * (g + g.T), n, ridge)
+
+
+def _logdet_score(c: np.ndarray, m: int, ridge: float) -> float:
+    """(log det(c + ridge·I) − (dim − m)·log ridge) / 2m for a PSD c of rank ≤ m."""
+    dim = c.shape[0]
+    try:
+        chol = np.linalg.cholesky(c + ridge * np.eye(dim))
+    except np.linalg.LinAlgError:
+        lam = np.linalg.eigvalsh(c)[::-1][:m]  # σ_i², descending
+        return float(np.mean(0.5 * np.log(np.maximum(lam, 0.0) + ridge)))
+    logdet = 2.0 * float(np.sum(np.log(np.diagonal(chol))))
+    return (logdet - (dim - m) * np.log(ridge)) / (2.0 * m)

@@ -1,0 +1,220 @@
+"""The combined score live: the same p-value `eigenwatch score` gives a text, for
+every request the sidecar sees, from the same calibration file (--calibration
+CALIB.json written by `eigenwatch calibrate`).
+
+The combined score (monitor/combined.py) is a conformal p-value over one voter
+per source of evidence. Live, each voter's value comes from where the request's
+evidence is:
+
+- token_mahalanobis, hidden_mahalanobis, llmcheck_hidden: the tap computes
+  them against the same file's Gaussians (hooks/hidden.py,
+  EIGENWATCH_CALIBRATION) and sends three numbers per layer on the request's
+  final frames (Frame.hidden); here they are averaged over the detector's
+  layers exactly as the offline detectors do;
+- eigentrack: the largest logit over the request's steps of the GRU the sidecar
+  already runs (sidecar/risk.py), which must be the calibration's own GRU
+  (checked by its sha256).
+
+When a request's final frames have brought every voter's value, its p-value
+is computed once: GetReport shows it (Report.combined) and
+`eigenwatch_combined_score` observes −log10 p; p < the calibration's
+alert_far raises one `combined` alert (severity warning, layer −1). A request
+whose values never all arrive (a tap without the calibration, a rejected
+frame, statistics made against another file) is counted by reason in
+`eigenwatch_combined_requests_total{result}` and gets no score, never a
+wrong one. Everything is numpy on the event loop: per request a few floats
+and one p-value at its end.
+
+Voters this sidecar cannot compute live (descriptor_mahalanobis and
+spectral_spike: only when the calibration has no GRU) turn the combined score
+off with a log line saying how to get it (`calibrate` with its GRU).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+from prometheus_client import Counter, Histogram
+
+from eigenwatch.kernels.hidden_stats import calibration_id, middle_layer
+from eigenwatch.monitor.calibration import Calibration
+from eigenwatch.monitor.combined import Combined
+from eigenwatch.monitor.llmcheck import LLMCheckHidden
+from eigenwatch.v1 import monitor_pb2
+
+from .alerts import WARNING
+
+log = logging.getLogger("eigenwatch.sidecar.combined")
+
+DETECTOR = "combined"
+HIDDEN = {"token_mahalanobis": "token", "hidden_mahalanobis": "pooled", "llmcheck_hidden": "llmcheck"}
+LIVE_VOTERS = set(HIDDEN) | {"eigentrack"}
+# −log10 p: 1 = p 0.1, 2 = p 0.01, … (p ≥ 1/(n + 1) for n calibration texts)
+SCORE_BUCKETS = (0.25, 0.5, 0.75, 1.0, 1.3, 1.5, 2.0, 2.5, 3.0, 4.0)
+
+
+class CombinedSetupError(ValueError):
+    pass
+
+
+class RequestCombined:
+    """What one request's final frames brought: {layer: (rows, token, pooled, llmcheck)}, or
+    {layer: reason} for statistics it cannot use ("other_calibration", "invalid")."""
+
+    __slots__ = ("hidden", "done", "report")
+
+    def __init__(self):
+        self.hidden: dict[int, tuple] = {}
+        self.done = False
+        self.report: monitor_pb2.CombinedReport | None = None
+
+
+class LiveCombined:
+    def __init__(self, cal: Calibration, risk, alerts, metrics):
+        off = cal.offline or {}
+        dets = off.get("detectors") or {}
+        try:
+            self.combined = Combined.from_state(off["combined"])
+            self.far = float(off["alert_far"])
+            self.layers = tuple(int(l) for l in off["layers"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CombinedSetupError(f"{cal.where('offline')}: no usable combined score ({exc!r}); recalibrate "
+                                     "with `eigenwatch calibrate`") from None
+        self.voters = tuple(self.combined.names)
+        offline_only = sorted(set(self.voters) - LIVE_VOTERS)
+        if offline_only:
+            raise CombinedSetupError(
+                f"{cal.where('offline.combined')}: its voter(s) {', '.join(offline_only)} are computed offline only; "
+                "calibrate with the EigenTrack GRU (the default --risk-model auto) for a live combined score")
+        self.model = str((cal.fingerprint or {}).get("name") or "")
+        self.cal_id = calibration_id(dets)
+        self.token_layers = tuple(sorted(int(l) for l in dets.get("token_mahalanobis", {}).get("layers", {})))
+        self.pooled_layers = tuple(sorted(int(l) for l in dets.get("hidden_mahalanobis", {}).get("layers", {})))
+        self.llm = LLMCheckHidden.from_state(dets["llmcheck_hidden"]) if "llmcheck_hidden" in self.voters else None
+        self.llm_layer = middle_layer(self.layers)
+        self.risk = None
+        if "eigentrack" in self.voters:
+            want = (dets.get("eigentrack") or {}).get("sha256")
+            if risk is None or risk.model.sha256 != want:
+                raise CombinedSetupError(
+                    "the combined score's eigentrack voter needs the calibration's own GRU: leave --risk-model "
+                    f"unset (it is embedded in {cal.path}) or pass the same model (sha256 {str(want)[:12]}…)")
+            self.risk = risk
+        self.needed = set(self.token_layers) | set(self.pooled_layers)
+        if self.llm is not None:
+            self.needed.add(self.llm_layer)
+        self.alerts = alerts
+        reg = metrics.registry
+        self.m_score = Histogram("eigenwatch_combined_score", "Combined score (−log10 p) of each request scored "
+                                 "live, against the calibration texts", ["model"], buckets=SCORE_BUCKETS, registry=reg)
+        self.m_requests = Counter(
+            "eigenwatch_combined_requests",
+            "Requests that finished, by what the combined score made of them: scored (p >= alert_far), alert, "
+            "or why none was computed (no_statistics: no final frame carried the tap's hidden-state statistics; "
+            "other_calibration: made against another file; invalid: non-finite; partial: they cover other rows "
+            "than the frames; incomplete: some layer's are missing)",
+            ["model", "result"], registry=reg)
+        log.info("combined score live for model %r from %s: voters %s, alert at p < %g", self.model, cal.path,
+                 ", ".join(self.voters), self.far)
+
+    # ---- per frame -----------------------------------------------------------------------
+    def observe(self, st, f: monitor_pb2.Frame) -> None:
+        """A frame of request state `st` that carried hidden-state statistics."""
+        if f.model != self.model:
+            return
+        h = f.hidden
+        rc = st.combined
+        if rc is None:
+            rc = st.combined = RequestCombined()
+        if h.calibration != self.cal_id:
+            rc.hidden[f.layer] = "other_calibration"  # made against another file: never combined
+            return
+        if h.rows != f.token_count:  # the tap's sums missed rows its windows saw (or the reverse)
+            rc.hidden[f.layer] = "partial"
+            return
+        vals = (h.rows, h.token_sqdist, h.pooled_sqdist, h.llmcheck if h.HasField("llmcheck") else None)
+        if not (h.rows > 0 and all(math.isfinite(v) for v in vals[1:3] if v is not None)
+                and (vals[3] is None or math.isfinite(vals[3]))):
+            rc.hidden[f.layer] = "invalid"
+            return
+        rc.hidden[f.layer] = vals
+
+    # ---- per finished request ----------------------------------------------------------
+    def finish(self, st) -> None:
+        """The request's final frames are in (call after risk.flush/finish for the batch)."""
+        if st.model != self.model:
+            return
+        rc = st.combined
+        if rc is None:
+            rc = st.combined = RequestCombined()
+        if rc.done:
+            return
+        rc.done = True
+        why = self._missing(rc)
+        if why is not None:
+            self.m_requests.labels(st.model, why).inc()
+            return
+        values = self._values(st, rc)
+        p = float(self.combined.p_values({k: np.array([v]) for k, v in values.items()})[0])
+        score = -math.log10(p)
+        alert = p < self.far
+        rc.report = monitor_pb2.CombinedReport(p_value=p, score=score, alert=alert, alert_far=self.far,
+                                               detectors=values)
+        self.m_score.labels(st.model).observe(score)
+        self.m_requests.labels(st.model, "alert" if alert else "scored").inc()
+        if alert:
+            tokens = max(v[0] for v in rc.hidden.values())
+            self.alerts.raise_alert(
+                st, DETECTOR, WARNING, score, -math.log10(self.far),
+                f"combined p-value {p:.2g} below the calibrated false-alarm rate {self.far:g} ("
+                + ", ".join(f"{k} {v:.3g}" for k, v in values.items()) + ")", -1, int(tokens))
+
+    def _missing(self, rc: RequestCombined) -> str | None:
+        have = rc.hidden
+        if not have:
+            return "no_statistics"
+        bad = [v for v in have.values() if isinstance(v, str)]
+        if bad:
+            return bad[0]
+        if any(l not in have for l in self.needed):
+            return "incomplete"
+        if self.llm is not None and have[self.llm_layer][3] is None:
+            return "incomplete"
+        return None
+
+    def _values(self, st, rc: RequestCombined) -> dict[str, float]:
+        """Each voter's raw value, as the offline detector computes it (monitor/mahalanobis.py, llmcheck.py,
+        eigentrack.py)."""
+        h = rc.hidden
+        out = {}
+        for name in self.voters:
+            if name == "token_mahalanobis":
+                out[name] = float(np.mean([h[l][1] for l in self.token_layers]))
+            elif name == "hidden_mahalanobis":
+                out[name] = float(np.mean([h[l][2] for l in self.pooled_layers]))
+            elif name == "llmcheck_hidden":
+                out[name] = float(self.llm.score([{"llmcheck": h[self.llm_layer][3]}])[0])
+            elif name == "eigentrack":
+                rr = st.risk
+                out[name] = float(rr.max_logit) if rr is not None and rr.steps else 0.0
+        return out
+
+
+def live_combined(cfg, risk, alerts, metrics) -> LiveCombined | None:
+    """The sidecar's LiveCombined for --calibration, or None: no calibration, one without
+    an offline section (a sidecar-only file), or one whose combined score cannot be
+    computed live here (logged with what to do; the other detectors run as before)."""
+    if not cfg.calibration:
+        return None
+    from eigenwatch.monitor import calibration as calib
+
+    cal = calib.load(cfg.calibration)
+    if not cal.offline:
+        return None
+    try:
+        return LiveCombined(cal, risk, alerts, metrics)
+    except CombinedSetupError as exc:
+        log.warning("no live combined score: %s", exc)
+        return None

@@ -1,0 +1,151 @@
+"""The tap's hidden-state statistics (hooks/hidden.py, kernels/hidden_stats.py)
+equal what the offline detectors compute from the same rows' token sums, on
+awkward shapes: requests interleaved as prefill chunks and decode rows,
+shorter and longer than the width (the LLM-Check state switches from rows to
+the scatter), untracked requests between them, a preempted request."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from eigenwatch.hooks.hidden import HiddenStatsTap, load_hidden_calibration
+from eigenwatch.hooks.windows import FrameSeed, hidden_values
+from eigenwatch.kernels.hidden_stats import (LowRankGaussian, calibration_id, llmcheck_rows, llmcheck_scatter,
+                                             row_sqdist)
+from eigenwatch.monitor.llmcheck import LLMCheckHidden
+from eigenwatch.monitor.mahalanobis import ShrinkageGaussian
+
+LAYERS = (1, 3, 4)
+P = 24
+
+
+def _calibration(tmp_path, rng, layers=LAYERS, p=P, window=8, stride=4):
+    ref = {l: rng.standard_normal((300, p)) * np.linspace(0.5, 3.0, p) + l for l in layers}
+    token = {l: ShrinkageGaussian.from_moments(len(x), x.sum(0), x.T @ x) for l, x in ref.items()}
+    pooled = {l: ShrinkageGaussian().fit(x[:40] + 0.1 * rng.standard_normal((40, p))) for l, x in ref.items()}
+    dets = {"token_mahalanobis": {"layers": {str(l): g.state() for l, g in token.items()}},
+            "hidden_mahalanobis": {"layers": {str(l): g.state() for l, g in pooled.items()}},
+            "llmcheck_hidden": LLMCheckHidden().fit([{"llmcheck": v} for v in rng.standard_normal(20)]).state()}
+    path = tmp_path / "CALIB.json"
+    path.write_text(json.dumps({"offline": {"layers": list(layers), "window": window, "stride": stride,
+                                            "detectors": dets}}))
+    return str(path), token, pooled, dets
+
+
+def _offline(rows: np.ndarray, token, pooled, layer, mid):
+    """What `eigenwatch score` computes for one layer from the text's token sums."""
+    n = len(rows)
+    tot, scat = rows.sum(0), rows.T @ rows
+    t = token[layer].mean_sqdist_moments(n, tot, scat) / token[layer].p
+    g = pooled[layer]
+    pl = float(g.sqdist((tot / n)[None])[0]) / g.p
+    llm = llmcheck_scatter(n, tot, scat) if layer == mid else None
+    return n, t, pl, llm
+
+
+def test_live_statistics_equal_the_offline_detectors(tmp_path):
+    rng = np.random.default_rng(0)
+    path, token, pooled, dets = _calibration(tmp_path, rng)
+    cal = load_hidden_calibration(path, LAYERS, 8, 4)
+    assert cal.llm_layer == 3 and cal.id == calibration_id(dets)
+    tap = HiddenStatsTap(cal, max_requests=3)
+    # Requests: a (short, 5 rows < p), b (long, 40 rows > p: rows then scatter), c (untracked
+    # by the limit: max_requests 3 with d taking the third slot), d (preempted, then gone).
+    lengths = {"a": 5, "b": 40, "d": 7, "c": 6}
+    seen = {k: {l: [] for l in LAYERS} for k in lengths}
+    pos = dict.fromkeys(lengths, 0)
+    schedule = [[("a", 3), ("b", 10), ("d", 4)], [("a", 2), ("b", 1), ("d", 3), ("c", 6)]] + \
+        [[("b", 1)]] * 9 + [[("b", 20)]]
+    pending = []
+    for step, plan in enumerate(schedule):
+        items, n_rows, parts = [], 0, []
+        for rid, m in plan:
+            items.append((rid, n_rows, n_rows + m))
+            n_rows += m + 1  # one row of another (unmonitored) request between each
+        rows = {}
+        for l in LAYERS:
+            x = rng.standard_normal((n_rows, P)) * 2 + l
+            rows[l] = torch.from_numpy(x).float()
+            for rid, lo, hi in items:
+                seen[rid][l].append(rows[l][lo:hi].double().numpy())
+        tap.add_step(rows, items)
+        if step == 1:
+            tap.drop("d")  # preempted: forgotten
+    assert tap.untracked >= 1  # c found every slot taken
+    for rid in ("a", "b"):
+        pending += [FrameSeed(rid, rid, l, 0, lengths[rid], 0, True, torch.zeros(2, 2), 2, P, 1.0) for l in LAYERS]
+    assert tap.before_step(["a", "b", "c"], pending) == 0
+    for seed in pending:
+        got = hidden_values(seed)
+        want = _offline(np.concatenate(seen[seed.request_id][seed.layer]), token, pooled, seed.layer, cal.llm_layer)
+        assert got[0] == want[0] and got[4] == cal.id
+        np.testing.assert_allclose(got[1:3], want[1:3], rtol=1e-9)
+        if seed.layer == cal.llm_layer:
+            assert got[3] == pytest.approx(want[3], rel=1e-9, abs=1e-9)
+        else:
+            assert got[3] is None
+    assert tap.slot_of == {} and tap.slots.in_use() == 0
+
+
+def test_llmcheck_from_rows_equals_from_scatter_on_both_sides_of_the_width():
+    rng = np.random.default_rng(1)
+    for n, d in ((2, 9), (9, 9), (5, 40), (41, 40), (3, 3)):
+        X = rng.standard_normal((n, d)) * 3 + 1
+        assert llmcheck_rows(X) == pytest.approx(llmcheck_scatter(n, X.sum(0), X.T @ X), rel=1e-9, abs=1e-9)
+        # float64 reference: mean over the top min(n, d) singular values of the centred rows
+        s = np.linalg.svd(X - X.mean(0), compute_uv=False)
+        ref = np.mean(0.5 * np.log(np.concatenate([s, np.zeros(min(n, d) - len(s))]) ** 2 + 1e-3))
+        assert llmcheck_rows(X) == pytest.approx(ref, rel=1e-7, abs=1e-7)
+
+
+def test_row_sqdist_matches_the_float64_reference():
+    rng = np.random.default_rng(2)
+    X = rng.standard_normal((200, 17)) @ rng.standard_normal((17, 17))
+    g = ShrinkageGaussian().fit(X)
+    cov = g.a * np.eye(17) + g.b * (g.U * g.lam) @ g.U.T
+    Y = rng.standard_normal((13, 17)) * 4
+    ref = np.einsum("ij,jk,ik->i", Y - g.mean, np.linalg.inv(cov), Y - g.mean) / 17
+    t = [torch.as_tensor(v) for v in (g.mean, g.U, g.weights())]
+    got = row_sqdist(torch.from_numpy(Y).float(), *t, g.a).numpy()
+    np.testing.assert_allclose(got, ref, rtol=2e-6)  # the rows were float32
+
+
+def test_calibration_problems_name_the_field(tmp_path):
+    rng = np.random.default_rng(3)
+    path, *_ = _calibration(tmp_path, rng)
+    with pytest.raises(ValueError, match=r"offline.layers .* EIGENWATCH_LAYERS=1,3,4"):
+        load_hidden_calibration(path, (0, 1, 2), 8, 4)
+    with pytest.raises(ValueError, match=r"offline.stride is 4 .* EIGENWATCH_STRIDE=16"):
+        load_hidden_calibration(path, LAYERS, 8, 16)
+    with pytest.raises(ValueError, match="cannot read"):
+        load_hidden_calibration(str(tmp_path / "missing.json"), LAYERS, 8, 4)
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not JSON"):
+        load_hidden_calibration(str(tmp_path / "bad.json"), LAYERS, 8, 4)
+    doc = json.loads(open(path).read())
+    doc["offline"]["detectors"]["token_mahalanobis"]["layers"]["1"]["a"] = -1.0
+    (tmp_path / "damaged.json").write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match="damaged Gaussian"):
+        load_hidden_calibration(str(tmp_path / "damaged.json"), LAYERS, 8, 4)
+    (tmp_path / "spike.json").write_text(json.dumps({"models": {}}))
+    assert load_hidden_calibration(str(tmp_path / "spike.json"), LAYERS, 8, 4) is None
+    # rows of another width than the Gaussians': refused at the first rows, not silently wrong
+    tap = HiddenStatsTap(load_hidden_calibration(path, LAYERS, 8, 4), 2)
+    with pytest.raises(ValueError, match="recalibrate on this model"):
+        tap.add_step({l: torch.zeros(3, P + 1) for l in LAYERS}, [("x", 0, 3)])
+
+
+def test_low_rank_gaussian_state_round_trips_and_refuses_damage():
+    rng = np.random.default_rng(4)
+    g = ShrinkageGaussian().fit(rng.standard_normal((30, 6)))
+    h = LowRankGaussian.from_state(json.loads(json.dumps(g.state())))
+    Y = rng.standard_normal((4, 6))
+    np.testing.assert_array_equal(h.sqdist(Y), g.sqdist(Y))
+    st = g.state()
+    st["mean"] = st["mean"][:5]
+    with pytest.raises(ValueError, match="mean"):
+        LowRankGaussian.from_state(st)
