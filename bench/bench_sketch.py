@@ -21,14 +21,17 @@ The score is |⟨v, v₁⟩| with v₁ the exact top eigenvector of the realised
 accumulated block by block by tests/reference.py), printed beside the realised gap λ₁/λ₂.
 
 Methods (memory in rows of d floats):
-- oja_grid: kernels.sketch.OjaGrid, defaults (12 η, held-back sample 256, rows over 8× the running
-  mean ‖a‖² clipped, last iterate or tail average of a run chosen online on the held-back sample).
+- oja_grid: kernels.sketch.OjaGrid, defaults (12 η, held-back sample 1024, rows over 8× the running
+  mean ‖a‖² clipped, last iterate, tail average or checkpoint of a run chosen online on the held-back
+  sample).
 - heavy_light: kernels.sketch.HeavyLight, defaults (shuffle 1024, heavy 64, block 8).
 - oja_best4: plain fixed-η Oja (tests/reference.py, one row at a time, float64), η = h/s with s the
   first block's mean ‖a‖², h ∈ {3e-4, 1e-3, 3e-3, 1e-2}, the best of the four chosen in hindsight.
 - ipca: scikit-learn IncrementalPCA(n_components=8), partial_fit on batches of 5d rows
-  (skipped when d > --ipca-max-d: one batch of 5d rows costs an SVD of 5d × d).
-- fd8: FrequentDirections ℓ = 8; fd_mem: ℓ chosen so 2ℓ·d matches oja_grid's memory.
+  (when d > --ipca-max-d, one batch of 5d rows costs an SVD of 5d × d: skipped, or with --ipca-prefix N
+  timed on the first N rows only and printed without an accuracy, `ipca(prefix)`).
+- fd8: FrequentDirections ℓ = 8; fd_mem: ℓ chosen so 2ℓ·d matches oja_grid's memory, capped at --fd-max-l
+  (128; the label then shows both: at ℓ ≈ 540 FD's shrinks would dominate the run).
 rows/s counts update + final estimate time only (stream generation and the reference excluded);
 the machine is noted in the header. The block sweep (--sweep) measures OjaGrid's closed-form block
 size b against a per-row loop (the sequential recurrence vectorised over the grid), numpy and torch.
@@ -39,7 +42,7 @@ d = 1024, and ms per finished window's directions() (the exporter thread's share
 
     python bench/bench_sketch.py [--d 1024 4096] [--n 200000] [--gaps 1.5 3 10 30]
                                  [--orders random sorted bursts] [--quick] [--sweep] [--ipca-max-d 1024]
-                                 [--threads 1] [--live [--steps 400]]
+                                 [--ipca-prefix N] [--fd-max-l 128] [--threads 1] [--live [--steps 400]]
 """
 
 from __future__ import annotations
@@ -115,6 +118,7 @@ def stream_blocks(d: int, n: int, gap: float, order: str, seed: int, block: int 
 class Timed:
     def __init__(self, name, memory_rows):
         self.name, self.memory_rows, self.seconds = name, memory_rows, 0.0
+        self.rows = None  # rows the timing covers (None: the whole stream)
 
 
 class SketchMethod(Timed):
@@ -156,19 +160,28 @@ class OjaBest4(Timed):
 
 
 class IPCA(Timed):
-    def __init__(self, d, k=8):
+    def __init__(self, d, k=8, prefix=None):
         from sklearn.decomposition import IncrementalPCA
 
-        super().__init__("ipca", 5 * d + k + 1)
+        super().__init__("ipca" if prefix is None else "ipca(prefix)", 5 * d + k + 1)
         self.model = IncrementalPCA(n_components=k, batch_size=5 * d)
         self.batch, self.pending = 5 * d, []
+        self.prefix = prefix  # fit only the first `prefix` rows: rows/s only, no accuracy
+        if prefix is not None:
+            self.rows = 0
 
     def _fit(self, rows):
         t = time.perf_counter()
         self.model.partial_fit(rows)
         self.seconds += time.perf_counter() - t
+        if self.prefix is not None:
+            self.rows += len(rows)
 
     def update(self, x32, x64):
+        if self.prefix is not None:
+            if self.rows >= self.prefix:
+                return
+            x32 = x32[: self.prefix - self.rows - sum(len(p) for p in self.pending)]
         self.pending.append(x32)
         have = sum(len(p) for p in self.pending)
         if have >= self.batch:
@@ -179,6 +192,8 @@ class IPCA(Timed):
             self.pending = [rows[cut:]] if cut < len(rows) else []
 
     def estimate(self):
+        if self.prefix is not None:
+            return None, f"timed on the first {self.rows} rows only"
         rest = np.concatenate(self.pending) if self.pending else np.zeros((0, 1))
         if len(rest) >= self.model.n_components:
             self._fit(rest)
@@ -198,25 +213,32 @@ def run_stream(d, n, gap, order, seed, methods):
     rows = []
     for m in methods:
         v, note = m.estimate()
-        if isinstance(v, list):  # best of several in hindsight
+        if v is None:  # timed on a prefix: no accuracy to report
+            score = float("nan")
+        elif isinstance(v, list):  # best of several in hindsight
             scores = [abs(float(x @ v1)) for x in v]
             best = int(np.argmax(scores))
             score, note = scores[best], f"h={OJA_STEPS[best]:g}"
         else:
             score = abs(float(v @ v1))
-        rows.append((m.name, score, n / max(m.seconds, 1e-12), m.memory_rows, note))
+        rows.append((m.name, score, (m.rows or n) / max(m.seconds, 1e-12), m.memory_rows, note))
     return w[0] / w[1], rows
 
 
-def make_methods(d, seed, ipca_max_d):
+def make_methods(d, seed, ipca_max_d, ipca_prefix, fd_max_l):
     grid = OjaGrid(d, seed=seed)
     methods = [SketchMethod("oja_grid", grid), SketchMethod("heavy_light", HeavyLight(d, seed=seed)),
                OjaBest4(d, seed)]
     if d <= ipca_max_d:
         methods.append(IPCA(d))
+    elif ipca_prefix:
+        methods.append(IPCA(d, prefix=ipca_prefix))
     methods.append(SketchMethod("fd8", FrequentDirections(d, ell=8)))
     ell = max(2, grid.memory_floats() // (2 * d))
-    methods.append(SketchMethod(f"fd_mem(l={ell})", FrequentDirections(d, ell=ell)))
+    if ell > fd_max_l:  # FD's shrink (an eigh of 2ℓ rows every ℓ rows) at ℓ ≈ 540 would dominate the run
+        methods.append(SketchMethod(f"fd_mem(l={fd_max_l}<{ell})", FrequentDirections(d, ell=fd_max_l)))
+    else:
+        methods.append(SketchMethod(f"fd_mem(l={ell})", FrequentDirections(d, ell=ell)))
     return methods
 
 
@@ -333,6 +355,9 @@ def main(argv=None):
     ap.add_argument("--orders", nargs="+", default=list(ORDERS), choices=ORDERS)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ipca-max-d", type=int, default=1024)
+    ap.add_argument("--ipca-prefix", type=int, default=0,
+                    help="d > --ipca-max-d: time IncrementalPCA on this many first rows (no accuracy); 0: skip it")
+    ap.add_argument("--fd-max-l", type=int, default=128, help="cap on fd_mem's ℓ (default %(default)s)")
     ap.add_argument("--threads", type=int, default=1, help="BLAS threads for every method (default 1)")
     ap.add_argument("--quick", action="store_true", help="d=256, n=20000, gaps 1.5 and 10")
     ap.add_argument("--sweep", action="store_true", help="also the OjaGrid block-size sweep and GPU timing")
@@ -363,16 +388,16 @@ def main(argv=None):
     for d in args.d:
         for gap in args.gaps:
             for order in args.orders:
-                methods = make_methods(d, args.seed, args.ipca_max_d)
+                methods = make_methods(d, args.seed, args.ipca_max_d, args.ipca_prefix, args.fd_max_l)
                 t = time.perf_counter()
                 real_gap, rows = run_stream(d, args.n, gap, order, args.seed, methods)
                 print(f"\nd={d} R={gap:g} order={order}  (realised λ1/λ2 = {real_gap:.3f}; {time.perf_counter() - t:.0f} s)")
-                ipca = next((r[2] for r in rows if r[0] == "ipca"), None)
+                ipca = next((r[2] for r in rows if r[0].startswith("ipca")), None)
                 print(f"  {'method':16s} {'|<v,v1>|':>9s} {'rows/s':>12s} {'x ipca':>7s} {'mem rows':>9s}")
                 for name, score, rate, mem, note in rows:
                     ratio = f"{rate / ipca:7.1f}" if ipca else "      -"
                     print(f"  {name:16s} {score:9.4f} {rate:12,.0f} {ratio} {mem:9.0f}  {note}")
-                if d > args.ipca_max_d:
+                if d > args.ipca_max_d and not args.ipca_prefix:
                     print(f"  ipca skipped (d > --ipca-max-d={args.ipca_max_d}: each 5d-row batch is an SVD of {5 * d}x{d})")
 
 

@@ -19,8 +19,9 @@ Guarantee relied on, and memory in floats (d = row width; details in each class 
   last 1/2–3/4 of the block iterates, which cancels the iterate noise a large η leaves and keeps the
   better early iterates of an adversarially sorted stream) are candidates, and the one with the largest
   Rayleigh quotient on a held-back uniform sample of m rows is returned (RQ(u) ≥ λ₁ − ε implies
-  sin²θ ≤ ε/(λ₁ − λ₂), so selection is as good as the sample's RQ estimate). Memory (3G + m + 1)·d, plus a
-  [G, b, b] solve per block of b rows.
+  sin²θ ≤ ε/(λ₁ − λ₂), so selection is as good as the sample's RQ estimate: relative error ≈ √(2/m) per
+  candidate, less for the difference of two close ones; m = 1024 by default). Memory (4G + m + 1)·d, plus
+  a [G, b, b] solve per block of b rows.
 - `StackedPower`: `HeavyLight`'s light path (history power steps, no shuffle, no heavy buffer) on L
   streams at once, batched; the live tap's window sketch. Memory 3·L·k·d.
 - `HeavyLight` (Kacham–Woodruff style, random order): rows with ‖a‖² ≥ ‖A‖_F²/(d·ln²d) ("heavy"; at most
@@ -345,7 +346,7 @@ class OjaGridConfig:
     grid_min: float = 1e-5   # smallest dimensionless step h; η_g = h_g / row_scale
     grid_ratio: float = 2.0  # h_{g+1} / h_g
     grid_size: int = 12      # G runs
-    holdout: int = 256       # m rows of the held-back uniform sample used to pick η
+    holdout: int = 1024      # m rows of the held-back uniform sample used to pick η (class doc: why 1024)
     tau: float = 0.25        # largest load η‖a‖² a row may put on a run (clipped to it, or the run fails)
     clip_ratio: float | None = 8.0  # rows with ‖a‖² > clip_ratio × the running mean enter every run scaled down
                                     # to that energy (None: never); the left-out energy is tracked
@@ -399,10 +400,23 @@ class OjaGrid:
     tail, and the last iterate and the tail average both come too late; the checkpoint keeps the point a
     run had reached. All candidates still compete on the final sample, so the guarantee above is kept.
 
-    Memory: V, two tail sums and the checkpoints [G, d] each + reservoir [m + 1, d] floats; per block of b rows a [G, b, b]
-    solve workspace.
-    Rows that enter the reservoir and are later evicted are seen by no run: about m·(1 + ln(n/m)) of
-    n rows, a uniform random subset. Not mergeable (two Oja products do not combine).
+    Selection, what it relies on: the m sample rows were fed to no run, so for two candidates u, w the
+    sample's RQ(u) − RQ(w) is an unbiased estimate of the whole stream's, with variance
+    Var[(aᵀu)² − (aᵀw)²]/m (for Gaussian rows 2[(uᵀCu)² + (wᵀCw)² − 2(uᵀCw)²]/m, C the second moment:
+    small for close candidates, ≈ 2·RQ²/m for far ones). A candidate δ below the best wins only when that
+    noise exceeds δ, and the largest of 3G noisy scores is picked, so m must make √(2/m) well below the
+    relative RQ gap between a good and a bad candidate. That gap is small when the gap R is: at d = 1024,
+    n = 200k, R = 1.5 in sorted order a candidate with |⟨u, v₁⟩| = 0.883 has an RQ only 7% below the best
+    (its lost mass sits on λ₂ = λ₁/1.5), and m = 256 (√(2/m) = 8.8%) picked it; m = 1024 (4.4%) picks a
+    0.999 checkpoint. Resampling that run's final candidates from a Gaussian with the stream's C, 200
+    draws: a pick below 0.98 in 4% of draws at m = 256, 0.5% at 1024, none at 2048. Rows are not fed
+    to a run while they are in the sample; a row evicted from it is fed then, in the place of the row that
+    displaced it, so the runs see every row but the m left in the sample at the end (the order changes
+    only for those evicted rows, which arrive later than they came).
+
+    Memory: V, two tail sums and the checkpoints [G, d] each + the sample [m + 1, d]: (4G + m + 1)·d floats
+    (1073·d at the defaults, about HeavyLight's 1128·d); per block of b rows a [G, b, b] solve workspace
+    and a [b, d] gather. Not mergeable (two Oja products do not combine).
     """
 
     kind = "oja_grid"
@@ -471,11 +485,18 @@ class OjaGrid:
         pos = xp.arange(0, b)
         last = xp.scatter_max(m + 1, slot, xp.where(admit, pos, -1), -1)  # last admitted writer per slot
         winner = admit & (last[slot] == pos)
+        # A winner displaces the row its slot held before this block (slots [0, min(seen, m)) are filled):
+        # that row leaves the sample, so it is fed to the runs now, in the winner's place. An admitted row
+        # that a later row of this block overwrites is fed where it stands. So every row but the m in the
+        # sample reaches the runs, and no row is fed while it is in the sample (the selection stays on
+        # rows no run has seen).
+        evict = winner & (slot < min(self.seen, m))
+        old = self.holdout[xp.where(evict, slot, m)]  # [b, d] gathered before the write; row m is scratch
         self.holdout[xp.where(winner, slot, m)] = x
         self.seen += b
-        keep = xp.cast(~admit, x.dtype)  # [b]: held-back rows are never fed to a run
-        xm = x * keep[:, None]
-        fed2 = n2 * keep
+        xm = xp.where(winner[:, None], xp.where(evict[:, None], old, 0.0), x)  # [b, d] the rows fed to runs
+        keep = xp.cast(~winner | evict, x.dtype)  # [b]: 0 where a winner filled an empty slot
+        fed2 = (xm * xm).sum(-1)
         weight = None
         if cfg.clip_ratio is not None:
             # mean ‖a‖² of the rows fed before this block (the step scale s before any)
@@ -581,7 +602,8 @@ class OjaGrid:
 
     def memory_floats(self) -> int:
         cfg = self.config
-        return (cfg.grid_size + cfg.holdout + 1) * cfg.dim  # the run iterates and the reservoir
+        # run iterates, this and the previous epoch's tail sums, the checkpoints, and the sample (+1 scratch row)
+        return (4 * cfg.grid_size + cfg.holdout + 1) * cfg.dim
 
     # -- state --
     def state_dict(self) -> dict:

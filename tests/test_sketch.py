@@ -150,6 +150,45 @@ def _burst_stream(d, n, seed):
     return x
 
 
+def reservoir_slots(n, m, seed=0):
+    """Algorithm R row by row on the sketch's row hash: -> [n] the slot each row ends in (−1: not admitted,
+    or evicted since)."""
+    t = np.arange(n, dtype=np.int64)
+    ops = sk._NumpyOps()
+    admit = sk._uniform(ops, t, seed, 1) * (t + 1) < m
+    pick = np.minimum((sk._uniform(ops, t, seed, 2) * m).astype(np.int64), m - 1)
+    holder, where = [-1] * m, np.full(n, -1)
+    for i in range(n):
+        if admit[i]:
+            s = i if i < m else int(pick[i])
+            if holder[s] >= 0:
+                where[holder[s]] = -1
+            holder[s], where[i] = i, s
+    return where
+
+
+def reservoir_feed(n, m, block, seed=0):
+    """-> per block of `block` rows, the rows OjaGrid feeds to its runs there: the rows not admitted to the
+    reservoir, and the rows evicted from it by a row of the block (Algorithm R row by row)."""
+    t = np.arange(n, dtype=np.int64)
+    ops = sk._NumpyOps()
+    admit = sk._uniform(ops, t, seed, 1) * (t + 1) < m
+    pick = np.minimum((sk._uniform(ops, t, seed, 2) * m).astype(np.int64), m - 1)
+    holder, out = [-1] * m, []
+    for b in range(0, n, block):
+        fed = []
+        for i in range(b, min(b + block, n)):
+            if not admit[i]:
+                fed.append(i)
+                continue
+            s = i if i < m else int(pick[i])
+            if holder[s] >= 0:
+                fed.append(holder[s])
+            holder[s] = i
+        out.append(sorted(fed))
+    return out
+
+
 def test_oja_grid_clips_heavy_rows_and_counts_what_it_left_out():
     d, n = 37, 6000
     x = _burst_stream(d, n, seed=3)
@@ -157,14 +196,15 @@ def test_oja_grid_clips_heavy_rows_and_counts_what_it_left_out():
     g = feed(OjaGrid(d, holdout=128, dtype="float64", clip_ratio=8.0), x, 64)
     st_ = g.status()
     # float64 reference of the clipping rule: a fed row heavier than 8× the mean ‖a‖² of the rows fed before
-    # its block enters scaled down to that energy; rows admitted to the reservoir (Algorithm R on the row
-    # hash, even if evicted later) are fed to no run
-    t = np.arange(n, dtype=np.int64)
-    fed = ~(sk._uniform(sk._NumpyOps(), t, 0, 1) * (t + 1) < 128)
+    # its block enters scaled down to that energy; a row is fed in the block where it is not admitted to
+    # the reservoir, or where a later row evicts it from there (Algorithm R on the row hash, row by row)
+    m = 128
+    blocks = reservoir_feed(n, m, block=64)
+    sample = [i for i in range(n) if not any(i in blk for blk in blocks)]
+    assert len(sample) == m and sum(len(blk) for blk in blocks) == n - m  # every other row reaches the runs
     n2 = (x ** 2).sum(1)
     left, rows, total, count = 0.0, 0, 0.0, 0
-    for b in range(0, n, 64):
-        idx = [i for i in range(b, min(b + 64, n)) if fed[i]]
+    for idx in blocks:
         cap = 8.0 * (total / count if count else g.scale)
         heavy = [i for i in idx if n2[i] > cap]
         left += sum(n2[i] - cap for i in heavy)
@@ -173,7 +213,8 @@ def test_oja_grid_clips_heavy_rows_and_counts_what_it_left_out():
         count += len(idx)
     assert rows >= 12 and st_["clipped_rows"] == rows  # the 15 burst rows, less any held back
     assert st_["clipped_energy"] == pytest.approx(left, rel=1e-9)
-    assert st_["fed_energy"] == pytest.approx(n2[fed].sum(), rel=1e-12)
+    assert st_["fed_energy"] == pytest.approx(n2.sum() - n2[sample].sum(), rel=1e-12)
+    np.testing.assert_array_equal(np.asarray(g.holdout[:m]), x[sample][np.argsort(reservoir_slots(n, m)[sample])])
     assert not any(st_["failed"])
     assert corr(g.estimate(), u) >= 0.99
     # without clipping the same grid has to fail its larger steps on the burst rows
@@ -215,7 +256,9 @@ def test_oja_grid_checkpoint_keeps_what_a_run_had_before_a_tail_without_v1():
     x = np.concatenate([head, tail])
     exact = np.linalg.eigh(x.T @ x)[1][:, -1]
     assert abs(exact @ v1) > 0.999  # v1 is still the stream's top direction
-    g = feed(OjaGrid(d, holdout=256, grid_size=4, grid_min=8e-3, dtype="float64"), x, 64)  # all η forget
+    # all η forget; a small sample, since the head rows it gives up over the tail are fed then (eviction)
+    # and would hand the last iterates some v1 back
+    g = feed(OjaGrid(d, holdout=32, grid_size=4, grid_min=8e-3, dtype="float64"), x, 64)
     cand = np.asarray(g.candidates())
     last = np.abs(cand[:4] @ exact).max()
     kept = np.abs(cand[8:] @ exact).max()
@@ -224,6 +267,34 @@ def test_oja_grid_checkpoint_keeps_what_a_run_had_before_a_tail_without_v1():
     # the checkpoints survive a state round trip
     back = OjaGrid.from_state_dict(g.state_dict())
     np.testing.assert_array_equal(np.asarray(back.candidates()), cand)
+
+
+@pytest.mark.parametrize("seed", [2, 4])
+def test_oja_grid_default_sample_picks_a_good_candidate_where_a_small_one_did_not(seed):
+    # R = 1.5 presented by decreasing |⟨a, v1⟩| (the bench's `sorted` order, small d): the late rows carry no
+    # v1, the large-η runs forget it, and their last iterates / tail averages have Rayleigh quotients only a
+    # few % below the good checkpoints. A 256-row held-back sample (the old default) picks one of them on
+    # these seeds; the default sample (1024 rows: about half the RQ noise) picks a good candidate.
+    d, n = 48, 40000
+    x = planted(d, n, top=1.5, seed=seed, order="sorted")
+    u = top(x)[:, 0]
+    small = feed(OjaGrid(d, holdout=256, dtype="float64", seed=seed), x, 1000)
+    assert np.abs(np.asarray(small.candidates()) @ u).max() > 0.99  # the runs did produce a good candidate
+    assert corr(small.estimate(), u) < 0.98  # ... which a 256-row sample does not pick on this stream
+    g = feed(OjaGrid(d, dtype="float64", seed=seed), x, 1000)
+    assert g.config.holdout == 1024
+    assert corr(g.estimate(), u) >= 0.99
+    assert g.status()["fed_energy"] == pytest.approx((x ** 2).sum() - (np.asarray(g.holdout[:1024]) ** 2).sum(),
+                                                     rel=1e-9)  # every row but the final sample reached the runs
+
+
+def test_oja_grid_memory_floats_counts_everything_it_keeps():
+    g = feed(OjaGrid(37, holdout=100, grid_size=5, dtype="float64"), planted(37, 2000, top=4.0, seed=1))
+    kept = [g.v, g.avg_cur, g.avg_prev, g.best, g.holdout]
+    assert g.memory_floats() == sum(np.asarray(a).size for a in kept) == (4 * 5 + 100 + 1) * 37
+    state = g.state_dict()
+    big = {k for k, v in state.items() if isinstance(v, np.ndarray) and v.size > g.config.grid_size}
+    assert big == {"v", "avg_cur", "avg_prev", "best", "holdout"}  # nothing else of size ~d in the state
 
 
 # ---- StackedPower: HeavyLight's light path on L streams, batched ----
@@ -314,6 +385,31 @@ def test_heavy_buffer_overflow_is_counted_and_keeps_the_heaviest():
     want = x[pos][np.argsort(-(x[pos] ** 2).sum(1))][:4]
     np.testing.assert_array_equal(rows, want)
     assert h.status()["overflow"] >= 6
+
+
+@pytest.mark.parametrize("capacity,want", [(4, 6), (10, 0), (12, 0)])
+def test_heavy_overflow_counts_rows_dropped_while_still_heavy(capacity, want):
+    # status()["overflow"]: rows that were still heavy (‖a‖² ≥ ‖A‖_F²/heavy_factor, running) when the buffer
+    # had to drop them, counted once the stream is longer than heavy_factor rows. Here 10 rows stay heavy to
+    # the end (each ≥ n/20 against ‖A‖_F² ≤ 1.6n, factor 40) and 3 are heavy only early (‖a‖² = 30 at row
+    # ~300, light once ‖A‖_F² > 1200): with 4 slots the 6 lightest of the 10 are overflow, the 3 early ones
+    # are demoted, not counted; with ≥ 10 slots nothing overflows and every lasting heavy row is kept.
+    d, n = 16, 6000
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((n, d))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)  # ‖a‖² = 1: never heavy after the first 100 rows
+    early = [300, 310, 320]
+    x[early] *= np.sqrt(30.0)
+    late = np.sort(rng.choice(np.arange(2000, n), 10, replace=False))
+    x[late] *= np.sqrt(n / 20 * (1 + rng.permutation(10) / 100))[:, None]  # distinct norms
+    h = feed(HeavyLight(d, heavy_capacity=capacity, heavy_factor=40.0, shuffle=0, epoch0=256, dtype="float64"),
+             x, 100)
+    assert h.status()["overflow"] == want
+    rows, _ = h.heavy_rows()
+    n2 = (x[late] ** 2).sum(1)
+    keep = late[np.argsort(-n2)][:min(capacity, 10)]
+    np.testing.assert_array_equal(rows[:min(capacity, 10)], x[keep])  # the heaviest, heaviest first
+    assert len(rows) == min(capacity, 10)  # the early rows were demoted once light
 
 
 def test_shuffle_makes_a_sorted_stream_work_for_epoch_power_steps():
