@@ -15,6 +15,17 @@ monitor/offline/texts.py, which is none of the shifts).
     .venv/bin/python bench/bench_detect.py --keep work/        # keep texts, CALIB.json and SCORES.jsonl
     .venv/bin/python bench/bench_detect.py --bound             # what re-weighting the combination could buy
     .venv/bin/python bench/bench_detect.py --throughput --models minilm   # `score` against the bare forward
+    .venv/bin/python bench/bench_detect.py --transfer --models minilm     # corpora A/B × sentences/paragraphs
+    .venv/bin/python bench/bench_detect.py --transfer --quick --models minilm   # the same, a few minutes
+
+--transfer measures transfer, not tuning: two in-distribution corpora (A:
+CPython's docs, what the project was tuned on; B: English man pages, never
+tuned on), each cut into single sentences (8–20 words) and paragraphs (40–90
+words), shifts made in bench/detect_data.py (word_shuffle and content_swap
+keep the corpus's vocabulary). It prints, per corpus and regime, AUROC per
+detector per shift, the combined score, the best baseline and the mean over
+the vocabulary-preserving shifts; then picks a combination rule (which
+detectors' p-values to combine) on one corpus and reports it on the other.
 
 "baselines" are the anchors users compare against: LLM-Check's hidden score
 and the Mahalanobis distance of mean-pooled hidden states.
@@ -188,6 +199,154 @@ def evaluate(model: str, engine: str, files: dict, work: Path, far: list[float],
             "n_calibration": n_cal, "combined_voters": sorted(voters), "weight_bound": wb}
 
 
+def calibrate_and_score(model: str, engine: str, files: dict, shifts, work: Path, tag: str,
+                        far: list[float]) -> dict:
+    """`eigenwatch calibrate` on files["reference"], `eigenwatch score` on heldout + shifts:
+    {"neg": held-out rows, "by": {shift: rows}, "cal": the calibration's offline section}."""
+    calib = work / f"{model}.{tag}.calib.json"
+    t_cal = run("calibrate", "--model", model, "--engine", engine, "--texts", files["reference"],
+                "--out", str(calib), "--far", ",".join(map(str, far)))
+    evals = work / f"{tag}.eval.jsonl"
+    with evals.open("w") as out:
+        for name in ("heldout", *shifts):
+            out.write(Path(files[name]).read_text())
+    scores = work / f"{model}.{tag}.scores.jsonl"
+    t_score = run("score", "--model", model, "--engine", engine, "--calibration", str(calib),
+                  "--texts", str(evals), "--out", str(scores))
+    by = defaultdict(list)
+    for line in scores.read_text().splitlines():
+        r = json.loads(line)
+        by[r["id"].rsplit("-", 1)[0]].append(r)
+    print(f"    {tag}: calibrate {t_cal:.0f} s, score {sum(map(len, by.values()))} texts {t_score:.0f} s")
+    return {"neg": by.pop("heldout"), "by": dict(by), "cal": json.loads(calib.read_text())["offline"]}
+
+
+def rule_scores(rule: dict | None, res: dict) -> tuple[np.ndarray, dict]:
+    """A combination rule applied to one corpus's run: (held-out scores, {shift: scores}).
+    rule None: the combined score `calibrate` wrote. Else {"detectors": [...], "weights": [...]}:
+    the harmonic-mean p-value of those detectors, made conformal on this corpus's own
+    calibration scores (so only the choice of detectors and weights transfers, never a threshold)."""
+    if rule is None:
+        return (np.array([r["score"] for r in res["neg"]]),
+                {s: np.array([r["score"] for r in rows]) for s, rows in res["by"].items()})
+    cal = res["cal"]["calibration_scores"]
+    comb = Combined().fit({k: np.asarray(cal[k], dtype=np.float64) for k in rule["detectors"]},
+                          weights=dict(zip(rule["detectors"], rule["weights"])))
+
+    def sc(rows):
+        return comb.score({k: np.array([r["detectors"][k] for r in rows]) for k in rule["detectors"]})
+
+    return sc(res["neg"]), {s: sc(rows) for s, rows in res["by"].items()}
+
+
+def check_slack(aucs: dict, base: dict) -> float:
+    """The issue's check as one number: min(worst margin against the best baseline, mean AUROC over
+    the vocabulary-preserving shifts − 0.90); >= 0 means the check holds."""
+    worst = min(aucs[s] - base[s] for s in aucs)
+    vp = float(np.mean([aucs[s] for s in detect_data.VOCAB_KEPT]))
+    return min(worst, vp - 0.90)
+
+
+def rule_aucs(rule, res) -> dict:
+    neg, by = rule_scores(rule, res)
+    return {s: auroc(neg, v) for s, v in by.items()}
+
+
+def baseline_aucs(res) -> dict:
+    neg, by = res["neg"], res["by"]
+    return {s: max(auroc([r["detectors"][b] for r in neg], [r["detectors"][b] for r in by[s]]) for b in BASELINES)
+            for s in by}
+
+
+def candidate_rules(dets: list[str]) -> list[dict]:
+    """Every non-empty subset of the detectors, equally weighted (2^k − 1 rules)."""
+    out = []
+    for mask in range(1, 2 ** len(dets)):
+        pick = [d for i, d in enumerate(dets) if mask >> i & 1]
+        out.append({"detectors": pick, "weights": [1.0] * len(pick)})
+    return out
+
+
+def pick_rule(runs: dict, dets: list[str]) -> tuple[dict, float]:
+    """The rule with the largest check slack, worst over the regimes of one corpus
+    (runs: {regime: calibrate_and_score result}); ties: fewer detectors."""
+    base = {g: baseline_aucs(res) for g, res in runs.items()}
+    best, best_slack = None, -np.inf
+    for rule in candidate_rules(dets):
+        slack = min(check_slack(rule_aucs(rule, res), base[g]) for g, res in runs.items())
+        if slack > best_slack + 1e-12:
+            best, best_slack = rule, slack
+    return best, float(best_slack)
+
+
+def print_transfer_table(title: str, res: dict, extra: dict[str, dict]) -> dict:
+    """AUROC per detector per shift, the combined score, extra rule columns, the best baseline;
+    then the mean over every shift and over the vocabulary-preserving ones."""
+    neg, by = res["neg"], res["by"]
+    shifts = [s for s in detect_data.TRANSFER_SHIFTS if s in by]
+    dets = sorted(neg[0]["detectors"])
+    table = {s: {k: auroc([r["detectors"][k] for r in neg], [r["detectors"][k] for r in by[s]]) for k in dets}
+             for s in shifts}
+    comb = rule_aucs(None, res)
+    base = baseline_aucs(res)
+    for s in shifts:
+        table[s]["combined"] = comb[s]
+        table[s]["best_baseline"] = base[s]
+        for name, aucs in extra.items():
+            table[s][name] = aucs[s]
+    cols = dets + ["combined", *extra, "best_baseline"]
+    short = {c: c.replace("_mahalanobis", "_maha").replace("llmcheck_hidden", "llmcheck")
+             .replace("spectral_spike", "spike") for c in cols}
+    width = max(8, max(len(v) for v in short.values()) + 1)
+    print(f"\n   {title}: AUROC vs {len(neg)} held-out texts, {len(by[shifts[0]])} per shift (* = vocabulary kept)")
+    print("   " + "shift".ljust(14) + "".join(short[c].rjust(width) for c in cols))
+    for s in shifts:
+        mark = "*" if s in detect_data.VOCAB_KEPT else " "
+        print("   " + f"{s}{mark}".ljust(14) + "".join(f"{table[s][c]:.3f}".rjust(width) for c in cols))
+    mean = {c: float(np.mean([table[s][c] for s in shifts])) for c in cols}
+    vp = {c: float(np.mean([table[s][c] for s in detect_data.VOCAB_KEPT])) for c in cols}
+    print("   " + "mean".ljust(14) + "".join(f"{mean[c]:.3f}".rjust(width) for c in cols))
+    print("   " + "mean vocab*".ljust(14) + "".join(f"{vp[c]:.3f}".rjust(width) for c in cols))
+    for name in ("combined", *extra):
+        margins = {s: table[s][name] - base[s] for s in shifts}
+        worst = min(margins, key=margins.get)
+        ok = margins[worst] >= 0 and vp[name] >= 0.90
+        print(f"   check [{name}]: ≥ best baseline on {sum(m >= 0 for m in margins.values())}/{len(shifts)} shifts "
+              f"(worst {margins[worst]:+.3f}, {worst}); mean over vocabulary-kept shifts {vp[name]:.3f} "
+              f"-> {'PASS' if ok else 'FAIL'}")
+    return {"auroc": table, "mean": mean, "mean_vocab_kept": vp}
+
+
+def transfer(model: str, engine: str, work: Path, far: list[float], seed: int, quick: bool) -> dict:
+    """Both corpora × both regimes: calibrate + score each, print the tables; then pick a
+    combination rule on each corpus (both regimes) and report it on the other."""
+    sizes = dict(n_ref=150, n_eval=150, n_shift=50) if quick else dict(n_ref=300, n_eval=350, n_shift=100)
+    print(f"\n== {model} ({engine} engine): transfer, corpora {'/'.join(detect_data.CORPORA)} × "
+          f"{'/'.join(detect_data.REGIMES)}, {sizes} ==")
+    runs: dict[str, dict[str, dict]] = {c: {} for c in detect_data.CORPORA}
+    for regime in detect_data.REGIMES:
+        for corpus in detect_data.CORPORA:
+            files = detect_data.build_transfer(work / "data", corpus, regime, seed, **sizes)
+            runs[corpus][regime] = calibrate_and_score(model, engine, files, detect_data.TRANSFER_SHIFTS, work,
+                                                       f"{corpus}-{regime}", far)
+    dets = sorted(runs["A"]["sentence"]["neg"][0]["detectors"])
+    rules = {}
+    for corpus in detect_data.CORPORA:
+        rule, slack = pick_rule(runs[corpus], dets)
+        rules[corpus] = rule
+        print(f"   rule picked on corpus {corpus} (both regimes, check slack there {slack:+.3f}): harmonic mean of "
+              + ", ".join(rule["detectors"]))
+    out = {"rules": rules, "tables": {}}
+    for regime in detect_data.REGIMES:
+        for corpus in detect_data.CORPORA:
+            other = [c for c in detect_data.CORPORA if c != corpus][0]
+            res = runs[corpus][regime]
+            extra = {f"rule_{other}": rule_aucs(rules[other], res)}
+            out["tables"][f"{corpus}-{regime}"] = print_transfer_table(
+                f"corpus {corpus}, {regime}s (rule_{other}: picked on corpus {other})", res, extra)
+    return out
+
+
 def bare_forward(model: str, texts: list[str], batch: int) -> float:
     """texts/s of the bare transformers forward with hidden states (the model's own
     floor for `score`): texts sorted by length, `batch` per padded forward, as
@@ -281,6 +440,13 @@ def main() -> None:
                     help="instead: `score` texts/s against the bare batched forward with hidden states, and the "
                          "batched scores against one text per forward")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of --throughput (default %(default)s)")
+    ap.add_argument("--transfer", action="store_true",
+                    help="instead: both corpora (A: CPython docs, B: man pages) in both regimes (sentences, "
+                         "paragraphs), the transfer shifts, and a combination rule picked on each corpus "
+                         "reported on the other")
+    ap.add_argument("--quick", action="store_true",
+                    help="with --transfer: 150 reference, 150 held-out and 50 texts per shift (a few minutes "
+                         "on MiniLM)")
     ap.add_argument("--keep", type=Path, default=None,
                     help="work in this folder and keep it: the texts, CALIB.json and SCORES.jsonl per model")
     args = ap.parse_args()
@@ -289,6 +455,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp) if args.keep is None else args.keep
         work.mkdir(parents=True, exist_ok=True)
+        if args.transfer:
+            for model in args.models.split(","):
+                results[model] = transfer(model, args.engine, work, far, args.seed, args.quick)
+            if args.json:
+                args.json.write_text(json.dumps(results, indent=1))
+            return
         files = detect_data.build(work / "data", seed=args.seed)
         for model in args.models.split(","):
             if args.throughput:

@@ -21,6 +21,17 @@ Shifts of the held-out texts (each keeps the text's length in words):
     legal          chunks of the licence texts in /usr/share/common-licenses
     code           chunks of CPython's own stdlib source code
 
+The transfer benchmark (`bench_detect.py --transfer`, `build_transfer`) adds a
+second in-distribution corpus the project was never tuned on — B: the prose
+paragraphs of the English man pages in /usr/share/man (sections 1, 5, 8, at
+most 3 pages per name stem) — and two text-length regimes per corpus: single
+sentences (8–20 words) and the 40–90-word chunks. Its shifts (TRANSFER_SHIFTS):
+word_shuffle and content_swap (every content word replaced, in order, by the
+content words of another text of the same corpus; function words stay) keep
+the corpus's vocabulary; word_salad (random English words of both corpora),
+garbled, foreign (translated man pages, /usr/share/man/<lang>), legal and code
+do not.
+
 `eigenwatch calibrate` learns its GRU and the weights of the combined score
 from corrupted copies of the reference texts (monitor/offline/texts.py: word drops,
 span duplication, 8% digit noise, spans of other texts inserted), a recipe
@@ -30,6 +41,7 @@ detectors never saw.
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import pkgutil
@@ -207,6 +219,206 @@ def build(out_dir: str | Path, seed: int = 0, n_ref: int = 300, n_eval: int = 35
         pool = sources.get(kind, held)
         dump(kind, [shift(kind, t, rng, pool) for t in base])
     return {k: str(v) for k, v in files.items()}
+
+
+# ---------------------------------------------------------------------------
+# The transfer benchmark (bench_detect.py --transfer): two in-distribution
+# corpora the rules are picked on / reported on, two text-length regimes, and
+# shifts that include the two that keep the vocabulary of the corpus.
+
+CORPORA = ("A", "B")  # A: CPython's docs (above, what the project was tuned on); B: English man pages (never tuned on)
+REGIMES = ("sentence", "paragraph")  # 8–20 words; 40–90 words
+TRANSFER_SHIFTS = ("word_shuffle", "content_swap", "word_salad", "garbled", "foreign", "legal", "code")
+VOCAB_KEPT = ("word_shuffle", "content_swap")  # the corpus's own words, order or meaning broken
+SENTENCE_WORDS = (8, 20)
+# Function words: what `content_swap` leaves in place (so the sentence keeps its grammatical frame).
+FUNCTION_WORDS = frozenset("""a an the this that these those it its it's is are was were be been being am do does did
+has have had having of in on at by for with from to into onto over under about as than then and or but nor not no
+so if else when while where which who whom whose what how why can could may might must shall should will would
+each every all any some such other another more most less least only also very just there here their they them
+we our you your he she his her i me my us one both either neither same own too again once""".split())
+
+_FONT_MACRO = re.compile(r"^[.'](B|I|BR|RB|IR|RI|BI|IB|SM|SB)(\s+(.*))?$")
+_BREAK_MACRO = re.compile(r"^[.'](PP|P|LP|SH|SS|IP|TP|sp|br|HP|nf|fi|RS|RE|EX|EE|Sp|Vb|Ve|TH|Dd|Sh|Pp|Bl|El|It)\b")
+
+
+def _troff_escapes(line: str) -> str:
+    line = re.sub(r"\\f(\[[^\]]*\]|\(..|.)", "", line)  # font changes
+    line = re.sub(r"\\\*(\[[^\]]*\]|\(..|.)", "", line)  # strings
+    line = re.sub(r"\\\((..)", "", line)  # special characters
+    line = line.replace("\\-", "-").replace("\\e", "\\")
+    line = re.sub(r"\\[&|^/,%:~0]", "", line)
+    line = re.sub(r"\\s[-+]?\d", "", line)
+    return line.replace("\\ ", " ").replace("\\", "")
+
+
+def _man_paragraphs_of(src: str) -> list[str]:
+    """The running-text paragraphs of one troff man page (macros dropped, font macros' words kept)."""
+    paras, cur = [], []
+    for line in src.splitlines():
+        m = _FONT_MACRO.match(line)
+        if m:
+            if m.group(3):
+                cur.append(_troff_escapes(m.group(3).replace('"', "")))
+            continue
+        if line.startswith((".", "'")):
+            if _BREAK_MACRO.match(line) and cur:
+                paras.append(" ".join(cur))
+                cur = []
+            continue
+        line = _troff_escapes(line).strip()
+        if line:
+            cur.append(line)
+    if cur:
+        paras.append(" ".join(cur))
+    return paras
+
+
+def man_paragraphs(lang: str = "", per_group: int = 3) -> list[str]:
+    """Prose paragraphs of the man pages in /usr/share/man (sections 1, 5, 8; `lang` "" = English,
+    else e.g. "de"). At most `per_group` pages per name stem (gcloud-*, llvm-*, git-*), so no one
+    package's boilerplate dominates; no option lists, no command lines."""
+    import collections
+    import gzip
+
+    root = Path("/usr/share/man") / lang
+    groups: dict[str, list[str]] = collections.defaultdict(list)
+    for path in sorted(glob.glob(str(root / "man[158]" / "*"))):
+        groups[re.split(r"[-_.]", Path(path).name)[0]].append(path)
+    out = set()
+    for g in sorted(groups):
+        for path in groups[g][:per_group]:
+            try:
+                raw = gzip.open(path).read() if path.endswith(".gz") else Path(path).read_bytes()
+            except (OSError, EOFError):
+                continue
+            for p in _man_paragraphs_of(raw.decode("utf-8", errors="replace")):
+                p = _clean(p)
+                if len(p.split()) >= 20 and not re.search(r"[{}<>|=]|\$ |--\w|\s-\w", p):
+                    out.add(p)
+    return sorted(out)
+
+
+@functools.lru_cache(maxsize=None)
+def _corpus_paragraphs_cached(corpus: str) -> tuple[str, ...]:
+    return tuple(_corpus_paragraphs_uncached(corpus))
+
+
+def _corpus_paragraphs(corpus: str) -> list[str]:
+    return list(_corpus_paragraphs_cached(corpus))
+
+
+def _corpus_paragraphs_uncached(corpus: str) -> list[str]:
+    if corpus == "A":
+        return _prose_paragraphs()
+    if corpus == "B":
+        paras = man_paragraphs()
+        if len(paras) < 200:
+            raise SystemExit(f"corpus B: only {len(paras)} English man-page paragraphs under /usr/share/man "
+                             "(man-db's pages missing?); install manpages or run without --transfer")
+        return paras
+    raise ValueError(f"corpus: expected one of {', '.join(CORPORA)}, got {corpus!r}")
+
+
+def texts_of(corpus: str, regime: str, seed: int = 0) -> list[str]:
+    """The in-distribution texts of a corpus in a regime, shuffled (see `in_distribution` for why
+    the pieces, not only the paragraphs, are shuffled)."""
+    rng = random.Random(seed)
+    paras = _corpus_paragraphs(corpus)
+    rng.shuffle(paras)
+    if regime == "paragraph":
+        out = _chunk(paras, rng)
+    elif regime == "sentence":
+        lo, hi = SENTENCE_WORDS
+        out = sorted({s for p in paras for s in _sentences(p) if lo <= len(s.split()) <= hi})
+    else:
+        raise ValueError(f"regime: expected one of {', '.join(REGIMES)}, got {regime!r}")
+    rng.shuffle(out)
+    return out
+
+
+def transfer_shift(kind: str, text: str, rng: random.Random, pool: list[str], vocab: list[str]) -> str:
+    """One shifted version of `text` for the transfer benchmark; keeps its length in words.
+    `pool`: other in-distribution texts (content_swap) or the source texts (foreign, legal, code);
+    `vocab`: the English word list of word_salad."""
+    words = text.split()
+    n = len(words)
+    if kind in ("word_shuffle", "garbled"):
+        return shift(kind, text, rng, pool)
+    if kind == "content_swap":
+        # every content word replaced, in order, by the content words of another text of the corpus:
+        # the function-word frame and the corpus vocabulary stay, the meaning does not
+        def content(w):
+            return w.strip(".,;:()\"'").lower() not in FUNCTION_WORDS and any(c.isalpha() for c in w)
+
+        for _ in range(20):
+            other = rng.choice(pool)
+            if other != text:
+                break
+        donors = [w for w in other.split() if content(w)] or words
+        k = rng.randrange(len(donors))
+        out = []
+        for w in words:
+            if content(w):
+                out.append(donors[k % len(donors)])
+                k += 1
+            else:
+                out.append(w)
+        return " ".join(out)
+    if kind == "word_salad":
+        return " ".join(rng.choice(vocab) for _ in range(n))
+    if kind in ("foreign", "legal", "code"):
+        src = rng.choice(pool).split()
+        start = rng.randrange(max(1, len(src) - n))
+        return " ".join(src[start:start + n])
+    raise ValueError(f"transfer_shift: unknown kind {kind!r}; expected one of {', '.join(TRANSFER_SHIFTS)}")
+
+
+def _foreign_sources() -> list[str]:
+    """Man-page paragraphs in the other languages installed under /usr/share/man (de, fr, es, …)."""
+    langs = sorted(p.name for p in Path("/usr/share/man").glob("*") if p.is_dir() and not p.name.startswith("man"))
+    out = [p for lang in langs for p in man_paragraphs(lang, per_group=20)]
+    if not out:
+        raise SystemExit("foreign shift: no translated man pages under /usr/share/man/<lang>/")
+    return out
+
+
+def build_transfer(out_dir: str | Path, corpus: str, regime: str, seed: int = 0, n_ref: int = 300,
+                   n_eval: int = 350, n_shift: int = 100) -> dict:
+    """Like `build`, for one corpus and regime: reference, heldout and one file per TRANSFER_SHIFTS kind."""
+    out_dir = Path(out_dir) / f"{corpus}-{regime}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    texts = texts_of(corpus, regime, seed)
+    if len(texts) < n_ref + n_eval:
+        raise SystemExit(f"corpus {corpus} ({regime}): {len(texts)} texts, fewer than the {n_ref + n_eval} asked")
+    ref, held = texts[:n_ref], texts[n_ref:n_ref + n_eval]
+    files: dict[str, str] = {}
+
+    def dump(name: str, items: list[str]) -> None:
+        path = out_dir / f"{name}.jsonl"
+        with path.open("w") as fh:
+            for i, t in enumerate(items):
+                fh.write(json.dumps({"id": f"{name}-{i}", "text": t}) + "\n")
+        files[name] = str(path)
+
+    dump("reference", ref)
+    dump("heldout", held)
+    global _SOURCES
+    if _SOURCES is None:  # the same sources for every corpus and regime
+        words = {w.strip(".,;:()\"'").lower() for c in ("A", "B") for p in _corpus_paragraphs(c) for w in p.split()}
+        _SOURCES = {"foreign": _foreign_sources(), "legal": _legal_sources(), "code": _code_sources(),
+                    "vocab": sorted(w for w in words if w.isalpha() and len(w) > 1)}
+    base = held[:n_shift]
+    # content_swap takes its donors from held-out texts that are not shifted themselves
+    pool_of = {"foreign": _SOURCES["foreign"], "legal": _SOURCES["legal"], "code": _SOURCES["code"],
+               "content_swap": held[n_shift:] or held}
+    for kind in TRANSFER_SHIFTS:
+        dump(kind, [transfer_shift(kind, t, rng, pool_of.get(kind, held), _SOURCES["vocab"]) for t in base])
+    return files
+
+
+_SOURCES: dict | None = None
 
 
 if __name__ == "__main__":

@@ -41,6 +41,9 @@ class HFTap:
         # Drift calibration (`eigenwatch calibrate`): the live tap's top-direction windows over these rows.
         self.sketches: LayerSketches | None = None
         self.sketch_windows: list[SketchWindow] = []
+        # Offline detectors that read single tokens (monitor/transition.py): when set,
+        # called once per text after its forward with {layer: its rows [n, d], fp32, CPU}.
+        self.row_sink = None
 
     def _hook(self, layer_idx: int):
         def hook(module, args, output):
@@ -91,6 +94,9 @@ class HFTap:
             if self.sums is not None:
                 for layer, stream in sorted(rows.items()):
                     self.sums.add(layer, stream, items)
+            if self.row_sink is not None:
+                for rid, lo, hi in items:
+                    self.row_sink(rid, {layer: stream[lo:hi].cpu() for layer, stream in rows.items()})
         finally:
             self._active = False
             self._rows.clear()

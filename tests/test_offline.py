@@ -127,7 +127,7 @@ def test_calibrate_then_score_end_to_end(calibrated):
         assert isinstance(row["alert"], bool)
         assert isinstance(row["score"], float) and np.isfinite(row["score"]) and row["score"] >= 0
         assert set(row["detectors"]) == {"spectral_spike", "descriptor_mahalanobis", "hidden_mahalanobis",
-                                         "token_mahalanobis", "llmcheck_hidden", "eigentrack"}
+                                         "token_mahalanobis", "llmcheck_hidden", "eigentrack", "layer_transition"}
         assert all(np.isfinite(v) for v in row["detectors"].values())
         assert row["alert"] == (row["p_value"] < FAR)
         # the most spiky window, for `eigenwatch report`: its spike count is the detector's rule

@@ -43,6 +43,8 @@ from eigenwatch.monitor.llmcheck import RIDGE, LLMCheckHidden, middle_layer
 from eigenwatch.monitor.mahalanobis import (DescriptorMahalanobis, HiddenMahalanobis, TokenMahalanobis,
                                             TokenMoments)
 from eigenwatch.monitor.spectral_spike import SpectralSpike
+from eigenwatch.monitor.tokenrows import FEATURE as TOKEN_ROWS
+from eigenwatch.monitor.transition import LayerTransition
 
 from . import OfflineError, log
 from .engines import Tap, fingerprint, model_info, open_engine
@@ -52,9 +54,12 @@ from .texts import InputStats, corrupt_all, read_jsonl
 
 # Detectors fitted on the fit texts' features alone.
 FITTED = {c.name: c for c in (SpectralSpike, DescriptorMahalanobis, HiddenMahalanobis, LLMCheckHidden)}
+# Fitted on the fit texts' per-token rows, which only the hf engine hands over (monitor/tokenrows.py);
+# reported as their own rows, not voters of the combined score (the live tap does not compute them yet).
+ROW_FITTED = {c.name: c for c in (LayerTransition,)}
 # Every detector a calibration file may hold (EigenTrack is trained, TokenMahalanobis fitted from
 # token sums during extraction: neither from the per-text features alone).
-ALL_DETECTORS = dict(FITTED, **{EigenTrack.name: EigenTrack, TokenMahalanobis.name: TokenMahalanobis})
+ALL_DETECTORS = dict(FITTED, **ROW_FITTED, **{EigenTrack.name: EigenTrack, TokenMahalanobis.name: TokenMahalanobis})
 # Fewer corrupted calibration texts than this and the voters' AUROCs are too
 # noisy to weight by (null s.d. of an AUROC ≈ 0.09 at 20 vs 20): equal weights.
 MIN_TEXTS_FOR_WEIGHTS = 20
@@ -150,12 +155,17 @@ def calibrate(args) -> int:
     c_cal = [f for r, f in zip(c_ids, c_feats) if r.endswith("~corrupted-cal")]
 
     detectors = {name: cls().fit(fit_feats) for name, cls in FITTED.items()}
+    if all(TOKEN_ROWS in f for f in feats):
+        detectors.update({name: cls().fit(fit_feats) for name, cls in ROW_FITTED.items()})
+    else:
+        log(f"calibrate: no {', '.join(ROW_FITTED)}: --engine {args.engine} hands over no per-token rows "
+            "(calibrate with --engine hf for them)")
     detectors[token_det.name] = token_det
     eigentrack, risk_info = risk_model(args, info.key, tapped, fit_feats, c_fit)
     if eigentrack is not None:
         detectors[eigentrack.name] = eigentrack
     cal_scores = {name: d.score(cal_feats) for name, d in detectors.items()}
-    voters = combined_voters(cal_scores)
+    voters = combined_voters(k for k in cal_scores if k not in ROW_FITTED)
     weights, corruption_auroc = None, {}
     if len(c_cal) >= 2:
         weights, corruption_auroc = corruption_weights({k: cal_scores[k] for k in voters},

@@ -14,7 +14,9 @@ A text's features (a dict):
   score at the middle tapped layer (monitor/llmcheck.py);
 - ``token_maha``: {layer: mean token d²/d}, when the extraction is given a
   fitted TokenMahalanobis (its ``observe`` turns the text's sums into it) or a
-  TokenMoments to accumulate the fit texts' sums.
+  TokenMoments to accumulate the fit texts' sums;
+- ``token_rows``: {layer: up to 64 of the text's rows, float16} where the engine's tap
+  hands rows over (the hf engine): what layer_transition reads.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from eigenwatch.kernels.descriptors import INDEX
 from eigenwatch.monitor.eigentrack import frames_to_sequence
 from eigenwatch.monitor.llmcheck import llmcheck_scatter, middle_layer
 from eigenwatch.monitor.spectral_spike import relative
+from eigenwatch.monitor.tokenrows import FEATURE as TOKEN_ROWS
+from eigenwatch.monitor.tokenrows import keep_rows
 
 from . import log, positive_int
 from .texts import InputStats, tokenize
@@ -88,15 +92,28 @@ def extract(engine, info, items, max_length: int | None, stats: InputStats, desc
     layers = tuple(engine.layers)
     ids_out: list[str] = []
     feats: list[dict] = []
-    for rid, frames, sums, why in engine.run(prepared, desc):
-        why = why or _problem(ids_of[rid], frames, sums, layers)
-        part = None if why else frame_features(frames, layers)
-        if part is None:
-            stats.failed += 1
-            log(f"skipped: text {rid!r}: {why or 'the tap produced no frame for some layer'}")
-            continue
-        feats.append(dict(part, **sum_features({l: sums[l] for l in layers}, layers, token)))
-        ids_out.append(rid)
+    # Per-token rows for the detectors that read single tokens (monitor/tokenrows.py), where
+    # the engine's tap hands them over (the hf engine; vLLM keeps its rows in the worker).
+    tap = getattr(engine, "tap", None)
+    kept: dict[str, dict] = {}
+    if tap is not None and hasattr(tap, "row_sink"):
+        tap.row_sink = lambda rid, rows: kept.__setitem__(rid, keep_rows(rows))
+    try:
+        for rid, frames, sums, why in engine.run(prepared, desc):
+            why = why or _problem(ids_of[rid], frames, sums, layers)
+            part = None if why else frame_features(frames, layers)
+            rows = kept.pop(rid, None)
+            if part is None:
+                stats.failed += 1
+                log(f"skipped: text {rid!r}: {why or 'the tap produced no frame for some layer'}")
+                continue
+            feats.append(dict(part, **sum_features({l: sums[l] for l in layers}, layers, token)))
+            if rows is not None:
+                feats[-1][TOKEN_ROWS] = rows
+            ids_out.append(rid)
+    finally:
+        if tap is not None and hasattr(tap, "row_sink"):
+            tap.row_sink = None
     return ids_out, feats
 
 

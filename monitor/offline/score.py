@@ -118,7 +118,10 @@ def score(args) -> int:
     live.layers = {layer: c for (model, layer), c in cal.spike.items() if model == info.key}
     with fh:
         if feats:
-            raw = {name: d.score(feats) for name, d in detectors.items()}
+            try:
+                raw = {name: d.score(feats) for name, d in detectors.items()}
+            except ValueError as exc:  # e.g. a detector that reads per-token rows, under --engine vllm
+                raise OfflineError(f"--calibration: {exc}") from None
             p = combined.p_values(raw)
             for i, rid in enumerate(ids):
                 alert = bool(p[i] < far)
