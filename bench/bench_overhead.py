@@ -2,12 +2,14 @@
 running on the same machine), interleaved A/B in one run.
 
     .venv/bin/python bench/bench_overhead.py [--models tiny,small,minilm] [--pairs 5] [--spectra sidecar,tap]
-        [--sketch off,on [--sketch-every 4096 --sketch-sample 1]]
+        [--sketch off,on [--sketch-every 4096 --sketch-sample 1]] [--hidden off,on]
 
 Per model, engine processes with the same settings (vLLM's default compiled
 mode): one without the tap and one with it per --spectra setting (where the
 window spectra are computed: EIGENWATCH_SPECTRA) and --sketch setting (the
-top-direction sketches of the drift detector: EIGENWATCH_SKETCH), each started once and kept
+top-direction sketches of the drift detector: EIGENWATCH_SKETCH) and --hidden setting (the combined
+score's hidden-state statistics, EIGENWATCH_CALIBRATION: the bench first runs `eigenwatch calibrate` on
+--hidden-texts pydoc passages for the model, and hands the tap that file), each started once and kept
 warm; the same load goes to each in turn, the order rotating every round, for
 --pairs rounds, so drift in the machine's load hits all of them. Generate models (tiny: the demo's random
 Llama; small: the same recipe at hidden 1024 × 8 layers, ~110M parameters):
@@ -47,6 +49,10 @@ def child(args) -> None:
            "EIGENWATCH_SPECTRA": args.spectra_at, "EIGENWATCH_SKETCH": args.sketch_on,
            "EIGENWATCH_SKETCH_EVERY": str(args.sketch_every), "EIGENWATCH_SKETCH_SAMPLE": str(args.sketch_sample)
            } if args.tap == "on" else {}
+    if args.tap == "on" and args.calibration_file:
+        off = json.loads(open(args.calibration_file).read())["offline"]
+        tap.update(EIGENWATCH_CALIBRATION=args.calibration_file, EIGENWATCH_LAYERS=",".join(map(str, off["layers"])),
+                   EIGENWATCH_WINDOW=str(off["window"]), EIGENWATCH_STRIDE=str(off["stride"]))
     if args.tap == "off":
         tap = {"EIGENWATCH_ENABLE": None, "EIGENWATCH_DISABLE": "1"}
     engine = Engine(path, runner, tap_env=tap, max_model_len=None if runner == "pooling" else 1024)
@@ -100,14 +106,16 @@ def child(args) -> None:
         if args.tap == "on":
             st = engine.tap_stats()
             res["tap"] = {k: st.get(k) for k in ("capture_path", "spectra_at", "frames_emitted", "frames_sent",
-                                                 "frames_dropped", "hook_errors", "sketch")}
+                                                 "frames_dropped", "hook_errors", "sketch", "hidden")}
         print("RESULT " + json.dumps(res), flush=True)
     engine.close()
 
 
 class Server:
-    def __init__(self, args, model: str, tap: str, sidecar: str, spectra_at: str = "auto", sketch: str = "off"):
+    def __init__(self, args, model: str, tap: str, sidecar: str, spectra_at: str = "auto", sketch: str = "off",
+                 calibration: str = ""):
         cmd = [sys.executable, __file__, "--child", "--model", model, "--tap", tap, "--sidecar", sidecar,
+               "--calibration-file", calibration,
                "--spectra-at", spectra_at, "--sketch-on", sketch, "--sketch-every", str(args.sketch_every),
                "--sketch-sample", str(args.sketch_sample),
                "--concurrency", str(args.concurrency or DEFAULT_CONCURRENCY[model]),
@@ -145,14 +153,32 @@ def _spread(values) -> str:
     return f"{statistics.median(values):.3f} ({min(values):.3f}..{max(values):.3f})"
 
 
-def compare(args, model: str, sidecar) -> list[str]:
-    """Tap off against tap on for each --spectra and --sketch setting, in rotating order."""
+def calibrate_for(model: str, n: int, folder: str) -> str:
+    """CALIB.json for `model` from `eigenwatch calibrate` on n pydoc passages (the --hidden runs' file)."""
+    import pydoc_data.topics as topics
+
+    words = " ".join(topics.topics[k] for k in sorted(topics.topics)).split()
+    texts = os.path.join(folder, f"{model}.jsonl")
+    with open(texts, "w") as fh:
+        for i in range(n):
+            fh.write(json.dumps({"id": f"r{i}", "text": " ".join(words[i * 50:(i + 1) * 50])}) + "\n")
+    out = os.path.join(folder, f"{model}.calib.json")
+    subprocess.run([sys.executable, "-m", "eigenwatch.monitor.cli", "calibrate", "--model", model, "--texts", texts,
+                    "--out", out], check=True, capture_output=True)
+    return out
+
+
+def compare(args, model: str, sidecar, folder: str) -> list[str]:
+    """Tap off against tap on for each --spectra, --sketch and --hidden setting, in rotating order."""
     configs = {"off": Server(args, model, "off", "-")}
+    calibration = calibrate_for(model, args.hidden_texts, folder) if "on" in args.hidden.split(",") else ""
     try:
         for where in args.spectra.split(","):
             for sketch in args.sketch.split(","):
-                name = f"on/{where}" + ("+sketch" if sketch == "on" else "")
-                configs[name] = Server(args, model, "on", sidecar.grpc, where, sketch)
+                for hidden in args.hidden.split(","):
+                    name = f"on/{where}" + ("+sketch" if sketch == "on" else "") + ("+hidden" if hidden == "on" else "")
+                    configs[name] = Server(args, model, "on", sidecar.grpc, where, sketch,
+                                           calibration if hidden == "on" else "")
         names = list(configs)
         pairs = []
         for i in range(args.pairs):
@@ -206,6 +232,11 @@ def main() -> None:
                         "both in the same rotation)")
     p.add_argument("--sketch-every", type=int, default=4096, help="EIGENWATCH_SKETCH_EVERY (default %(default)s)")
     p.add_argument("--sketch-sample", type=int, default=1, help="EIGENWATCH_SKETCH_SAMPLE (default %(default)s)")
+    p.add_argument("--hidden", default="off",
+                   help="off,on: without / with the combined score's hidden-state statistics in the tap "
+                        "(EIGENWATCH_CALIBRATION; default %(default)s)")
+    p.add_argument("--hidden-texts", type=int, default=96, help="texts `calibrate` fits the --hidden file on")
+    p.add_argument("--calibration-file", default="", help=argparse.SUPPRESS)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--sketch-on", default="off", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
@@ -221,9 +252,10 @@ def main() -> None:
     bad = [x for x in args.spectra.split(",") if x not in ("auto", "sidecar", "tap")]
     if bad:
         p.error(f"--spectra: expected a comma-separated list of auto, sidecar, tap; got {', '.join(bad)}")
-    bad = [x for x in args.sketch.split(",") if x not in ("on", "off")]
-    if bad:
-        p.error(f"--sketch: expected a comma-separated list of off, on; got {', '.join(bad)}")
+    for flag, value in (("--sketch", args.sketch), ("--hidden", args.hidden)):
+        bad = [x for x in value.split(",") if x not in ("on", "off")]
+        if bad:
+            p.error(f"{flag}: expected a comma-separated list of off, on; got {', '.join(bad)}")
 
     from eigenwatch.monitor.cli.processes import SidecarProcess
 
@@ -231,9 +263,12 @@ def main() -> None:
     try:
         print(f"bench_overhead: {os.cpu_count()} CPUs, {args.pairs} interleaved pairs per model, vLLM default "
               f"compiled mode; the sidecar runs on the same machine at its default --nice", flush=True)
-        for model in [m.strip() for m in args.models.split(",") if m.strip()]:
-            for line in compare(args, model, sidecar):
-                print(line, flush=True)
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as folder:
+            for model in [m.strip() for m in args.models.split(",") if m.strip()]:
+                for line in compare(args, model, sidecar, folder):
+                    print(line, flush=True)
     finally:
         sidecar.stop()
 

@@ -41,6 +41,9 @@ VARIANTS = {
     "calibration-inline": {"calibration": {"data": CALIBRATION}},
     "calibration-configmap": {"calibration": {"existingConfigMap": "my-calibration", "fileName": "cal.json"}},
     "calibration-volume": {"calibration": {"volume": {"persistentVolumeClaim": {"claimName": "calib"}}}},
+    "calibration-sidecar-only": {"calibration": {"data": CALIBRATION}, "vllm": {"tap": {"combined": False}}},
+    "attach-calibration": {"mode": "attach", "attach": {"podSelector": {"app": "vllm"}},
+                           "calibration": {"existingConfigMap": "my-calibration"}},
     "podmonitor-networkpolicy": {
         "prometheus": {"release": "prom", "monitor": {"kind": "PodMonitor"}},
         "networkPolicy": {"enabled": True, "metricsFrom": [
@@ -213,9 +216,12 @@ def test_variant_renders_and_validates_against_kubernetes_schemas(chart, variant
                 assert_file_mounted(pod, sidecar, getattr(args, flag))
         env = {e["name"]: e.get("value") for e in vllm["env"]}
         assert env["EIGENWATCH_ENABLE"] == "1"
-        for var in ("EIGENWATCH_TOKEN_FILE", "EIGENWATCH_TLS_CA", "EIGENWATCH_TLS_CERT", "EIGENWATCH_TLS_KEY"):
+        for var in ("EIGENWATCH_TOKEN_FILE", "EIGENWATCH_TLS_CA", "EIGENWATCH_TLS_CERT", "EIGENWATCH_TLS_KEY",
+                    "EIGENWATCH_CALIBRATION"):
             if var in env:
                 assert_file_mounted(pod, vllm, env[var])
+        # The tap gets the sidecar's calibration (the live combined score) unless told not to.
+        assert env.get("EIGENWATCH_CALIBRATION") == (args.calibration if v["vllm"]["tap"]["combined"] else None)
         assert ("EIGENWATCH_TOKEN_FILE" in env) == bool(args.token_file) == v["auth"]["token"]["enabled"]
         assert bool(args.tls_cert) == ("EIGENWATCH_TLS_CA" in env) == v["tls"]["enabled"]
         if values.get("mode") == "attach":  # the user's own settings survive the patch

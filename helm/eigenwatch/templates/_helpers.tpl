@@ -226,6 +226,10 @@ grpc:
   value: {{ .Values.vllm.tap.stride | quote }}
 - name: EIGENWATCH_DEFAULT
   value: {{ .Values.vllm.tap.default | quote }}
+{{- if and .Values.vllm.tap.combined (include "eigenwatch.hasCalibration" .) }}
+- name: EIGENWATCH_CALIBRATION
+  value: /etc/eigenwatch/calibration/{{ .Values.calibration.fileName }}
+{{- end }}
 {{- if .Values.auth.token.enabled }}
 - name: EIGENWATCH_TOKEN_FILE
   value: /etc/eigenwatch/token/{{ .Values.auth.token.secretKey }}
@@ -251,6 +255,11 @@ grpc:
 {{- if eq .Values.sidecar.transport "unix" }}
 - name: eigenwatch-socket
   mountPath: {{ .Values.sidecar.socketDir }}
+{{- end }}
+{{- if and .Values.vllm.tap.combined (include "eigenwatch.hasCalibration" .) }}
+- name: eigenwatch-calibration
+  mountPath: /etc/eigenwatch/calibration
+  readOnly: true
 {{- end }}
 {{- if .Values.auth.token.enabled }}
 - name: eigenwatch-token
