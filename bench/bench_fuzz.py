@@ -46,6 +46,7 @@ def main() -> int:
         rss0 = rss_mb(sc.proc.pid)
         print(f"sidecar RSS at start {rss0:.0f} MiB; budget {args.budget_mb} MiB; {args.cases} cases per RPC")
         print(f"  {'rpc':28s} {'cases':>6s} {'s':>6s}  status codes")
+        t_all = time.perf_counter()
         for method, kind, strategy in CASES:
             codes: collections.Counter = collections.Counter()
             t0 = time.perf_counter()
@@ -63,6 +64,7 @@ def main() -> int:
             name = method.rsplit("/", 2)[-2].rsplit(".", 1)[-1] + "/" + method.rsplit("/", 1)[-1]
             print(f"  {name:28s} {sum(codes.values()):6d} {time.perf_counter() - t0:6.1f}  "
                   + ", ".join(f"{k} {v}" for k, v in codes.most_common()))
+        print(f"  all RPCs: {len(CASES) * args.cases} cases in {time.perf_counter() - t_all:.0f} s")
         alive = sc.alive()
         rss1 = rss_mb(sc.proc.pid) if alive else float("nan")
         text = scrape(sc.metrics) if alive else ""

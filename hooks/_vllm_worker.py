@@ -220,9 +220,15 @@ class _VllmTap:
         self.signatures = signature_bank(cfg, model, self.layers, len(stack), model_cfg, self)
         self.embeds = self._embedding_tap(cfg, len(stack))
         # The combined score's hidden-state statistics (hooks/hidden.py): None without EIGENWATCH_CALIBRATION.
-        cal = (load_hidden_calibration(cfg.calibration, self.layers, cfg.window, cfg.stride)
-               if cfg.calibration else None)
-        self.hidden = HiddenStatsTap(cal, cfg.max_requests) if cal is not None else None
+        # A file it cannot use turns only these off (logged, in stats()): the frames still flow.
+        self.hidden, self.hidden_error = None, None
+        try:
+            cal = (load_hidden_calibration(cfg.calibration, self.layers, cfg.window, cfg.stride)
+                   if cfg.calibration else None)
+            self.hidden = HiddenStatsTap(cal, cfg.max_requests) if cal is not None else None
+        except ValueError as exc:
+            self.hidden_error = str(exc)
+            log.error("eigenwatch: no hidden-state statistics (the live combined score): %s", exc)
         self.hidden_lost = 0  # finished requests whose statistics found no final frame
         self.path, self.path_reason = self._choose_path(model)
         if self.path == "aux":
@@ -389,6 +395,10 @@ class _VllmTap:
         if self.hidden is not None:
             try:  # own guard: a failed statistic must not cost the frames of this step
                 self.hidden.add_step(rows, items)
+            except ValueError as exc:  # the file does not fit this model: off for good, said once
+                self.hook_errors += 1
+                self.hidden, self.hidden_error = None, str(exc)
+                log.error("eigenwatch: hidden-state statistics off: %s", exc)
             except Exception:
                 self.hook_errors += 1
                 self._log_once("hidden", "eigenwatch: hidden-state statistics failed (logged once)")
@@ -523,7 +533,7 @@ class _VllmTap:
             capture_path_reason=self.path_reason,
             sketch=None if self.sketches is None else self.sketches.stats(),
             signature=None if self.signatures is None else self.signatures.stats(),
-            hidden=None if self.hidden is None else {
+            hidden=({"error": self.hidden_error} if self.hidden_error else None) if self.hidden is None else {
                 "calibration": self.hidden.cal.path, "id": self.hidden.cal.id,
                 "tracked": len(self.hidden.slot_of), "untracked": self.hidden.untracked, "lost": self.hidden_lost},
             embeddings=None if self.embeds is None else {"source": self.cfg.embeddings,

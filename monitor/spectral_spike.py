@@ -36,8 +36,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from eigenwatch.kernels.descriptors import count_spikes
-from eigenwatch.kernels.rmt import mp_quantile
+from eigenwatch.kernels.descriptors import count_spikes, mp_gamma
+from eigenwatch.kernels.rmt import mp_edges, mp_quantile
 from eigenwatch.v1 import monitor_pb2
 
 from .calibration import LayerCalibration
@@ -178,6 +178,7 @@ class SpikeDetector:
         self.buffer_bytes = 0  # held by the calibration buffers
         self.on_calibrated = None  # callback(key, LayerCalibration)
         self.on_refused = None  # callback(reason) for a frame not learned from
+        self._edges: dict[tuple, tuple] = {}  # (key, window, dim) -> (calibration, MP edge, threshold)
 
     def _refuse(self, reason: str) -> SpikeResult:
         if self.on_refused is not None:
@@ -220,6 +221,44 @@ class SpikeDetector:
         threshold = cal.spike_threshold if self.spike_threshold is None else self.spike_threshold
         spikes = count_spikes(rel[0], window, dim, cal.sigma2)
         return SpikeResult(spikes=spikes, severity=severity(spikes, threshold), threshold=float(threshold))
+
+    def observe_calibrated(self, keys, eigs: np.ndarray, windows, dims,
+                           trace_mean: np.ndarray) -> list[SpikeResult | None]:
+        """`observe` for many frames at once (a FrameBatch's spectrum frames of one window size):
+        keys [n] (model, layer), eigs [n, W] float64, windows, dims [n], the frames' trace_mean
+        [n] (their sigma2 matters only to a layer still calibrating). The frames of calibrated layers at the calibration's width get their
+        SpikeResult, the spikes counted in one numpy pass with `observe`'s arithmetic; the
+        others (a layer still calibrating, another width) get None: pass them to `observe`."""
+        out: list[SpikeResult | None] = [None] * len(keys)
+        rows, edges, thresholds = [], [], []
+        calibration, cache = self.calibration, self._edges
+        trace_mean = np.asarray(trace_mean, dtype=np.float64)
+        tm = trace_mean.tolist()
+        for i, key in enumerate(keys):
+            cal = calibration.get(key)
+            if cal is None:
+                continue
+            ek = (key, windows[i], dims[i])
+            hit = cache.get(ek)
+            if hit is None or hit[0] is not cal:  # first frame of this shape, or a new calibration
+                if cal.dim and dims[i] != cal.dim:
+                    continue
+                if len(cache) >= 4096:
+                    cache.clear()
+                hit = cache[ek] = (cal, mp_edges(mp_gamma(windows[i], dims[i]), cal.sigma2)[1],
+                                   cal.spike_threshold if self.spike_threshold is None else self.spike_threshold)
+            if not tm[i] > 0:
+                out[i] = SpikeResult(spikes=None)  # `relative`: no spectrum, nothing to flag
+                continue
+            rows.append(i)
+            edges.append(hit[1])
+            thresholds.append(hit[2])
+        if rows:
+            rel = eigs[rows] / trace_mean[rows, None]  # as `relative`, row-wise
+            counts = np.count_nonzero(rel > np.asarray(edges)[:, None], axis=1).tolist()
+            for i, c, t in zip(rows, counts, thresholds):
+                out[i] = SpikeResult(spikes=c, severity=severity(c, t), threshold=float(t))
+        return out
 
     def _drop(self, key) -> None:
         buf = self._collecting.pop(key, None)

@@ -139,6 +139,44 @@ def test_calibration_buffers_hold_float32_and_go_when_idle():
     assert not det._collecting
 
 
+def test_drift_state_is_bounded_by_the_calibration_not_by_clients():
+    """Per-(model, layer) drift state is never evicted; it needs no eviction because it exists
+    only for the pairs --calibration has a drift reference for (fixed at start). Snapshots of
+    5,000 other pairs leave nothing behind but counters, and 200 drift excursions on the
+    referenced layer keep at most MAX_ALERTS_PER_REQUEST alerts on its stream."""
+    from prometheus_client import CollectorRegistry
+
+    from eigenwatch.monitor.calibration import DriftCalibration, LayerDrift
+    from eigenwatch.monitor.sidecar.alerts import MAX_ALERTS_PER_REQUEST, AlertHub
+    from eigenwatch.monitor.sidecar.drift import DriftMonitor, validate_snapshot
+    from eigenwatch.monitor.sidecar.metrics import Metrics
+
+    dim, every = 8, 256
+    ref = np.eye(dim)[0]
+    cal = DriftCalibration(every=every, sample=1, persist=1,
+                           layers={("m", 1): LayerDrift(direction=ref, alert_deg=20.0, clear_deg=10.0)})
+    metrics = Metrics(CollectorRegistry())
+    mon = DriftMonitor(cal, metrics, AlertHub(metrics))
+
+    def snap(model, layer, direction, seen):
+        s = monitor_pb2.DirectionSnapshot(model=model, layer=layer, tokens_seen=seen, window_tokens=every, rows=every,
+                                          dim=dim, k=1, directions=np.asarray(direction, "<f4").tobytes())
+        assert validate_snapshot(s) is None
+        return s
+
+    for i in range(5000):  # pairs with no reference: an angle is never computed, no state is kept
+        assert mon.observe(snap(f"m{i % 50}", i, np.eye(dim)[1], every)) is None
+    assert set(mon.streams) <= set(cal.layers) and not mon.streams
+    for i in range(200):  # away (an alert), back (re-armed), 200 times
+        assert mon.observe(snap("m", 1, np.eye(dim)[1], every * (2 * i + 1))) == pytest.approx(90)
+        assert mon.observe(snap("m", 1, ref, every * (2 * i + 2))) == pytest.approx(0)
+    assert set(mon.streams) == {("m", 1)}
+    assert len(mon.streams[("m", 1)].alerts) == MAX_ALERTS_PER_REQUEST
+    assert metrics.registry.get_sample_value("eigenwatch_alerts_total", {
+        "model": "m", "detector": "drift", "severity": "warning"}) == 200
+    assert len(mon._logged) <= 1024  # the once-per-key log lines are capped too
+
+
 # ---- 2. calibration one client cannot decide -------------------------------------------
 
 def honest(det, n_requests, per_request=8, model="m", layer=0, window=16, dim=64):

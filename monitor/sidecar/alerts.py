@@ -93,6 +93,7 @@ class AlertHub:
         self.queue_size = queue_size
         self.charge = charge  # callback(request state, bytes) for the memory estimate
         self.watchers: dict[int, _Watcher] = {}
+        self._counters: dict[tuple, object] = {}  # (model, detector, severity) -> eigenwatch_alerts_total child
 
     def raise_alert(self, st, detector: str, severity: int, value: float, threshold: float, message: str,
                     layer: int, token_count: int) -> monitor_pb2.Alert:
@@ -105,7 +106,13 @@ class AlertHub:
             st.alerts.append(alert)
             if self.charge is not None and hasattr(st, "bytes"):  # request states (not drift's per-layer states)
                 self.charge(st, ALERT_BYTES)
-        self.metrics.alerts.labels(st.model, detector, severity_name(severity)).inc()
+        key = (st.model, detector, severity)
+        counter = self._counters.get(key)
+        if counter is None:  # .labels() costs a lock and a lookup: once per (model, detector, severity)
+            counter = self.metrics.alerts.labels(st.model, detector, severity_name(severity))
+            if len(self._counters) < 4096:  # models are capped (--max-models); this is a backstop
+                self._counters[key] = counter
+        counter.inc()
         for w in self.watchers.values():  # nothing here awaits: the dict cannot change meanwhile
             if w.model and w.model != alert.model:
                 continue
@@ -142,12 +149,21 @@ class AlertHub:
         key = id(w)
         self.watchers[key] = w
         self.metrics.alert_watchers.inc()
+        loop = asyncio.get_running_loop()
+        queue = w.queue
         try:
             while True:
-                alert = await w.queue.get()
+                alert = await queue.get()
+                # One deadline per burst, pushed back after every write the client took: an
+                # asyncio.timeout costs a timer handle, where wait_for per write cost a task
+                # (the fan-out of one alert to every watcher is the sidecar's costliest path).
                 try:
-                    await asyncio.wait_for(context.write(alert), self.stall_s)
-                except asyncio.TimeoutError:
+                    async with asyncio.timeout(self.stall_s) as deadline:
+                        await context.write(alert)
+                        while not queue.empty():  # what was raised meanwhile, without a wake-up each
+                            deadline.reschedule(loop.time() + self.stall_s)
+                            await context.write(queue.get_nowait())
+                except TimeoutError:
                     self.metrics.refused.labels("watcher_stalled").inc()
                     break
         finally:

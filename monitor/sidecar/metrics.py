@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 # log(W) for W up to 64 stays under 4.2 nats.
 ENTROPY_BUCKETS = tuple(round(0.25 * i, 2) for i in range(1, 18))
@@ -81,13 +83,101 @@ class TapStatsCollector(Collector):
         yield taps_g
 
 
+class WindowMetrics(Collector):
+    """The per-window series, labelled (model, layer): eigenwatch_frames_ingested_total and the
+    histograms eigenwatch_spectral_entropy_nats, eigenwatch_lambda1 and eigenwatch_spikes.
+
+    Ingest updates them once per FrameBatch with numpy (`add`), not once per frame: a
+    prometheus-client child costs a lock and a bucket search per observation, which at
+    100k frames/s is a large share of the sidecar's time. Counts live in numpy arrays,
+    one row per (model, layer) (LabelGuard bounds how many); scrapes copy them under a
+    lock taken once per batch, and render the same series a Counter and Histograms would."""
+
+    _HISTOGRAMS = (
+        ("entropy", "eigenwatch_spectral_entropy_nats", "Spectral entropy of window spectra", ENTROPY_BUCKETS),
+        ("lambda1", "eigenwatch_lambda1", "Largest eigenvalue of the centred window Gram / d", LAMBDA_BUCKETS),
+        ("spikes", "eigenwatch_spikes", "Eigenvalues above the calibrated MP edge per window", SPIKE_BUCKETS),
+    )
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._rows: dict[tuple[str, int], int] = {}
+        self._keys: list[tuple[str, str]] = []  # row -> (model, layer label)
+        self._bounds = {name: np.asarray(b, dtype=np.float64) for name, _, _, b in self._HISTOGRAMS}
+        self._ingested = np.zeros(0, dtype=np.int64)
+        self._counts = {name: np.zeros((0, len(b) + 1), dtype=np.int64) for name, _, _, b in self._HISTOGRAMS}
+        self._sums = {name: np.zeros(0, dtype=np.float64) for name, _, _, _ in self._HISTOGRAMS}
+
+    def row(self, model: str, layer: int) -> int:
+        """The row of a (model, layer); its series appear (at zero) from now on."""
+        r = self._rows.get((model, layer))
+        if r is not None:
+            return r
+        with self._lock:
+            r = self._rows[(model, layer)] = len(self._keys)
+            self._keys.append((model, str(layer)))
+            if r >= len(self._ingested):  # grow by doubling: a new pair costs O(1) amortised
+                size = max(8, 2 * len(self._ingested))
+                self._ingested = np.resize(self._ingested, size)
+                self._ingested[r:] = 0
+                for name in self._counts:
+                    c = np.zeros((size, self._counts[name].shape[1]), dtype=np.int64)
+                    c[:r] = self._counts[name][:r]
+                    self._counts[name] = c
+                    s = np.zeros(size, dtype=np.float64)
+                    s[:r] = self._sums[name][:r]
+                    self._sums[name] = s
+        return r
+
+    def add(self, rows, entropy, lambda1, spike_rows, spikes) -> None:
+        """One batch: rows [n] (from `row`) of the ingested frames, their entropy and lambda1 [n];
+        spike_rows [m] and spikes [m] of the frames the spike detector counted."""
+        if not len(rows):
+            return
+        rows = np.asarray(rows, dtype=np.intp)
+        with self._lock:
+            n_rows = len(self._ingested)
+            self._ingested += np.bincount(rows, minlength=n_rows)
+            for name, r, v in (("entropy", rows, entropy), ("lambda1", rows, lambda1),
+                               ("spikes", spike_rows, spikes)):
+                if not len(v):
+                    continue
+                r = np.asarray(r, dtype=np.intp)
+                v = np.asarray(v, dtype=np.float64)
+                counts = self._counts[name]
+                # bucket i holds values <= bound i (Prometheus' `le`); the last one is +Inf
+                b = np.searchsorted(self._bounds[name], v, side="left")
+                width = counts.shape[1]
+                counts += np.bincount(r * width + b, minlength=n_rows * width).reshape(n_rows, width)
+                self._sums[name] += np.bincount(r, weights=v, minlength=n_rows)
+
+    def collect(self):
+        with self._lock:
+            n = len(self._keys)
+            keys = list(self._keys)
+            ingested = self._ingested[:n].copy()
+            counts = {k: v[:n].cumsum(axis=1) for k, v in self._counts.items()}
+            sums = {k: v[:n].copy() for k, v in self._sums.items()}
+        fam = CounterMetricFamily("eigenwatch_frames_ingested", "Frames accepted by the sidecar",
+                                  labels=["model", "layer"])
+        for key, value in zip(keys, ingested.tolist()):
+            fam.add_metric(list(key), value)
+        yield fam
+        for name, metric, doc, bounds in self._HISTOGRAMS:
+            les = [floatToGoString(b) for b in bounds] + ["+Inf"]
+            fam = HistogramMetricFamily(metric, doc, labels=["model", "layer"])
+            for key, cum, total in zip(keys, counts[name].tolist(), sums[name].tolist()):
+                fam.add_metric(list(key), list(zip(les, cum)), total)
+            yield fam
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry):
         self.registry = registry
         ml = ["model", "layer"]
-        self.frames_ingested = Counter(
-            "eigenwatch_frames_ingested", "Frames accepted by the sidecar", ml, registry=registry
-        )
+        # eigenwatch_frames_ingested_total and the per-window histograms: updated per batch
+        self.windows = WindowMetrics()
+        registry.register(self.windows)
         self.frames_rejected = Counter(
             "eigenwatch_frames_rejected", "Frames refused as malformed, by offending field", ["field"], registry=registry
         )
@@ -95,18 +185,6 @@ class Metrics:
             "eigenwatch_active_requests", "Monitored requests that have not finished", ["model"], registry=registry
         )
         self.requests = Counter("eigenwatch_requests", "Monitored requests seen", ["model"], registry=registry)
-        self.spectral_entropy = Histogram(
-            "eigenwatch_spectral_entropy_nats", "Spectral entropy of window spectra", ml,
-            buckets=ENTROPY_BUCKETS, registry=registry,
-        )
-        self.lambda1 = Histogram(
-            "eigenwatch_lambda1", "Largest eigenvalue of the centred window Gram / d", ml,
-            buckets=LAMBDA_BUCKETS, registry=registry,
-        )
-        self.spikes = Histogram(
-            "eigenwatch_spikes", "Eigenvalues above the calibrated MP edge per window", ml,
-            buckets=SPIKE_BUCKETS, registry=registry,
-        )
         self.alerts = Counter(
             "eigenwatch_alerts", "Alerts raised", ["model", "detector", "severity"], registry=registry
         )

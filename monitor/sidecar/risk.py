@@ -154,7 +154,7 @@ def load_live_risk(cfg, calibration: Calibration | None) -> LiveRiskSetup | None
 class RequestRisk:
     """One request's risk state (lives in its RequestState.risk)."""
 
-    __slots__ = ("h", "pending", "last_count", "history", "current", "max", "steps", "alerted", "streak", "done")
+    __slots__ = ("h", "pending", "last_count", "history", "current", "max", "max_logit", "steps", "alerted", "streak", "done")
 
     def __init__(self, history: int):
         self.h: np.ndarray | None = None  # [H] float32; None: the model's initial state
@@ -163,6 +163,7 @@ class RequestRisk:
         self.history = History(history, 1, np.float64)
         self.current = 0.0
         self.max = 0.0
+        self.max_logit = -math.inf  # the offline eigentrack detector's score (sidecar/combined.py)
         self.steps = 0
         self.alerted = False  # raised and not yet re-armed (risk has not fallen below low)
         self.streak = 0  # consecutive steps with risk > high
@@ -289,8 +290,9 @@ class LiveRisk:
         x = np.stack([x for _, _, (_, x) in items])  # [B, F]
         h = np.stack([self._h0 if rr.h is None else rr.h for _, rr, _ in items])  # [B, H]
         try:
-            risk, h_new = self.model.step(x, h)
+            risk, logit, h_new = self.model.step_with_logit(x, h)
             risk = np.asarray(risk, dtype=np.float64).reshape(-1)
+            logit = np.asarray(logit, dtype=np.float64).reshape(-1)
             h_new = np.asarray(h_new, dtype=np.float32)
             if risk.shape != (len(items),) or h_new.shape != h.shape:
                 raise ValueError(f"the model returned risk {list(risk.shape)} and h {list(h_new.shape)} "
@@ -307,6 +309,7 @@ class LiveRisk:
                 failed.add(id(rr))
                 continue
             rr.h = h_new[i].copy()  # a copy: a view would keep the whole batch array alive
+            rr.max_logit = max(rr.max_logit, float(logit[i]))
             self._observe(st, rr, c, float(risk[i]))
         self._m_steps.inc(int(ok.sum()))
         return failed

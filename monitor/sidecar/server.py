@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import itertools
 import logging
 import math
 import signal
@@ -29,7 +30,6 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import grpc
 import numpy as np
@@ -43,11 +43,12 @@ from eigenwatch.hooks import frames as wire
 from eigenwatch.kernels.descriptors import DESCRIPTOR_NAMES, INDEX, describe_windows
 from eigenwatch.kernels.gram import spectra_np
 from eigenwatch.monitor import calibration as calib
-from eigenwatch.monitor.spectral_spike import DimMismatch, SpikeDetector
+from eigenwatch.monitor.spectral_spike import DimMismatch, SpikeDetector, SpikeResult
 from eigenwatch.v1 import monitor_pb2, monitor_pb2_grpc, shield_pb2_grpc, sparse_pb2_grpc
 
 from . import tls
 from .alerts import AlertHub, Persistence
+from .combined import live_combined
 from .config import SidecarConfig
 from .drift import DriftMonitor, validate_snapshot
 from .metrics import Metrics
@@ -137,10 +138,12 @@ def gram_spectra(frames) -> dict[int, tuple[np.ndarray, np.ndarray] | str]:
 
 
 def validate_frame(f: monitor_pb2.Frame, n_names: int, eigs: np.ndarray | None = None,
-                   desc: np.ndarray | None = None, index_of: dict[str, int] | None = None) -> tuple[str, str] | None:
+                   desc: np.ndarray | None = None, index_of: dict[str, int] | None = None,
+                   values_checked: bool = False) -> tuple[str, str] | None:
     """(field, problem) for a malformed frame, None when it is fine. `eigs` and
     `desc` are the frame's values as float64 arrays, when the caller has them;
-    `index_of` (descriptor name -> position) enables the physical checks."""
+    `index_of` (descriptor name -> position) enables the physical checks;
+    `values_checked`: the caller ran the value checks already (spectrum_batch)."""
     if f.window > MAX_WINDOW:
         return "window", f"at most {MAX_WINDOW} rows, got {f.window}"
     if f.dim > MAX_DIM:
@@ -174,6 +177,8 @@ def validate_frame(f: monitor_pb2.Frame, n_names: int, eigs: np.ndarray | None =
         return "eigenvalues", f"has {len(f.eigenvalues)} values but window is {f.window}"
     if len(f.descriptors) != n_names:
         return "descriptors", f"has {len(f.descriptors)} values but descriptor_names has {n_names}"
+    if values_checked:
+        return None
     eigs = np.asarray(f.eigenvalues, dtype=np.float64) if eigs is None else eigs
     desc = np.asarray(f.descriptors, dtype=np.float64) if desc is None else desc
     # One reduction each on the hot path: the float64 sum of float32 values cannot overflow,
@@ -194,16 +199,53 @@ def validate_frame(f: monitor_pb2.Frame, n_names: int, eigs: np.ndarray | None =
     return None
 
 
+def spectrum_batch(frames, skip, n_names: int, index_of: dict[str, int], detector: SpikeDetector) -> dict[int, tuple]:
+    """A batch's spectrum frames (eigenvalues and descriptors, no centred Gram), converted and
+    checked together rather than one by one (the hot path of Ingest: per-frame numpy on 32
+    values costs more than the values): {index: (eigs [W] float64, desc [D] float64, problem,
+    spike)} with validate_frame's answer and a SpikeResult (None: pass the frame to
+    `detector.observe`). Frames in `skip`, and frames whose value counts do not match their
+    window and descriptor_names, are left out: validate_frame alone names their problem."""
+    by_window: dict[int, list] = {}
+    for j, f in enumerate(frames):
+        if j in skip or f.centred_gram:
+            continue
+        w = f.window
+        if 2 <= w <= MAX_WINDOW and len(f.eigenvalues) == w and len(f.descriptors) == n_names:
+            by_window.setdefault(w, []).append((j, f))
+    out: dict[int, tuple] = {}
+    chain = itertools.chain.from_iterable
+    variances = [index_of[n] for n in ("sigma2", "trace_mean", "lambda1") if n in index_of]
+    for w, group in by_window.items():
+        fs = [f for _, f in group]
+        n = len(fs)
+        eigs = np.fromiter(chain([f.eigenvalues for f in fs]), np.float64, count=n * w).reshape(n, w)
+        desc = np.fromiter(chain([f.descriptors for f in fs]), np.float64, count=n * n_names).reshape(n, n_names)
+        # validate_frame's value checks, row-wise (a row that fails any gets validate_frame's message)
+        with np.errstate(invalid="ignore", over="ignore"):
+            lo = eigs.min(axis=1)
+            bad = ~np.isfinite(eigs.sum(axis=1)) | ~np.isfinite(desc).all(axis=1)
+            bad |= (lo < 0) & (lo < -1e-3 * np.abs(eigs).max(axis=1))
+            if variances:
+                bad |= (desc[:, variances] < 0).any(axis=1)
+        bad = bad.tolist()
+        problems = [validate_frame(f, n_names, eigs[i], desc[i], index_of) if bad[i] else
+                    validate_frame(f, n_names, values_checked=True) for i, f in enumerate(fs)]
+        ok = [i for i, p in enumerate(problems) if p is None]
+        spikes: list = [None] * n
+        if ok and "trace_mean" in index_of:
+            found = detector.observe_calibrated(
+                [(fs[i].model, fs[i].layer) for i in ok], eigs[ok], [w] * len(ok), [fs[i].dim for i in ok],
+                desc[ok, index_of["trace_mean"]])
+            for i, res in zip(ok, found):
+                spikes[i] = res
+        for i, (j, _) in enumerate(group):
+            out[j] = (eigs[i], desc[i], problems[i], spikes[i])
+    return out
+
+
 def _unusable_reason(why: str) -> str:
     return "nonfinite" if "NaN" in why or "non-finite" in why else "degenerate"
-
-
-@dataclass
-class _LayerMetrics:
-    ingested: object
-    entropy: object
-    lambda1: object
-    spikes: object
 
 
 class MonitorService(monitor_pb2_grpc.MonitorServicer):
@@ -233,12 +275,17 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
         self.signatures = SignatureMatcher(cfg, self.alerts)  # --signatures (SignatureFileError)
         self.drift = DriftMonitor(calib.load(cfg.calibration).drift if cfg.calibration else None, metrics,
                                   self.alerts)
+        # The calibration's combined score, live (sidecar/combined.py); None without one it can compute.
+        self.combined = live_combined(cfg, self.risk, self.alerts, metrics)
         # Every accepted frame, as a hooks.frames.Frame, to a callback on the loop
         # (the offline `--engine vllm` path collects a text's frames this way).
         self.frame_sink = frame_sink
         self.embedding_sink = None  # taps' pooled embeddings -> the Shield service (set by Sidecar)
         self.detector.on_calibrated = self._calibrated
-        self._children: dict[tuple[str, int], _LayerMetrics] = {}
+        # (model, layer) -> its row of metrics.WindowMetrics; per-batch gathered values (rows,
+        # entropy, lambda1, spike rows, spikes), written by _flush_window_metrics
+        self._window_rows: dict[tuple[str, int], int] = {}
+        self._window_acc: tuple[list, ...] = ([], [], [], [], [])
         # What --save-calibration holds already: a restart adds to it (run() has checked the file)
         self._saved = calib.load_for_saving(cfg.save_calibration) if cfg.save_calibration else None
         self._writer = _CalibrationWriter(cfg.save_calibration) if cfg.save_calibration else None
@@ -331,6 +378,8 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
             finished = []
             touched = []
             sink = [] if self.frame_sink is not None else None
+            # The spectrum frames' values, checks and spike counts, a batch at a time (the hot path).
+            spectra = spectrum_batch(batch.frames, refused, len(names), index_of, self.detector)
             for j, frame in enumerate(batch.frames):
                 if j in refused:
                     field, why = refused[j]
@@ -348,10 +397,14 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
                         self.metrics.windows_unusable.labels(frame.model, _unusable_reason(got)).inc()
                         continue
                     eigs, desc = got if problem is None else (None, None)
+                    spike = None
+                elif j in spectra:
+                    eigs, desc, problem, spike = spectra[j]
                 else:
                     eigs = np.asarray(frame.eigenvalues, dtype=np.float64)
                     desc = np.asarray(frame.descriptors, dtype=np.float64)
                     problem = validate_frame(frame, len(names), eigs, desc, index_of)
+                    spike = None
                 if problem is not None:
                     rejected += 1
                     self.metrics.frames_rejected.labels(problem[0]).inc()
@@ -359,7 +412,7 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
                     continue
                 f_index, f_names, f_risk = kinds[has_gram]
                 try:
-                    st, done = self._apply(frame, f_index, f_names, eigs, desc)
+                    st, done = self._apply(frame, f_index, f_names, eigs, desc, spike)
                 except DimMismatch as exc:  # calibrated for other tap settings: refuse, loudly
                     rejected += 1
                     self.metrics.frames_rejected.labels("dim").inc()
@@ -368,17 +421,21 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
                 touched.append(st)
                 if risk is not None:
                     risk.add(st, frame, desc, f_risk)
-                    if done:
-                        finished.append(st)
+                if done:
+                    finished.append(st)
                 if sink is not None:
                     sink.append(wire.from_proto(frame, f_names, eigs, desc))
                 accepted += 1
+            self._flush_window_metrics()
             if risk is not None:
                 # All steps this batch completed, in one model call (per round), then
                 # the requests it finished let go of their model state.
                 risk.flush()
                 for st in finished:
                     risk.finish(st)
+            if self.combined is not None:
+                for st in finished:  # after the risk: its max logit is one of the voters
+                    self.combined.finish(st)
             if touched:
                 self.store.enforce(keep=touched[-1])  # over --memory-budget-mb: evict the stalest requests
             if sink:
@@ -436,41 +493,49 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
         return first
 
     def _apply(self, f: monitor_pb2.Frame, index_of: dict[str, int], names: tuple[str, ...], eigs: np.ndarray,
-               desc: np.ndarray):
-        """Frame -> spike detector, request state, metrics. Returns (state, whether this
-        frame finished it). Raises DimMismatch (nothing recorded) for a frame whose
-        width the layer's calibration does not match."""
-        res = self.detector.observe(f.model, f.layer, eigs, f.window, f.dim,
-                                    float(desc[index_of["sigma2"]]), float(desc[index_of["trace_mean"]]),
-                                    f.engine_request_id)
-        st, new = self.store.get_or_create(f.engine_request_id, f.request_id, f.model, f.skipped_tokens)
+               desc: np.ndarray, res: SpikeResult | None = None):
+        """Frame -> spike detector (`res`: its result, when spectrum_batch has it), request
+        state, metrics (gathered, written per batch by _flush_window_metrics). Returns
+        (state, whether this frame finished it). Raises DimMismatch (nothing recorded) for a
+        frame whose width the layer's calibration does not match."""
+        if res is None:
+            res = self.detector.observe(f.model, f.layer, eigs, f.window, f.dim,
+                                        float(desc[index_of["sigma2"]]), float(desc[index_of["trace_mean"]]),
+                                        f.engine_request_id)
+        model, layer, window, count = f.model, f.layer, f.window, f.token_count  # protobuf reads cost: once each
+        st, new = self.store.get_or_create(f.engine_request_id, f.request_id, model, f.skipped_tokens)
         if new:
-            self.metrics.requests.labels(f.model).inc()
+            self.metrics.requests.labels(model).inc()
             st.descriptor_names = names
             if self.risk is not None:  # its GRU state and risk history (sidecar/risk.py)
                 self.store.charge(st, 1024 + 16 * self.cfg.report_history)
-        m = self._layer_metrics(f.model, f.layer)
-        m.ingested.inc()
-        m.entropy.observe(float(desc[index_of["spectral_entropy"]]))
-        m.lambda1.observe(float(desc[index_of["lambda1"]]))
+        row = self._window_rows.get((model, layer))
+        if row is None:
+            row = self._window_rows[(model, layer)] = self.metrics.windows.row(model, layer)
+        acc = self._window_acc
+        acc[0].append(row)
+        acc[1].append(desc[index_of["spectral_entropy"]])
+        acc[2].append(desc[index_of["lambda1"]])
 
-        ls = st.layers.get(f.layer)
+        ls = st.layers.get(layer)
         if ls is None:
             width = len(st.descriptor_names)
-            ls = st.layers[f.layer] = LayerState(history=History(self.cfg.report_history, width))
+            ls = st.layers[layer] = LayerState(history=History(self.cfg.report_history, width))
             self.store.charge(st, layer_bytes(self.cfg.report_history, width, 0))
-        if f.window > ls.window:  # last_eigenvalues: float32 [window]
-            self.store.charge(st, 4 * (f.window - ls.window))
+        if window > ls.window:  # last_eigenvalues: float32 [window]
+            self.store.charge(st, 4 * (window - ls.window))
         ls.frames += 1
-        ls.token_count = max(ls.token_count, f.token_count)
-        ls.window, ls.dim = f.window, f.dim
-        ls.last_descriptors = desc
+        if count > ls.token_count:
+            ls.token_count = count
+        ls.window, ls.dim = window, f.dim
+        ls.last_descriptors = desc.copy()  # a row of the batch's array: keep it alone, not the whole batch
         ls.last_eigenvalues = eigs.astype(np.float32)
         if names == st.descriptor_names:  # a tap that changed descriptor versions mid-request: keep the first
-            ls.history.append(f.token_count, desc)
+            ls.history.append(count, desc)
 
         if res.spikes is not None:
-            m.spikes.observe(res.spikes)
+            acc[3].append(row)
+            acc[4].append(res.spikes)
             ls.max_spikes = max(ls.max_spikes, res.spikes)
             if self.persistence.step(ls, st.fired, (self.detector.name, f.layer), res.severity):
                 self.alerts.raise_alert(st, self.detector.name, res.severity, res.spikes, res.threshold,
@@ -478,6 +543,8 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
                                         f"(threshold {int(res.threshold)})", f.layer, f.token_count)
         if f.HasField("signature"):
             self.signatures.observe(st, f)  # signature_match
+        if self.combined is not None and f.HasField("hidden"):
+            self.combined.observe(st, f)  # the tap's hidden-state statistics (final frames)
         done = f.final and self.store.finish(st)  # the active-requests gauge follows (store.on_active)
         return st, done
 
@@ -491,19 +558,13 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
         if self.risk is not None:
             self.risk.finish(st)
 
-    def _layer_metrics(self, model: str, layer: int) -> "_LayerMetrics":
-        # prometheus-client's .labels() costs a lock and a dict lookup per call:
-        # resolve each (model, layer) child once.
-        key = (model, layer)
-        lm = self._children.get(key)
-        if lm is None:
-            label = str(layer)
-            m = self.metrics
-            lm = self._children[key] = _LayerMetrics(
-                m.frames_ingested.labels(model, label), m.spectral_entropy.labels(model, label),
-                m.lambda1.labels(model, label), m.spikes.labels(model, label),
-            )
-        return lm
+    def _flush_window_metrics(self) -> None:
+        # One numpy update per batch (metrics.WindowMetrics): a prometheus-client child costs a
+        # lock and a bucket search per observation.
+        acc = self._window_acc
+        if acc[0]:
+            self.metrics.windows.add(*acc)
+            self._window_acc = ([], [], [], [], [])
 
     def _set_active(self, model: str) -> None:
         # Kept per model as requests start and finish: no walk over the store per new request.
@@ -583,6 +644,8 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
             if limit and len(rep.risk.history) > limit:
                 del rep.risk.history[:-limit]
         self.signatures.report(st, rep)
+        if st.combined is not None and st.combined.report is not None:
+            rep.combined.CopyFrom(st.combined.report)
         if sum(len(s[8]) for s in snap if s[8] is not None) < 64:
             _layer_reports(rep, snap)  # small: quicker here than a hop to a thread
             return rep

@@ -41,8 +41,11 @@ class History:
         if self.n < self.cap:
             if self.n == len(self.counts):
                 size = min(self.cap, 2 * self.n)
-                self.counts = np.resize(self.counts, size)
-                self.values = np.resize(self.values, (size, self.values.shape[1]))
+                counts = np.empty(size, dtype=self.counts.dtype)
+                counts[:self.n] = self.counts
+                values = np.empty((size, self.values.shape[1]), dtype=self.values.dtype)
+                values[:self.n] = self.values
+                self.counts, self.values = counts, values
             self.counts[self.n] = count
             self.values[self.n] = vec
             self.n += 1
@@ -85,6 +88,7 @@ class RequestState:
     fired: dict = field(default_factory=dict)  # (detector, layer) -> highest severity raised
     descriptor_names: tuple[str, ...] | None = None  # order of the descriptor values kept (first batch's)
     risk: object = None  # sidecar/risk.RequestRisk when the risk model scores this request
+    combined: object = None  # sidecar/combined.RequestCombined once a final frame brought hidden-state statistics
     signature: tuple | None = None  # (layer, ids, weights, best similarity, best match): sidecar/signatures.py
     bytes: int = 0  # estimated memory held (RequestStore.charge)
 
