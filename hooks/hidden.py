@@ -207,19 +207,23 @@ class HiddenStatsTap:
                 self._mid_rows(xs, slot, lens)
 
     def _mid_rows(self, xs: torch.Tensor, slot: np.ndarray, lens: np.ndarray) -> None:
-        p = xs.shape[1]
-        at = 0
-        for s, m in zip(slot.tolist(), lens.tolist()):
-            part = xs[at:at + m]
-            at += m
+        # xs is this step's own float64 copy (index_select made it). In a decode-only step each
+        # request keeps a view of its row: the step's rows stay one tensor, all of it owned by
+        # requests. With a prefill chunk among them, views would keep the chunk alive as long
+        # as the longest of the others: there each request copies its rows.
+        decode_only = xs.shape[0] == len(slot)
+        over = (self.n[slot] > xs.shape[1]).tolist()  # more rows than width: the scatter is smaller
+        for s, part, big in zip(slot.tolist(), xs.split(lens.tolist()), over):
+            if not decode_only:
+                part = part.clone()
             acc = self.mid.get(s)
             if acc is None:
                 acc = self.mid[s] = []
-            if acc and isinstance(acc[0], str):  # ["scatter", XᵀX]
+            elif isinstance(acc[0], str):  # ["scatter", XᵀX]
                 acc[1].addmm_(part.T, part)
                 continue
-            acc.append(part.clone())  # a copy: a view would keep the whole step's rows alive
-            if int(self.n[s]) > p:  # more rows than width: the scatter is the smaller state now
+            acc.append(part)
+            if big:
                 X = torch.cat(acc)
                 self.mid[s] = ["scatter", X.T @ X]
 
