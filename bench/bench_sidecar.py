@@ -151,7 +151,7 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def _watchers(target: str, n: int, ready, stop, out) -> None:
+def _watchers(target: str, n: int, ready, stop, out, batched: bool = False) -> None:
     """A separate process (as real watchers are other programs): `n` WatchAlerts streams on one
     grpc.aio event loop, each spike alert's latency from the send time the bench wrote into
     its request id (threads with the sync client would add the GIL's switch interval)."""
@@ -159,18 +159,20 @@ def _watchers(target: str, n: int, ready, stop, out) -> None:
     async def main():
         lat: list[tuple[float, float]] = []  # (send -> receipt, send -> raised in the sidecar)
         channels = [grpc.aio.insecure_channel(target) for _ in range(n)]
-        calls = [monitor_pb2_grpc.MonitorStub(ch).WatchAlerts(monitor_pb2.WatchAlertsRequest()) for ch in channels]
+        rpc = "WatchAlertBatches" if batched else "WatchAlerts"
+        calls = [getattr(monitor_pb2_grpc.MonitorStub(ch), rpc)(monitor_pb2.WatchAlertsRequest()) for ch in channels]
 
         async def watch(call):
             try:
-                async for a in call:
+                async for msg in call:
                     t = time.time()  # the wall clock: the sender's and the sidecar's (Alert.time) too
-                    _, _, sent = a.request_id.rpartition("@")
-                    # spike alerts fire on a request's first frames (persist 1, threshold 0), whose send
-                    # time the id carries; risk alerts come steps later and are delivered, not timed
-                    if sent and a.detector == "spectral_spike":
-                        s0 = int(sent) * 1e-6
-                        lat.append((t - s0, a.time - s0))
+                    for a in (msg.alerts if batched else (msg,)):
+                        _, _, sent = a.request_id.rpartition("@")
+                        # spike alerts fire on a request's first frames (persist 1, threshold 0), whose send
+                        # time the id carries; risk alerts come steps later and are delivered, not timed
+                        if sent and a.detector == "spectral_spike":
+                            s0 = int(sent) * 1e-6
+                            lat.append((t - s0, a.time - s0))
             except (grpc.RpcError, asyncio.CancelledError):
                 pass
 
@@ -207,7 +209,7 @@ def paced_run(base: list[str], model: str, args, tmp: Path, seconds: float, rate
     sc = SidecarProcess(argv + ["--risk-model", model, "--persist", "1"]).start()
     ctx = mp.get_context("spawn")
     ready, stop, out = ctx.Event(), ctx.Event(), ctx.Queue()
-    proc = ctx.Process(target=_watchers, args=(sc.grpc, args.watchers, ready, stop, out), daemon=True)
+    proc = ctx.Process(target=_watchers, args=(sc.grpc, args.watchers, ready, stop, out, args.batched), daemon=True)
     proc.start()
     if not ready.wait(60):
         raise RuntimeError("the watcher process did not start")
@@ -303,6 +305,8 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--watchers", type=int, default=16, help="WatchAlerts clients in the latency run")
+    p.add_argument("--batched", action="store_true",
+                   help="the watchers use WatchAlertBatches (several alerts per message) instead of WatchAlerts")
     p.add_argument("--seconds", type=float, default=20.0, help="length of the latency run (0: skip it)")
     p.add_argument("--rate", type=float, default=10_000.0,
                    help="frames/s of the latency run and the soak (default %(default).0f: at 3 layers per 16 tokens, "

@@ -126,6 +126,7 @@ def rpc_cases():
          st.lists(payloads(frame_batches()), min_size=1, max_size=3)),
         ("/eigenwatch.v1.Monitor/GetReport", "unary_unary", payloads(REPORTS)),
         ("/eigenwatch.v1.Monitor/WatchAlerts", "unary_stream", payloads(WATCHES)),
+        ("/eigenwatch.v1.Monitor/WatchAlertBatches", "unary_stream", payloads(WATCHES)),
     ]
     for name, (m, strat) in shield_strategies().items():
         kind = {(False, False): "unary_unary", (False, True): "unary_stream", (True, False): "stream_unary"}[

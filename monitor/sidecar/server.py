@@ -588,6 +588,12 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
         # writes with context.write (a stalled client is disconnected; alerts.py)
         await self.alerts.serve(request, context)
 
+    async def WatchAlertBatches(self, request, context):
+        problem = AlertHub.check_filter(request)
+        if problem is not None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        await self.alerts.serve(request, context, batched=True)
+
     # ---- GetReport -------------------------------------------------------------------
     async def GetReport(self, request, context):
         if not request.request_id:
