@@ -384,6 +384,7 @@ class _VllmTap:
             return
         rows, self.rows = self.rows, {}
         items = self.layout[2]
+        first_new = len(self.pending)
         self.windows.add_step(rows, items, self.step)
         if self.sketches is not None:
             self._sketch_rows(rows, items)
@@ -395,6 +396,8 @@ class _VllmTap:
         if self.hidden is not None:
             try:  # own guard: a failed statistic must not cost the frames of this step
                 self.hidden.add_step(rows, items)
+                if len(self.pending) > first_new:  # this step's frames carry the running values
+                    self.hidden.attach_running(self.pending[first_new:])
             except ValueError as exc:  # the file does not fit this model: off for good, said once
                 self.hook_errors += 1
                 self.hidden, self.hidden_error = None, str(exc)

@@ -18,7 +18,9 @@ product per layer and one index_add of the rows and their distances into the
 requests' slots; the middle layer's rows are copied per request (a Python step
 per request there, only while it is short of p rows or its scatter is updated).
 The finishing math (one p-wide distance, one Cholesky) runs on the exporter's
-thread (HiddenPart.values), never in the forward.
+thread (HiddenPart.values), never in the forward. The request's other frames
+carry the running values of the first two (the rows so far: two p-wide copies
+per frame), for the sidecar's running combined value during generation.
 
 Memory per tracked request: L·p + L float64 sums, plus min(n, p)·p float64 at
 the middle layer (p² once it holds p rows); `max_requests` bounds the requests.
@@ -258,6 +260,17 @@ class HiddenStatsTap:
         self.total[s].zero_()
         self.mid.pop(s, None)
         self.slots.release(s)
+
+    def attach_running(self, seeds) -> None:
+        """This step's (non-final) frame seeds get the running statistics of their request:
+        the rows so far, without LLM-Check (a Cholesky per frame is not worth a running value)."""
+        for seed in seeds:
+            s = self.slot_of.get(seed.engine_request_id)
+            i = self.li.get(seed.layer)
+            if s is None or i is None or seed.final:
+                continue
+            seed.hidden = HiddenPart(self.cal, seed.layer, int(self.n[s]), self.sq[s, i].clone(),
+                                     self.total[s, i].clone(), None)
 
     def before_step(self, finished, pending: list) -> int:
         """Finished requests hand their parts to their final frame seeds in `pending`;

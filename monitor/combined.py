@@ -145,8 +145,12 @@ class Combined:
         return -np.log(np.clip(p, 1e-300, 1.0))
 
     def transform(self, scores: dict[str, np.ndarray], loo: bool = False) -> np.ndarray:
-        """[m, k]: −log p_j of every text and detector (columns in self.names order)."""
-        return np.stack([self._u(k, np.asarray(scores[k], dtype=np.float64), loo) for k in self.names], axis=1)
+        """[m, k]: −log p_j of every text and detector (columns in self.names order); a
+        detector missing from `scores` counts as no evidence, p_j = 1 (a running value
+        before every voter has spoken: sidecar/combined.py)."""
+        m = len(next(iter(scores.values())))
+        return np.stack([self._u(k, np.asarray(scores[k], dtype=np.float64), loo) if k in scores else np.zeros(m)
+                         for k in self.names], axis=1)
 
     def _statistic(self, scores, loo: bool = False) -> np.ndarray:
         Z = self.transform(scores, loo) + self._log_w  # [m, k]: log(w_j / p_j)

@@ -85,7 +85,7 @@ def test_live_combined_p_value_alert_report_and_refusals(sidecar_factory, tmp_pa
                   "llmcheck_hidden": llm.score([{"llmcheck": v["llm"]}])[0]}
         want[rid] = (float(comb.p_values({k: np.array([x]) for k, x in voters.items()})[0]), voters)
     for rid, (p, voters) in want.items():
-        rep = wait_for(lambda: (r := client.try_report(rid)) is not None and r.HasField("combined") and r,
+        rep = wait_for(lambda: (r := client.try_report(rid)) is not None and r.combined.final and r,
                        what=f"the combined score of {rid}")
         c = rep.combined
         assert c.p_value == pytest.approx(p, rel=1e-12) and c.score == pytest.approx(-math.log10(p))
@@ -118,3 +118,40 @@ def test_a_combined_score_the_sidecar_cannot_compute_live_is_off_with_a_reason(s
     logged = "\n".join(sc.lines)
     assert "no live combined score" in logged and "descriptor_mahalanobis are computed offline only" in logged
     assert "eigenwatch_combined_requests_total" not in scrape(sc.metrics + "/metrics")
+
+
+def test_running_value_during_generation_never_alerts_and_the_final_one_replaces_it(sidecar_factory, tmp_path):
+    """Non-final frames carry running statistics: GetReport shows a running value (final
+    false) computed without LLM-Check (no evidence until the final frame), even far out it
+    raises no alert and is not in the metric; the final frames replace it with the request's value."""
+    rng = np.random.default_rng(2)
+    path = tmp_path / "CALIB.json"
+    comb, llm, cal_id = _calibration(path, rng)
+    sc = sidecar_factory("--listen", f"127.0.0.1:{free_port()}", "--metrics-port", "0", "--calibration", str(path))
+    far_out = {0: (6.0, 5.0), 2: (7.0, 4.0), 5: (5.0, 0.0), "llm": 3.0}
+    running = [f for f in _request("gen", far_out, cal_id, rows=16)]
+    for f in running:
+        f.final = False
+        f.hidden.ClearField("llmcheck")
+    channel = grpc.insecure_channel(sc.grpc)
+    stub = monitor_pb2_grpc.MonitorStub(channel)
+    stub.Ingest(iter([monitor_pb2.FrameBatch(descriptor_names=DESCRIPTOR_NAMES, frames=running)]), timeout=10)
+    client = SidecarClient(sc.grpc)
+    rep = wait_for(lambda: (r := client.try_report("gen")) is not None and r.HasField("combined") and r,
+                   what="the running value")
+    voters = {"token_mahalanobis": np.mean([far_out[l][0] for l in LAYERS]),
+              "hidden_mahalanobis": np.mean([far_out[l][1] for l in LAYERS[:2]])}
+    p = float(comb.p_values({k: np.array([v]) for k, v in voters.items()})[0])  # llmcheck: p = 1
+    c = rep.combined
+    assert not c.final and c.rows == 16 and not c.alert and p < FAR
+    assert c.p_value == pytest.approx(p, rel=1e-12) and set(c.detectors) == set(voters)
+    assert not [a for a in rep.alerts if a.detector == "combined"]
+    stub.Ingest(iter([monitor_pb2.FrameBatch(descriptor_names=DESCRIPTOR_NAMES,
+                                             frames=_request("gen", far_out, cal_id, rows=40))]), timeout=10)
+    rep = wait_for(lambda: (r := client.report("gen")).combined.final and r, what="the final value")
+    assert rep.combined.rows == 40 and rep.combined.alert and "llmcheck_hidden" in rep.combined.detectors
+    assert len([a for a in rep.alerts if a.detector == "combined"]) == 1
+    text = scrape(sc.metrics + "/metrics")
+    assert metric_value(text, "eigenwatch_combined_score_count", model="m") == 1
+    client.close()
+    channel.close()

@@ -149,3 +149,25 @@ def test_low_rank_gaussian_state_round_trips_and_refuses_damage():
     st["mean"] = st["mean"][:5]
     with pytest.raises(ValueError, match="mean"):
         LowRankGaussian.from_state(st)
+
+
+def test_running_values_cover_the_rows_so_far(tmp_path):
+    rng = np.random.default_rng(5)
+    path, token, pooled, _ = _calibration(tmp_path, rng)
+    cal = load_hidden_calibration(path, LAYERS, 8, 4)
+    tap = HiddenStatsTap(cal, max_requests=2)
+    seen = {l: [] for l in LAYERS}
+    for m in (7, 1, 1, 3):
+        rows = {l: torch.from_numpy(rng.standard_normal((m, P)) + l).float() for l in LAYERS}
+        for l in LAYERS:
+            seen[l].append(rows[l].double().numpy())
+        tap.add_step(rows, [("g", 0, m)])
+    seeds = [FrameSeed("g", "g", l, 0, 12, 0, False, torch.zeros(2, 2), 2, P, 1.0) for l in LAYERS]
+    seeds.append(FrameSeed("other", "other", 1, 0, 12, 0, False, torch.zeros(2, 2), 2, P, 1.0))  # not tracked
+    tap.attach_running(seeds)
+    for seed in seeds[:3]:
+        got = hidden_values(seed)
+        want = _offline(np.concatenate(seen[seed.layer]), token, pooled, seed.layer, None)
+        assert got[0] == 12 and got[3] is None
+        np.testing.assert_allclose(got[1:3], want[1:3], rtol=1e-9)
+    assert seeds[3].hidden is None

@@ -93,7 +93,7 @@ def _live(model: str, runner: str, calib, texts_path, env_extra=None):
         client = SidecarClient(sidecar.grpc)
         reports = {}
         for (tid, _), rid in zip(prepared, request_ids):
-            reports[tid] = wait_for(lambda: (r := client.try_report(rid)) is not None and r.HasField("combined")
+            reports[tid] = wait_for(lambda: (r := client.try_report(rid)) is not None and r.combined.final
                                     and r, timeout=60, what=f"the combined score of {rid}")
         client.close()
         return reports

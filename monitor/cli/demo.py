@@ -219,7 +219,7 @@ def _demo_minilm(args) -> int:
         outs = engine.embed([t for _, t in texts])
         ids = [o.request_id for o in outs]
         stub = monitor_pb2_grpc.MonitorStub(grpc.insecure_channel(sidecar.grpc))
-        reports = _wait_reports(stub, ids, timeout=60, ready=lambda r: r.finished and r.HasField("combined"))
+        reports = _wait_reports(stub, ids, timeout=60, ready=lambda r: r.finished and r.combined.final)
         time.sleep(0.3)
         voters = sorted({k for r in reports.values() for k in r.combined.detectors})
         short = {"eigentrack": "eigentrack", "hidden_mahalanobis": "hidden_maha", "token_mahalanobis": "token_maha",

@@ -16,14 +16,20 @@ evidence is:
   (checked by its sha256).
 
 When a request's final frames have brought every voter's value, its p-value
-is computed once: GetReport shows it (Report.combined) and
+is computed once: GetReport shows it (Report.combined, final = true) and
 `eigenwatch_combined_score` observes −log10 p; p < the calibration's
 alert_far raises one `combined` alert (severity warning, layer −1). A request
 whose values never all arrive (a tap without the calibration, a rejected
 frame, statistics made against another file) is counted by reason in
 `eigenwatch_combined_requests_total{result}` and gets no score, never a
-wrong one. Everything is numpy on the event loop: per request a few floats
-and one p-value at its end.
+wrong one. During generation, the request's other frames carry running
+statistics over the rows so far: GetReport then shows a running value
+(final = false) with LLM-Check, which only the final frame brings, counted as
+no evidence (p = 1). It is a number to watch, not a calibrated test: it never
+alerts and is not observed in the metric (the calibration scored whole texts,
+and looking many times would inflate the false-alarm rate). Everything is
+numpy on the event loop: per request a few floats per frame and one p-value
+per batch that changed it.
 
 Voters this sidecar cannot compute live (descriptor_mahalanobis and
 spectral_spike: only when the calibration has no GRU) turn the combined score
@@ -61,12 +67,14 @@ class CombinedSetupError(ValueError):
 
 class RequestCombined:
     """What one request's final frames brought: {layer: (rows, token, pooled, llmcheck)}, or
-    {layer: reason} for statistics it cannot use ("other_calibration", "invalid")."""
+    {layer: reason} for statistics it cannot use ("other_calibration", "invalid"); and the
+    latest running values of its other frames, {layer: (rows, token, pooled, None)}."""
 
-    __slots__ = ("hidden", "done", "report")
+    __slots__ = ("hidden", "running", "done", "report")
 
     def __init__(self):
         self.hidden: dict[int, tuple] = {}
+        self.running: dict[int, tuple] = {}
         self.done = False
         self.report: monitor_pb2.CombinedReport | None = None
 
@@ -102,7 +110,9 @@ class LiveCombined:
                     "the combined score's eigentrack voter needs the calibration's own GRU: leave --risk-model "
                     f"unset (it is embedded in {cal.path}) or pass the same model (sha256 {str(want)[:12]}…)")
             self.risk = risk
-        self.needed = set(self.token_layers) | set(self.pooled_layers)
+        self._touched: dict[int, object] = {}  # requests whose running values changed in this batch
+        self.needed_running = set(self.token_layers) | set(self.pooled_layers)
+        self.needed = set(self.needed_running)
         if self.llm is not None:
             self.needed.add(self.llm_layer)
         self.alerts = alerts
@@ -128,6 +138,12 @@ class LiveCombined:
         rc = st.combined
         if rc is None:
             rc = st.combined = RequestCombined()
+        if not f.final:
+            if (not rc.done and h.calibration == self.cal_id and h.rows > 0 and math.isfinite(h.token_sqdist)
+                    and math.isfinite(h.pooled_sqdist)):
+                rc.running[f.layer] = (h.rows, h.token_sqdist, h.pooled_sqdist, None)
+                self._touched[id(st)] = st
+            return
         if h.calibration != self.cal_id:
             rc.hidden[f.layer] = "other_calibration"  # made against another file: never combined
             return
@@ -140,6 +156,25 @@ class LiveCombined:
             rc.hidden[f.layer] = "invalid"
             return
         rc.hidden[f.layer] = vals
+
+    def flush_running(self) -> None:
+        """The running value of every request whose frames brought new running statistics in
+        this batch, once all its layers have some at the same row count (a step's frames
+        come together): GetReport's `combined` with final = false, no alert, no metric."""
+        touched, self._touched = self._touched, {}
+        for st in touched.values():
+            rc = st.combined
+            if rc is None or rc.done:
+                continue
+            have = rc.running
+            if any(l not in have for l in self.needed_running) or \
+                    len({have[l][0] for l in self.needed_running}) != 1:
+                continue
+            values = self._values(st, rc, have, running=True)
+            p = float(self.combined.p_values({k: np.array([v]) for k, v in values.items()})[0])
+            rows = next(iter(have.values()))[0]
+            rc.report = monitor_pb2.CombinedReport(p_value=p, score=-math.log10(p), alert=False, alert_far=self.far,
+                                                   detectors=values, final=False, rows=rows)
 
     # ---- per finished request ----------------------------------------------------------
     def finish(self, st) -> None:
@@ -156,12 +191,14 @@ class LiveCombined:
         if why is not None:
             self.m_requests.labels(st.model, why).inc()
             return
-        values = self._values(st, rc)
+        values = self._values(st, rc, rc.hidden)
         p = float(self.combined.p_values({k: np.array([v]) for k, v in values.items()})[0])
         score = -math.log10(p)
         alert = p < self.far
+        rc.running.clear()
         rc.report = monitor_pb2.CombinedReport(p_value=p, score=score, alert=alert, alert_far=self.far,
-                                               detectors=values)
+                                               detectors=values, final=True,
+                                               rows=max(v[0] for v in rc.hidden.values()))
         self.m_score.labels(st.model).observe(score)
         self.m_requests.labels(st.model, "alert" if alert else "scored").inc()
         if alert:
@@ -184,12 +221,13 @@ class LiveCombined:
             return "incomplete"
         return None
 
-    def _values(self, st, rc: RequestCombined) -> dict[str, float]:
+    def _values(self, st, rc: RequestCombined, h: dict, running: bool = False) -> dict[str, float]:
         """Each voter's raw value, as the offline detector computes it (monitor/mahalanobis.py, llmcheck.py,
-        eigentrack.py)."""
-        h = rc.hidden
+        eigentrack.py); running: LLM-Check is left out (no evidence until the final frame)."""
         out = {}
         for name in self.voters:
+            if running and name == "llmcheck_hidden":
+                continue
             if name == "token_mahalanobis":
                 out[name] = float(np.mean([h[l][1] for l in self.token_layers]))
             elif name == "hidden_mahalanobis":

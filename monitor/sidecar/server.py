@@ -436,6 +436,7 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
             if self.combined is not None:
                 for st in finished:  # after the risk: its max logit is one of the voters
                     self.combined.finish(st)
+                self.combined.flush_running()
             if touched:
                 self.store.enforce(keep=touched[-1])  # over --memory-budget-mb: evict the stalest requests
             if sink:
