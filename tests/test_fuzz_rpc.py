@@ -91,12 +91,15 @@ WATCHES = st.builds(monitor_pb2.WatchAlertsRequest, model=_text, detector=_text,
                     min_severity=st.integers(-3, 10))
 
 
-def shield_strategies():
-    from eigenwatch.v1 import shield_pb2
+def shield_strategies(module="shield_pb2", service="Shield"):
+    """{method name: (method descriptor, strategy of requests)} of a service without hand-made
+    strategies (Shield, Sparse): empty requests, then random and mutated bytes (payloads)."""
+    import importlib
 
+    pb2 = importlib.import_module(f"eigenwatch.v1.{module}")
     out = {}
-    for m in shield_pb2.DESCRIPTOR.services_by_name["Shield"].methods:
-        cls = getattr(shield_pb2, m.input_type.name)
+    for m in pb2.DESCRIPTOR.services_by_name[service].methods:
+        cls = getattr(pb2, m.input_type.name)
         out[m.name] = (m, st.builds(cls))
     return out
 
@@ -128,10 +131,11 @@ def rpc_cases():
         ("/eigenwatch.v1.Monitor/WatchAlerts", "unary_stream", payloads(WATCHES)),
         ("/eigenwatch.v1.Monitor/WatchAlertBatches", "unary_stream", payloads(WATCHES)),
     ]
-    for name, (m, strat) in shield_strategies().items():
+    for service, (name, (m, strat)) in [(s, item) for s, mod in (("Shield", "shield_pb2"), ("Sparse", "sparse_pb2"))
+                                         for item in shield_strategies(mod, s).items()]:
         kind = {(False, False): "unary_unary", (False, True): "unary_stream", (True, False): "stream_unary"}[
             (m.client_streaming, m.server_streaming)]
-        cases.append((f"/eigenwatch.v1.Shield/{name}", kind,
+        cases.append((f"/eigenwatch.v1.{service}/{name}", kind,
                       st.lists(payloads(strat), min_size=1, max_size=2) if kind == "stream_unary" else payloads(strat)))
     return cases
 
