@@ -37,7 +37,12 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cases", type=int, default=10_000, help="generated cases per RPC (default %(default)s)")
     p.add_argument("--budget-mb", type=int, default=64, help="the sidecar's --memory-budget-mb (default %(default)s)")
+    p.add_argument("--only", default="", help="comma-separated RPC names to fuzz (default: every RPC)")
     args = p.parse_args()
+    only = {x.strip() for x in args.only.split(",") if x.strip()}
+    cases = [c for c in CASES if not only or c[0].rsplit("/", 1)[1] in only]
+    if not cases:
+        p.error(f"--only: no RPC named {args.only!r}; known: {', '.join(c[0].rsplit('/', 1)[1] for c in CASES)}")
     sc = SidecarProcess(["--listen", "127.0.0.1:0", "--metrics-port", "0", "--memory-budget-mb", str(args.budget_mb),
                          "--calibration-frames", "4", "--calibration-requests", "2"]).start()
     channel = grpc.insecure_channel(sc.grpc)
@@ -47,7 +52,7 @@ def main() -> int:
         print(f"sidecar RSS at start {rss0:.0f} MiB; budget {args.budget_mb} MiB; {args.cases} cases per RPC")
         print(f"  {'rpc':28s} {'cases':>6s} {'s':>6s}  status codes")
         t_all = time.perf_counter()
-        for method, kind, strategy in CASES:
+        for method, kind, strategy in cases:
             codes: collections.Counter = collections.Counter()
             t0 = time.perf_counter()
 
@@ -64,7 +69,7 @@ def main() -> int:
             name = method.rsplit("/", 2)[-2].rsplit(".", 1)[-1] + "/" + method.rsplit("/", 1)[-1]
             print(f"  {name:28s} {sum(codes.values()):6d} {time.perf_counter() - t0:6.1f}  "
                   + ", ".join(f"{k} {v}" for k, v in codes.most_common()))
-        print(f"  all RPCs: {len(CASES) * args.cases} cases in {time.perf_counter() - t_all:.0f} s")
+        print(f"  all RPCs: {len(cases) * args.cases} cases in {time.perf_counter() - t_all:.0f} s")
         alive = sc.alive()
         rss1 = rss_mb(sc.proc.pid) if alive else float("nan")
         text = scrape(sc.metrics) if alive else ""
