@@ -66,12 +66,14 @@ def test_live_combined_p_value_alert_report_and_refusals(sidecar_factory, tmp_pa
     path = tmp_path / "CALIB.json"
     comb, llm, cal_id = _calibration(path, rng)
     sc = sidecar_factory("--listen", f"127.0.0.1:{free_port()}", "--metrics-port", "0", "--calibration", str(path))
-    ordinary = {0: (1.0, 0.9), 2: (0.8, 1.1), 5: (1.2, 7.0), "llm": 1.05}  # layer 5 has no pooled Gaussian
-    far_out = {0: (6.0, 5.0), 2: (7.0, 4.0), 5: (5.0, 0.0), "llm": 3.0}
+    # layer 5 has no pooled Gaussian: the tap sends NaN there, which nothing reads
+    ordinary = {0: (1.0, 0.9), 2: (0.8, 1.1), 5: (1.2, float("nan")), "llm": 1.05}
+    far_out = {0: (6.0, 5.0), 2: (7.0, 4.0), 5: (5.0, float("nan")), "llm": 3.0}
     frames = (_request("ok", ordinary, cal_id) + _request("odd", far_out, cal_id)
               + _request("other", far_out, "0123456789abcdef")  # statistics against another file
               + _request("partial", far_out, cal_id, token_count=41)  # cover other rows than the windows
-              + _request("missing", ordinary, cal_id)[:2])  # layer 5's final frame never came
+              + _request("missing", ordinary, cal_id)[:2]  # layer 5's final frame never came
+              + _request("nan", dict(ordinary, **{0: (float("nan"), 0.9)}), cal_id))  # NaN where it is read
     frames.append(_final("nostats", 0, 40, 0, 0, None, cal_id))
     frames[-1].ClearField("hidden")
     channel = grpc.insecure_channel(sc.grpc)
@@ -94,11 +96,11 @@ def test_live_combined_p_value_alert_report_and_refusals(sidecar_factory, tmp_pa
         combined_alerts = [a for a in rep.alerts if a.detector == "combined"]
         assert len(combined_alerts) == int(p < FAR)
     assert not want["ok"][0] < FAR and want["odd"][0] < FAR  # the test data makes one of each
-    for rid in ("other", "partial", "missing", "nostats"):
+    for rid in ("other", "partial", "missing", "nostats", "nan"):
         assert not client.report(rid).HasField("combined"), rid
     text = scrape(sc.metrics + "/metrics")
     for result, n in (("scored", 1), ("alert", 1), ("other_calibration", 1), ("partial", 1), ("incomplete", 1),
-                      ("no_statistics", 1)):
+                      ("no_statistics", 1), ("invalid", 1)):
         assert metric_value(text, "eigenwatch_combined_requests_total", model="m", result=result) == n, result
     assert metric_value(text, "eigenwatch_combined_score_count", model="m") == 2
     assert metric_value(text, "eigenwatch_alerts_total", model="m", detector="combined", severity="warning") == 1
@@ -128,7 +130,7 @@ def test_running_value_during_generation_never_alerts_and_the_final_one_replaces
     path = tmp_path / "CALIB.json"
     comb, llm, cal_id = _calibration(path, rng)
     sc = sidecar_factory("--listen", f"127.0.0.1:{free_port()}", "--metrics-port", "0", "--calibration", str(path))
-    far_out = {0: (6.0, 5.0), 2: (7.0, 4.0), 5: (5.0, 0.0), "llm": 3.0}
+    far_out = {0: (6.0, 5.0), 2: (7.0, 4.0), 5: (5.0, float("nan")), "llm": 3.0}
     running = [f for f in _request("gen", far_out, cal_id, rows=16)]
     for f in running:
         f.final = False

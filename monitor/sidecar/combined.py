@@ -139,8 +139,7 @@ class LiveCombined:
         if rc is None:
             rc = st.combined = RequestCombined()
         if not f.final:
-            if (not rc.done and h.calibration == self.cal_id and h.rows > 0 and math.isfinite(h.token_sqdist)
-                    and math.isfinite(h.pooled_sqdist)):
+            if not rc.done and h.calibration == self.cal_id and h.rows > 0 and self._finite(f.layer, h, False):
                 rc.running[f.layer] = (h.rows, h.token_sqdist, h.pooled_sqdist, None)
                 self._touched[id(st)] = st
             return
@@ -151,8 +150,7 @@ class LiveCombined:
             rc.hidden[f.layer] = "partial"
             return
         vals = (h.rows, h.token_sqdist, h.pooled_sqdist, h.llmcheck if h.HasField("llmcheck") else None)
-        if not (h.rows > 0 and all(math.isfinite(v) for v in vals[1:3] if v is not None)
-                and (vals[3] is None or math.isfinite(vals[3]))):
+        if not (h.rows > 0 and self._finite(f.layer, h, True)):
             rc.hidden[f.layer] = "invalid"
             return
         rc.hidden[f.layer] = vals
@@ -175,6 +173,13 @@ class LiveCombined:
             rows = next(iter(have.values()))[0]
             rc.report = monitor_pb2.CombinedReport(p_value=p, score=-math.log10(p), alert=False, alert_far=self.far,
                                                    detectors=values, final=False, rows=rows)
+
+    def _finite(self, layer: int, h, final: bool) -> bool:
+        """The values this calibration reads from `layer` are finite (a layer without a token or
+        pooled Gaussian has NaN there, which nothing reads)."""
+        return ((layer not in self.token_layers or math.isfinite(h.token_sqdist))
+                and (layer not in self.pooled_layers or math.isfinite(h.pooled_sqdist))
+                and (not final or not h.HasField("llmcheck") or math.isfinite(h.llmcheck)))
 
     # ---- per finished request ----------------------------------------------------------
     def finish(self, st) -> None:
