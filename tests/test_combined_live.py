@@ -73,7 +73,7 @@ def test_live_combined_p_value_alert_report_and_refusals(sidecar_factory, tmp_pa
               + _request("other", far_out, "0123456789abcdef")  # statistics against another file
               + _request("partial", far_out, cal_id, token_count=41)  # cover other rows than the windows
               + _request("missing", ordinary, cal_id)[:2]  # layer 5's final frame never came
-              + _request("nan", dict(ordinary, **{0: (float("nan"), 0.9)}), cal_id))  # NaN where it is read
+              + _request("nan", {**ordinary, 0: (float("nan"), 0.9)}, cal_id))  # NaN where it is read
     frames.append(_final("nostats", 0, 40, 0, 0, None, cal_id))
     frames[-1].ClearField("hidden")
     channel = grpc.insecure_channel(sc.grpc)
