@@ -20,7 +20,7 @@ from eigenwatch.monitor.mahalanobis import TokenMahalanobis
 from eigenwatch.monitor.spectral_spike import SpectralSpike
 
 from . import OfflineError, check_out, log, positive_int
-from .calibrate import ALL_DETECTORS
+from .calibrate import ALL_DETECTORS, ROW_FITTED
 from .engines import ENGINES, ModelInfo, Tap, fingerprint, model_info, open_engine
 from .features import extract
 from .texts import InputStats, read_jsonl
@@ -118,9 +118,15 @@ def score(args) -> int:
     live.layers = {layer: c for (model, layer), c in cal.spike.items() if model == info.key}
     with fh:
         if feats:
+            # Detectors that read per-token rows (layer_transition) need an engine that hands them
+            # over (hf); under --engine vllm they are left out, never voters of the combined score.
+            rowless = [n for n in detectors if n in ROW_FITTED and any("token_rows" not in f for f in feats)]
+            for name in rowless:
+                log(f"eigenwatch score: {name} not scored: it reads per-token rows, which only --engine hf "
+                    "hands over (the combined score does not use it)")
             try:
-                raw = {name: d.score(feats) for name, d in detectors.items()}
-            except ValueError as exc:  # e.g. a detector that reads per-token rows, under --engine vllm
+                raw = {name: d.score(feats) for name, d in detectors.items() if name not in rowless}
+            except ValueError as exc:
                 raise OfflineError(f"--calibration: {exc}") from None
             p = combined.p_values(raw)
             for i, rid in enumerate(ids):
