@@ -155,7 +155,9 @@ def calibrate(args) -> int:
     c_cal = [f for r, f in zip(c_ids, c_feats) if r.endswith("~corrupted-cal")]
 
     detectors = {name: cls().fit(fit_feats) for name, cls in FITTED.items()}
-    if all(TOKEN_ROWS in f for f in feats):
+    if len(tapped) < 2:  # layer_transition maps one tapped layer to the next
+        log(f"calibrate: no {', '.join(ROW_FITTED)}: it needs at least two tapped layers, got {list(tapped)}")
+    elif all(TOKEN_ROWS in f for f in feats):
         detectors.update({name: cls().fit(fit_feats) for name, cls in ROW_FITTED.items()})
     else:
         log(f"calibrate: no {', '.join(ROW_FITTED)}: --engine {args.engine} hands over no per-token rows "
