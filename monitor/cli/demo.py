@@ -147,12 +147,14 @@ def demo_texts(n_ordinary: int = 6) -> list[tuple[str, str]]:
 
 def _demo_calibration(far: float) -> Path:
     """CALIB.json for MiniLM on the bundled reference set: `eigenwatch calibrate`, once;
-    cached by the texts, the rate and this version's calibration format."""
+    cached by the texts, the rate, this version and its detectors."""
     from eigenwatch.hooks.models import cache_root
-    from eigenwatch.monitor.offline.calibrate import OFFLINE_VERSION
+    from eigenwatch.monitor.offline.calibrate import ALL_DETECTORS, OFFLINE_VERSION
 
     ref = demo_reference()
-    key = hashlib.sha256(json.dumps([ref, far, OFFLINE_VERSION]).encode()).hexdigest()[:12]
+    # A file made by another version (other detectors, another format) is not reused.
+    key = hashlib.sha256(json.dumps([ref, far, OFFLINE_VERSION, sorted(ALL_DETECTORS), _version()]).encode()
+                         ).hexdigest()[:12]
     out = cache_root() / "demo" / f"minilm-{key}.json"
     if out.exists():
         say(f"\n[1/3] calibration: {out} (cached; made by `eigenwatch calibrate` on {len(ref)} passages)")
@@ -172,6 +174,15 @@ def _demo_calibration(far: float) -> Path:
         os.replace(part, out)
     say(f"  wrote {out}")
     return out
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("eigenwatch")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def _demo_minilm(args) -> int:
