@@ -7,7 +7,12 @@ interleaved (untapped, live, paused, untapped, …) so drift of a shared machine
 hits every mode alike; the best round of each mode is compared (the least
 disturbed by other processes). Prints generated tokens/s per mode and the ratios.
 
-    .venv/bin/python bench/bench_faults.py [--requests 16] [--tokens 400] [--rounds 3]
+On the tiny Llama (4 layers × 256) the tap's own cost is a third of the step
+(issue 11), so paused / untapped measures the tap more than the pause; `--model
+small` (8 layers × 1024, ~110M, where the tap costs ~2%) shows what a pause
+costs a server of a size anyone serves. Both print paused / live too.
+
+    .venv/bin/python bench/bench_faults.py [--model tiny|small] [--requests 16] [--tokens 400] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -26,21 +31,24 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=400, help="generated tokens per request")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--model", choices=("tiny", "small"), default="tiny",
+                    help="the random Llama: tiny (4 × 256) or small (8 × 1024, ~110M); default %(default)s")
     args = ap.parse_args()
 
-    from eigenwatch.hooks.models import build_tiny_llama
+    from eigenwatch.hooks.models import build_small_llama, build_tiny_llama
     from eigenwatch.monitor.cli.processes import SidecarProcess
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     sc = SidecarProcess(["--listen", f"127.0.0.1:{port}", "--metrics-port", "-1"]).start()
-    os.environ.update(EIGENWATCH_ENABLE="1", EIGENWATCH_SIDECAR=f"127.0.0.1:{port}", EIGENWATCH_MODEL_NAME="tiny",
+    os.environ.update(EIGENWATCH_ENABLE="1", EIGENWATCH_SIDECAR=f"127.0.0.1:{port}", EIGENWATCH_MODEL_NAME=args.model,
                       VLLM_CPU_KVCACHE_SPACE="1", VLLM_LOGGING_LEVEL="WARNING")
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    llm = LLM(model=str(build_tiny_llama()), max_model_len=1024, enable_prefix_caching=False, seed=0)
+    path = build_small_llama() if args.model == "small" else build_tiny_llama()
+    llm = LLM(model=str(path), max_model_len=1024, enable_prefix_caching=False, seed=0)
     rng = random.Random(0)
     prompts = [TokensPrompt(prompt_token_ids=[rng.randrange(3, 2000) for _ in range(rng.randrange(12, 80))])
                for _ in range(args.requests)]
@@ -95,13 +103,15 @@ def main() -> int:
 
     n_tokens = args.requests * args.tokens
     best = {m: min(v) for m, v in times.items()}
-    print(f"\n{args.requests} requests x {args.tokens} tokens, greedy; best of {args.rounds} interleaved rounds")
+    print(f"\n{args.model} Llama, {args.requests} requests x {args.tokens} tokens, greedy; best of {args.rounds} "
+          f"interleaved rounds; load average {os.getloadavg()[0]:.1f}")
     for mode, t in best.items():
         print(f"  {mode:24s} {n_tokens / t:9.0f} tokens/s   ({t:.2f} s; all rounds: "
               f"{', '.join(f'{x:.2f}' for x in times[mode])})")
     base = n_tokens / best["untapped"]
     for mode in ("tapped, sidecar live", "tapped, sidecar paused"):
         print(f"  {mode} / untapped: {n_tokens / best[mode] / base:.3f}")
+    print(f"  tapped, sidecar paused / tapped, sidecar live: {best['tapped, sidecar live'] / best['tapped, sidecar paused']:.3f}")
     print("Goal: paused / untapped >= 0.95. Outputs were identical in every run.")
     return 0
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import statistics
@@ -39,6 +40,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from eigenwatch.hooks import frames as wire
 from eigenwatch.kernels.descriptors import DESCRIPTOR_NAMES, describe
 from eigenwatch.monitor.cli.processes import SidecarProcess
 from eigenwatch.v1 import monitor_pb2, monitor_pb2_grpc
@@ -74,6 +76,21 @@ def make_batches(n_frames: int, batch: int, n_requests: int, window: int = 32, d
     return batches
 
 
+def n_frames(b: monitor_pb2.FrameBatch) -> int:
+    return len(b.frames) + sum(len(c.layer) for c in b.columns)
+
+
+def as_columns(b: monitor_pb2.FrameBatch) -> monitor_pb2.FrameBatch:
+    """The same frames column by column (FrameColumns), as the tap sends them."""
+
+    def values(w, group):
+        return {"eigenvalues": np.array([list(f.eigenvalues) for f in group], dtype="<f4").tobytes(),
+                "descriptors": np.array([list(f.descriptors) for f in group], dtype="<f8").tobytes()}
+
+    blocks = wire.column_blocks(b.frames[0].model, b.frames, [f.window for f in b.frames], values)
+    return monitor_pb2.FrameBatch(descriptor_names=b.descriptor_names, columns=blocks)
+
+
 def make_risk_model(path: Path) -> str:
     """An ONNX risk model with `eigenwatch train`'s architecture (hidden 32) for the bench's layers."""
     from eigenwatch.monitor.offline.sequences import Sequences
@@ -93,7 +110,7 @@ class CountingMonitor(monitor_pb2_grpc.MonitorServicer):
     async def Ingest(self, request_iterator, context):
         n = 0
         async for b in request_iterator:
-            n += len(b.frames)
+            n += n_frames(b)
         return monitor_pb2.IngestSummary(frames_accepted=n)
 
 
@@ -103,11 +120,11 @@ def send(target: str, batches) -> float:
         t0 = time.perf_counter()
         summary = monitor_pb2_grpc.MonitorStub(ch).Ingest(iter(batches), timeout=600)
         dt = time.perf_counter() - t0
-    assert summary.frames_accepted == sum(len(b.frames) for b in batches), summary
+    assert summary.frames_accepted == sum(n_frames(b) for b in batches), summary
     return dt
 
 
-def counting_server_run(batches, repeats: int) -> list[float]:
+def counting_server_run(batches, repeats: int, listen: str = "127.0.0.1:0") -> list[float]:
     import threading
 
     ready = threading.Event()
@@ -117,7 +134,8 @@ def counting_server_run(batches, repeats: int) -> list[float]:
         async def main():
             server = grpc.aio.server()
             monitor_pb2_grpc.add_MonitorServicer_to_server(CountingMonitor(), server)
-            holder["port"] = server.add_insecure_port("127.0.0.1:0")
+            port = server.add_insecure_port(listen)
+            holder["target"] = listen if listen.startswith("unix:") else f"127.0.0.1:{port}"
             await server.start()
             holder["stop"] = asyncio.Event()
             ready.set()
@@ -132,7 +150,7 @@ def counting_server_run(batches, repeats: int) -> list[float]:
     th = threading.Thread(target=serve, daemon=True)
     th.start()
     ready.wait(10)
-    times = [send(f"127.0.0.1:{holder['port']}", batches) for _ in range(repeats)]
+    times = [send(holder["target"], batches) for _ in range(repeats)]
     holder["loop"].call_soon_threadsafe(holder["stop"].set)
     th.join(5)
     return times
@@ -177,6 +195,8 @@ def _watchers(target: str, n: int, ready, stop, out, batched: bool = False) -> N
                 pass
 
         tasks = [asyncio.ensure_future(watch(c)) for c in calls]
+        gc.collect()
+        gc.freeze()  # a full collection pass over the imports would be timed as delivery latency
         await asyncio.sleep(0.5)  # the streams are open on the sidecar before the first frame
         ready.set()
         while not stop.is_set():
@@ -214,6 +234,10 @@ def paced_run(base: list[str], model: str, args, tmp: Path, seconds: float, rate
     if not ready.wait(60):
         raise RuntimeError("the watcher process did not start")
     base_batches = make_batches(args.frames, args.batch, args.requests)
+    # The sender holds torch's objects (make_risk_model): a full collection pass over them takes
+    # ~250 ms here and would be timed as the sidecar's latency. Out of the generations they go.
+    gc.collect()
+    gc.freeze()
     rss: list[tuple[float, float]] = []
     n = 0
     lag = 0.0  # how far the sender fell behind its schedule (s): > 0 means the rate was not kept
@@ -254,6 +278,8 @@ def paced_run(base: list[str], model: str, args, tmp: Path, seconds: float, rate
                     f.request_id, f.engine_request_id = rid, rid + "-0"
                     f.step, f.token_count = age, 16 * (age + 1)
                 n += len(out_b.frames)
+                if args.wire == "columns":
+                    out_b = as_columns(out_b)
                 if not rss or now - rss[-1][0] >= 1.0:
                     rss.append((now, rss_mb(sc.proc.pid)))
                 yield out_b
@@ -318,10 +344,16 @@ def main() -> None:
                    help="latency run and soak with every request starting (and alerting) at once, each round")
     p.add_argument("--nice", type=int, default=0, help="the sidecars' --nice (default %(default)s)")
     p.add_argument("--soak-requests", type=int, default=4096, help="--max-requests in the latency run and soak")
+    p.add_argument("--transport", choices=("tcp", "unix"), default="tcp",
+                   help="the sidecar listens on loopback TCP (default) or a Unix socket, as in a pod whose "
+                        "containers share one (the Helm chart's sidecar.transport=unix)")
+    p.add_argument("--wire", choices=("columns", "frames"), default="columns",
+                   help="the latency run's and soak's wire form: FrameColumns (the tap's) or Frame messages")
     args = p.parse_args()
-    batches = make_batches(args.frames, args.batch, args.requests)
-    n = sum(len(b.frames) for b in batches)
-    size = sum(b.ByteSize() for b in batches) / n
+    batches = {"frames": make_batches(args.frames, args.batch, args.requests)}
+    batches["columns"] = [as_columns(b) for b in batches["frames"]]
+    n = sum(n_frames(b) for b in batches["frames"])
+    size = {k: sum(b.ByteSize() for b in v) / n for k, v in batches.items()}
 
     tmp = Path(tempfile.mkdtemp())
     cal = tmp / "cal.json"
@@ -330,37 +362,54 @@ def main() -> None:
     model = make_risk_model(tmp / "risk.onnx")
     # --nice 0: the sidecar at the sender's priority. Its default (+10) yields to the inference
     # server it shares cores with (bench_overhead.py); here it would yield to whatever else runs.
-    base = ["--listen", "127.0.0.1:0", "--metrics-port", "0", "--calibration", str(cal),
+    listen = "127.0.0.1:0" if args.transport == "tcp" else f"unix://{tmp}/sidecar.sock"
+    base = ["--listen", listen, "--metrics-port", "0", "--calibration", str(cal),
             "--max-requests", str(max(args.requests, 1)), "--nice", str(args.nice)]
-    times: dict[str, list[float]] = {}
+    times: dict[tuple[str, str], list[float]] = {}
+    cpu: dict[tuple[str, str], list[float]] = {}
     risk_steps = 0
-    # Risk off and on alternate, each on a fresh sidecar, so drift in machine load hits both alike.
+    # Both wire forms, risk off and on, alternate, each on a fresh sidecar, so drift in machine
+    # load hits every cell alike.
     for _ in range(args.repeats):
-        for name, extra in (("off", []), ("on", ["--risk-model", model])):
-            sc = SidecarProcess(base + extra).start()
-            try:
-                times.setdefault(name, []).append(send(sc.grpc, batches))
-                if name == "on":
-                    from urllib.request import urlopen
+        for form in ("frames", "columns"):
+            for name, extra in (("off", []), ("on", ["--risk-model", model])):
+                sc = SidecarProcess(base + extra).start()
+                try:
+                    c0 = cpu_s(sc.proc.pid)
+                    times.setdefault((form, name), []).append(send(sc.grpc, batches[form]))
+                    cpu.setdefault((form, name), []).append((cpu_s(sc.proc.pid) - c0) / n)
+                    if name == "on":
+                        from urllib.request import urlopen
 
-                    text = urlopen(sc.metrics, timeout=5).read().decode()
-                    risk_steps = sum(float(line.split()[-1]) for line in text.splitlines()
-                                     if line.startswith("eigenwatch_risk_steps_total{"))
-            finally:
-                sc.stop()
-    counting_times = counting_server_run(batches, args.repeats)
+                        text = urlopen(sc.metrics, timeout=5).read().decode()
+                        risk_steps = sum(float(line.split()[-1]) for line in text.splitlines()
+                                         if line.startswith("eigenwatch_risk_steps_total{"))
+                finally:
+                    sc.stop()
+    counting = {form: counting_server_run(batches[form], args.repeats,
+                                          "127.0.0.1:0" if args.transport == "tcp" else f"unix://{tmp}/{form}.sock")
+                for form in batches}
 
-    print(f"{n} frames in batches of {args.batch}, {size:.0f} bytes per frame on the wire, {args.requests} requests, "
-          f"{len(LAYERS)} layers; risk model on: {risk_steps:.0f} risk steps")
-    print(f"  {'receiver':44s} {'median s':>9s} {'frames/s':>10s} {'vs ceiling':>10s}")
-    ref = statistics.median(counting_times)
-    for name, ts in (("counting server (transport ceiling)", counting_times),
-                     ("eigenwatch sidecar, risk model off", times["off"]),
-                     ("eigenwatch sidecar, risk model on", times["on"])):
-        med = statistics.median(ts)
-        print(f"  {name:44s} {med:9.3f} {n / med:10.0f} {med / ref:10.2f}")
-    ratio = statistics.median(times["off"]) / statistics.median(times["on"])
-    print(f"  ingest throughput with the risk model on / off: {ratio:.2f}")
+    print(f"{n} frames in batches of {args.batch}, {args.requests} requests, {len(LAYERS)} layers, over "
+          f"{'loopback TCP' if args.transport == 'tcp' else 'a Unix socket'}; bytes per frame "
+          f"on the wire: {size['frames']:.0f} as Frame messages, {size['columns']:.0f} as FrameColumns; risk model "
+          f"on: {risk_steps:.0f} risk steps; load average {os.getloadavg()[0]:.1f}")
+    print(f"  {'receiver':48s} {'median s':>9s} {'frames/s':>10s} {'vs ceiling':>10s} {'CPU µs/frame':>13s}")
+    for form, label in (("frames", "Frame messages"), ("columns", "FrameColumns")):
+        ref = statistics.median(counting[form])
+        rows = [(f"counting server, {label} (transport ceiling)", counting[form], None)]
+        rows += [(f"eigenwatch sidecar, {label}, risk model {name}", times[(form, name)], cpu[(form, name)])
+                 for name in ("off", "on")]
+        for name, ts, c in rows:
+            med = statistics.median(ts)
+            us = f"{statistics.median(c) * 1e6:13.1f}" if c else ""
+            print(f"  {name:48s} {med:9.3f} {n / med:10.0f} {med / ref:10.2f} {us}")
+    for name in ("off", "on"):
+        print(f"  FrameColumns / Frame messages, risk model {name}: "
+              f"{statistics.median(times[('frames', name)]) / statistics.median(times[('columns', name)]):.2f}× the frames/s")
+    for form in batches:
+        ratio = statistics.median(times[(form, "off")]) / statistics.median(times[(form, "on")])
+        print(f"  {form}: ingest throughput with the risk model on / off: {ratio:.2f}")
     rate = args.rate
     if args.seconds > 0:
         paced_run(base, model, args, tmp, args.seconds, rate, args.soak_requests, "latency run")

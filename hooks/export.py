@@ -74,6 +74,8 @@ class _Embeddings(list):
 # A FrameBatch is cut at about this many bytes of Grams (a step of 512 requests ×
 # 3 layers at W = 64 would otherwise pass the message limit).
 BATCH_GRAM_BYTES = 4 << 20
+# Queued steps are merged into one FrameBatch up to about this many frames.
+MERGE_SEEDS = 1024
 
 
 class FrameExporter:
@@ -242,62 +244,92 @@ class FrameExporter:
         return [wire.batch(frames, self._stats_proto())]
 
     def _gram_batches(self, seeds: list[FrameSeed]) -> list[monitor_pb2.FrameBatch]:
-        """Frames that carry their centred Gram × scale (the sidecar computes the rest)."""
+        """Frames that carry their centred Gram × scale (the sidecar computes the rest), column
+        by column (FrameColumns, one block per window size); a final frame with a signature or
+        hidden-state statistics as a Frame message."""
         grams = [s.gram for s in seeds]
         if grams[0].device.type != "cpu":  # one copy to the host for the whole step
             grams = list(torch.stack(grams).cpu())
-        out, frames, size = [], [], 0
+        out, chunk, size = [], [], 0
         for s, g in zip(seeds, grams):
             v = s.valid
-            cov = g.numpy()[:v, :v] * np.float32(s.scale)
-            frames.append(monitor_pb2.Frame(
-                request_id=s.request_id, engine_request_id=s.engine_request_id, model=self.model, layer=s.layer,
-                step=s.step, token_count=s.token_count, skipped_tokens=s.skipped_tokens, window=v, dim=s.dim,
-                final=s.final, centred_gram=cov.astype("<f4", copy=False).tobytes(),
-                signature=wire.sparse_terms(s.signature), hidden=wire.hidden_stats(hidden_values(s))))
+            chunk.append((s, (g.numpy()[:v, :v] * np.float32(s.scale)).astype("<f4", copy=False)))
             size += 4 * v * v
             if size >= BATCH_GRAM_BYTES:
-                out.append(monitor_pb2.FrameBatch(descriptor_names=DESCRIPTOR_NAMES, frames=frames))
-                frames, size = [], 0
-        if frames or not out:
-            out.append(monitor_pb2.FrameBatch(descriptor_names=DESCRIPTOR_NAMES, frames=frames))
+                out.append(self._gram_batch(chunk))
+                chunk, size = [], 0
+        if chunk or not out:
+            out.append(self._gram_batch(chunk))
         out[-1].stats.CopyFrom(self._stats_proto())
         return out
+
+    def _gram_batch(self, chunk: list) -> monitor_pb2.FrameBatch:
+        plain = [(s, cov) for s, cov in chunk if s.signature is None and s.hidden is None]
+        covs = {id(s): cov for s, cov in plain}
+        frames = [monitor_pb2.Frame(
+            request_id=s.request_id, engine_request_id=s.engine_request_id, model=self.model, layer=s.layer,
+            step=s.step, token_count=s.token_count, skipped_tokens=s.skipped_tokens, window=s.valid, dim=s.dim,
+            final=s.final, centred_gram=cov.tobytes(), signature=wire.sparse_terms(s.signature),
+            hidden=wire.hidden_stats(hidden_values(s))) for s, cov in chunk if s.signature is not None or s.hidden is not None]
+        blocks = wire.column_blocks(
+            self.model, [s for s, _ in plain], [s.valid for s, _ in plain],
+            lambda w, group: {"centred_grams": b"".join(covs[id(s)].tobytes() for s in group)})
+        return monitor_pb2.FrameBatch(descriptor_names=DESCRIPTOR_NAMES, frames=frames, columns=blocks)
 
     def _requests(self, generation: int):
         # Runs on gRPC's sending thread. Idle streams still carry stats now and then.
         last = time.monotonic()
-        while not self._stop.is_set() and generation == self._generation:
-            try:
-                seeds = self._queue.get(timeout=0.2)
-            except queue.Empty:
-                if time.monotonic() - last > 5.0:
+        held = None  # an item taken while merging steps, sent next
+        try:
+            while not self._stop.is_set() and generation == self._generation:
+                if held is not None:
+                    seeds, held = held, None
+                else:
+                    try:
+                        seeds = self._queue.get(timeout=0.2)
+                    except queue.Empty:
+                        if time.monotonic() - last > 5.0:
+                            last = time.monotonic()
+                            yield monitor_pb2.FrameBatch(descriptor_names=DESCRIPTOR_NAMES, stats=self._stats_proto())
+                        continue
+                if generation != self._generation or self._stop.is_set():
+                    # This stream died while we waited: the batch has nowhere to go.
+                    self._drop_item(seeds)
+                    return
+                if isinstance(seeds, _Sketches):
                     last = time.monotonic()
-                    yield monitor_pb2.FrameBatch(descriptor_names=DESCRIPTOR_NAMES, stats=self._stats_proto())
-                continue
-            if generation != self._generation or self._stop.is_set():
-                # This stream died while we waited: the batch has nowhere to go.
-                self._drop_item(seeds)
-                return
-            if isinstance(seeds, _Sketches):
-                last = time.monotonic()
-                yield self._snapshot_batch(seeds)
-                continue
-            if isinstance(seeds, _Embeddings):
-                last = time.monotonic()
-                yield self._embedding_batch(seeds)
-                continue
-            try:
-                batches = self._batches(seeds)
-            except Exception:  # a bug here must cost frames, not the stream
-                self._count_dropped(len(seeds))
-                log.exception("eigenwatch: could not encode a frame batch (dropped)")
-                continue
-            for batch in batches:
-                with self._lock:
-                    self.counters.frames_sent += len(batch.frames)
-                last = time.monotonic()
-                yield batch
+                    yield self._snapshot_batch(seeds)
+                    continue
+                if isinstance(seeds, _Embeddings):
+                    last = time.monotonic()
+                    yield self._embedding_batch(seeds)
+                    continue
+                # Steps that queued up while the last message went out travel in one message: no
+                # waiting (only what is already here), and under load the sidecar reads fewer, larger
+                # batches (bench/bench_sidecar.py: its cost per message is a third of a 64-frame batch's).
+                while len(seeds) < MERGE_SEEDS:
+                    try:
+                        more = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if isinstance(more, (_Sketches, _Embeddings)):
+                        held = more
+                        break
+                    seeds = seeds + more
+                try:
+                    batches = self._batches(seeds)
+                except Exception:  # a bug here must cost frames, not the stream
+                    self._count_dropped(len(seeds))
+                    log.exception("eigenwatch: could not encode a frame batch (dropped)")
+                    continue
+                for batch in batches:
+                    with self._lock:
+                        self.counters.frames_sent += len(batch.frames) + sum(len(c.layer) for c in batch.columns)
+                    last = time.monotonic()
+                    yield batch
+        finally:
+            if held is not None:  # the stream ended before it went out
+                self._drop_item(held)
 
     def _run(self) -> None:
         backoff = 0.2

@@ -106,7 +106,52 @@ def from_proto(f: monitor_pb2.Frame, names: tuple[str, ...], eigs: np.ndarray | 
     )
 
 
+def column_blocks(model: str, items, windows, values) -> list[monitor_pb2.FrameColumns]:
+    """FrameColumns blocks of one model, one per window size. `items`: objects with a
+    frame's scalar fields (Frame, hooks.windows.FrameSeed), `windows` their window sizes;
+    `values(window, group)` -> the block's value fields (eigenvalues and descriptors, or
+    centred_grams) as a dict of bytes. Frames keep their order within a window size, and
+    blocks go smallest window first: a request's window only grows (up to W) as its rows
+    come, so its frames reach the sidecar in token order."""
+    by_window: dict[int, list] = {}
+    for it, w in zip(items, windows):
+        by_window.setdefault(w, []).append(it)
+    out = []
+    for w, group in sorted(by_window.items()):
+        ids: dict[str, int] = {}  # engine id -> position in the block's request lists
+        req, eng, ext, skipped = [], [], [], []
+        for it in group:
+            k = ids.get(it.engine_request_id)
+            if k is None:
+                k = ids[it.engine_request_id] = len(eng)
+                eng.append(it.engine_request_id)
+                ext.append(it.request_id)
+                skipped.append(it.skipped_tokens)
+            req.append(k)
+        out.append(monitor_pb2.FrameColumns(
+            model=model, window=w, request_ids=ext, engine_request_ids=eng, skipped_tokens=skipped, request=req,
+            layer=[it.layer for it in group], step=[it.step for it in group],
+            token_count=[it.token_count for it in group], dim=[it.dim for it in group],
+            final=[i for i, it in enumerate(group) if it.final], **values(w, group)))
+    return out
+
+
 def batch(frames: list[Frame], stats: monitor_pb2.TapStats | None = None) -> monitor_pb2.FrameBatch:
-    """One FrameBatch message (this version's descriptor names) for a step's frames."""
-    return monitor_pb2.FrameBatch(descriptor_names=DESCRIPTOR_NAMES, frames=[to_proto(f) for f in frames],
-                                  stats=stats)
+    """One FrameBatch message (this version's descriptor names) for a step's frames, column by
+    column (FrameColumns, one block per model and window size); a frame with a signature or
+    hidden-state statistics, or other descriptor names, goes as a Frame message."""
+    plain: dict[str, list[Frame]] = {}
+    rest = []
+    for f in frames:
+        if f.signature is None and f.hidden is None and f.names == DESCRIPTOR_NAMES:
+            plain.setdefault(f.model, []).append(f)
+        else:
+            rest.append(f)
+
+    def values(w: int, group: list[Frame]) -> dict:
+        return {"eigenvalues": np.stack([f.eigenvalues for f in group]).astype("<f4", copy=False).tobytes(),
+                "descriptors": np.stack([f.descriptors for f in group]).astype("<f8", copy=False).tobytes()}
+
+    blocks = [b for model, fs in plain.items() for b in column_blocks(model, fs, [f.window for f in fs], values)]
+    return monitor_pb2.FrameBatch(descriptor_names=DESCRIPTOR_NAMES, frames=[to_proto(f) for f in rest],
+                                  columns=blocks, stats=stats)

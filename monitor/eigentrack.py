@@ -28,7 +28,14 @@ NAME = "eigentrack"
 
 def step_vector(descs: dict[int, np.ndarray], layers: tuple[int, ...]) -> np.ndarray:
     """x_t from {layer: descriptor vector [D]} for every layer in `layers`: [L·D] float64, finite."""
-    x = np.concatenate([np.asarray(descs[l], dtype=np.float64) for l in layers])
+    return step_matrix([descs], layers)[0]
+
+
+def step_matrix(descs: list[dict[int, np.ndarray]], layers: tuple[int, ...]) -> np.ndarray:
+    """x_t of many steps at once: row b from descs[b] = {layer: descriptor vector [D]} for every
+    layer in `layers`: [B, L·D] float64, finite (one stack per layer, not a concatenation per
+    step: offline sequences and the live risk's batches both build their steps here)."""
+    x = np.concatenate([np.array([d[l] for d in descs], dtype=np.float64) for l in layers], axis=1)
     x[~np.isfinite(x)] = 0.0  # = nan_to_num(nan=0, posinf=0, neginf=0), cheaper on short vectors
     return x
 
@@ -45,7 +52,7 @@ def frames_to_sequence(frames: Iterable, layers: tuple[int, ...]) -> tuple[list[
     counts = [c for c in sorted(by_count) if len(by_count[c]) == len(layers)]
     if not counts:
         return [], np.zeros((0, 0))
-    return counts, np.stack([step_vector(by_count[c], layers) for c in counts])
+    return counts, step_matrix([by_count[c] for c in counts], layers)
 
 
 FORMAT = "eigenwatch.risk/v1"

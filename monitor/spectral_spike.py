@@ -144,11 +144,14 @@ def check_dim(cal: LayerCalibration, model: str, layer: int, dim: int) -> None:
             "the calibration's (its 'tap' section lists them)")
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
 class SpikeResult:
     spikes: int | None  # None while the layer is still calibrating (or the window has no spectrum)
     severity: int = 0  # 0: no alert
     threshold: float = 0.0
+
+
+NO_SPECTRUM = SpikeResult(spikes=None)
 
 
 class SpikeDetector:
@@ -179,6 +182,7 @@ class SpikeDetector:
         self.on_calibrated = None  # callback(key, LayerCalibration)
         self.on_refused = None  # callback(reason) for a frame not learned from
         self._edges: dict[tuple, tuple] = {}  # (key, window, dim) -> (calibration, MP edge, threshold)
+        self._results: dict[tuple, SpikeResult] = {}  # (spikes, threshold) -> its SpikeResult (immutable, shared)
 
     def _refuse(self, reason: str) -> SpikeResult:
         if self.on_refused is not None:
@@ -226,38 +230,47 @@ class SpikeDetector:
                            trace_mean: np.ndarray) -> list[SpikeResult | None]:
         """`observe` for many frames at once (a FrameBatch's spectrum frames of one window size):
         keys [n] (model, layer), eigs [n, W] float64, windows, dims [n], the frames' trace_mean
-        [n] (their sigma2 matters only to a layer still calibrating). The frames of calibrated layers at the calibration's width get their
-        SpikeResult, the spikes counted in one numpy pass with `observe`'s arithmetic; the
-        others (a layer still calibrating, another width) get None: pass them to `observe`."""
+        [n] (their sigma2 matters only to a layer still calibrating). The frames of calibrated
+        layers at the calibration's width get their SpikeResult, the spikes counted in one numpy
+        pass per (layer, shape) with `observe`'s arithmetic; the others (a layer still
+        calibrating, another width) get None: pass them to `observe`."""
         out: list[SpikeResult | None] = [None] * len(keys)
-        rows, edges, thresholds = [], [], []
-        calibration, cache = self.calibration, self._edges
+        groups: dict[tuple, list[int]] = {}  # (key, window, dim) -> rows: a batch holds a few
+        for i, ek in enumerate(zip(keys, windows, dims)):
+            rows = groups.get(ek)
+            if rows is None:
+                rows = groups[ek] = []
+            rows.append(i)
+        calibration, cache, results = self.calibration, self._edges, self._results
         trace_mean = np.asarray(trace_mean, dtype=np.float64)
-        tm = trace_mean.tolist()
-        for i, key in enumerate(keys):
+        for ek, rows in groups.items():
+            key, window, dim = ek
             cal = calibration.get(key)
             if cal is None:
                 continue
-            ek = (key, windows[i], dims[i])
             hit = cache.get(ek)
             if hit is None or hit[0] is not cal:  # first frame of this shape, or a new calibration
-                if cal.dim and dims[i] != cal.dim:
+                if cal.dim and dim != cal.dim:
                     continue
                 if len(cache) >= 4096:
                     cache.clear()
-                hit = cache[ek] = (cal, mp_edges(mp_gamma(windows[i], dims[i]), cal.sigma2)[1],
+                hit = cache[ek] = (cal, mp_edges(mp_gamma(window, dim), cal.sigma2)[1],
                                    cal.spike_threshold if self.spike_threshold is None else self.spike_threshold)
-            if not tm[i] > 0:
-                out[i] = SpikeResult(spikes=None)  # `relative`: no spectrum, nothing to flag
-                continue
-            rows.append(i)
-            edges.append(hit[1])
-            thresholds.append(hit[2])
-        if rows:
-            rel = eigs[rows] / trace_mean[rows, None]  # as `relative`, row-wise
-            counts = np.count_nonzero(rel > np.asarray(edges)[:, None], axis=1).tolist()
-            for i, c, t in zip(rows, counts, thresholds):
-                out[i] = SpikeResult(spikes=c, severity=severity(c, t), threshold=float(t))
+            _, edge, t = hit
+            tm = trace_mean[rows]
+            with np.errstate(invalid="ignore", divide="ignore"):
+                counts = np.count_nonzero(eigs[rows] / tm[:, None] > edge, axis=1).tolist()  # as `relative`
+            usable = (tm > 0).tolist()
+            for i, c, ok in zip(rows, counts, usable):
+                if not ok:
+                    out[i] = NO_SPECTRUM  # `relative`: no spectrum, nothing to flag
+                    continue
+                res = results.get((c, t))
+                if res is None:
+                    if len(results) >= 4096:
+                        results.clear()
+                    res = results[(c, t)] = SpikeResult(spikes=c, severity=severity(c, t), threshold=float(t))
+                out[i] = res
         return out
 
     def _drop(self, key) -> None:

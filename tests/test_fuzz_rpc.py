@@ -8,6 +8,7 @@ cases per RPC with the same strategies and prints RSS against the budget."""
 from __future__ import annotations
 
 import grpc
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -49,9 +50,43 @@ def frames(draw):
 
 
 @st.composite
+def frame_columns(draw, n_names: int):
+    """FrameColumns blocks: mostly well-shaped (so the per-frame and value checks run), with
+    hostile counts, positions, ids, labels and byte lengths."""
+    n = draw(st.integers(0, 6))
+    m = draw(st.integers(0, 4))
+    window = draw(st.one_of(st.integers(-2, 40), st.sampled_from([0, 1, 1025, 2**31 - 1])))
+    w = window if 0 <= window <= 64 else 3
+    ids = st.lists(_text, min_size=m, max_size=m)
+
+    def sized(elements, k):  # a list of the right length k, mostly
+        j = draw(st.one_of(st.just(k), st.integers(0, 8)))
+        return draw(st.lists(elements, min_size=j, max_size=j))
+
+    c = monitor_pb2.FrameColumns(
+        model=draw(_text), window=window, request_ids=draw(ids), engine_request_ids=draw(ids),
+        skipped_tokens=sized(st.integers(-5, 100), m),
+        request=sized(st.integers(0, max(m, 1) + (1 if draw(st.booleans()) else -1)), n),
+        layer=draw(st.lists(st.one_of(st.integers(-3, 40), st.sampled_from([2**31 - 1, -2**31])), min_size=n,
+                            max_size=n)),
+        step=sized(st.just(0), n), token_count=sized(st.integers(-5, 2**40), n),
+        dim=sized(st.one_of(st.integers(-2, 200), st.sampled_from([2**31 - 1])), n),
+        final=draw(st.lists(st.integers(0, n + 1), max_size=3)))
+    if draw(st.integers(0, 4)) == 0:  # centred Grams, of the right size or any
+        c.centred_grams = draw(st.one_of(st.just(np.full(n * w * w, 0.5, "<f4").tobytes()),
+                                         st.binary(max_size=4 * 40 * 40)))
+    else:
+        c.eigenvalues = np.asarray(sized(_floats, n * w), dtype="<f4").tobytes()
+        c.descriptors = np.asarray(sized(st.floats(allow_nan=True, allow_infinity=True), n * n_names),
+                                   dtype="<f8").tobytes()
+    return c
+
+
+@st.composite
 def frame_batches(draw):
     names = draw(st.one_of(st.just(list(DESCRIPTOR_NAMES)), st.lists(_text, max_size=30)))
-    b = monitor_pb2.FrameBatch(descriptor_names=names, frames=draw(st.lists(frames(), max_size=6)))
+    b = monitor_pb2.FrameBatch(descriptor_names=names, frames=draw(st.lists(frames(), max_size=6)),
+                               columns=draw(st.lists(frame_columns(len(names)), max_size=2)))
     if draw(st.booleans()):
         b.stats.CopyFrom(monitor_pb2.TapStats(tap_id=draw(_text), model=draw(_text),
                                               frames_emitted=draw(st.integers(0, 2**64 - 1))))

@@ -325,8 +325,9 @@ def test_gram_frames_get_the_tap_spectra_in_the_sidecar(sidecar_factory):
                 hist = np.array([list(h.descriptors) for h in lr.history])
                 np.testing.assert_allclose(hist, np.stack([f.descriptors for f in mine]), rtol=1e-4, atol=1e-7)
         assert exporter.stats()["frames_sent"] == len(seeds)
-        text = scrape(sc.metrics)
-        assert metric_value(text, "eigenwatch_frames_ingested_total", model="m", layer="1") == len(want) / 2
+        # window metrics reach /metrics within the sidecar's WINDOW_FLUSH_S of their frame
+        wait_for(lambda: metric_value(scrape(sc.metrics), "eigenwatch_frames_ingested_total", model="m", layer="1")
+                 == len(want) / 2, what="frames on /metrics")
     finally:
         exporter.close(timeout=1)
 
@@ -339,21 +340,25 @@ def test_gram_frames_are_cut_into_batches_under_the_message_limit(monkeypatch):
     try:
         seeds = _seeds()
         batches = exporter._batches(seeds)
-        size = [sum(len(f.centred_gram) for f in b.frames) for b in batches]
+        # every seed (no signature, no hidden-state statistics) goes column by column
+        assert all(not b.frames for b in batches)
+        size = [sum(len(c.centred_grams) for c in b.columns) for b in batches]
         assert len(batches) > 3 and all(3000 <= n < 3000 + 1024 for n in size[:-1]) and size[-1] < 3000 + 1024
-        assert sum(len(b.frames) for b in batches) == len(seeds)
+        assert sum(len(c.layer) for b in batches for c in b.columns) == len(seeds)
         assert [b.HasField("stats") for b in batches] == [False] * (len(batches) - 1) + [True]
-        f = batches[0].frames[0]
-        assert len(f.centred_gram) == 4 * f.window**2 and not f.eigenvalues and not f.descriptors
+        c = batches[0].columns[0]
+        assert len(c.centred_grams) == 4 * len(c.layer) * c.window**2 and not c.eigenvalues and not c.descriptors
     finally:
         exporter.close(timeout=0.1)
 
 
 def test_bad_gram_frames_name_the_field_and_unusable_windows_are_counted(sidecar_factory):
     sc = sidecar_factory("--listen", "127.0.0.1:0", "--metrics-port", "0")
-    exporter = FrameExporter("127.0.0.1:1", "m", grams=True)
-    good = list(exporter._batches(_seeds(n_requests=1, layers=(1,)))[0].frames)
-    exporter.close(timeout=0.1)
+    good = [monitor_pb2.Frame(  # Frame messages with their Gram, as a client other than the tap may send
+        request_id=s.request_id, engine_request_id=s.engine_request_id, model="m", layer=s.layer, step=s.step,
+        token_count=s.token_count, window=s.valid, dim=s.dim, final=s.final,
+        centred_gram=(s.gram.numpy()[:s.valid, :s.valid] * np.float32(s.scale)).astype("<f4").tobytes())
+        for s in _seeds(n_requests=1, layers=(1,))]
 
     def variant(change):
         f = monitor_pb2.Frame()
@@ -396,3 +401,42 @@ def test_sidecar_yields_the_cpu_to_the_server_it_watches(sidecar_factory):
     out = subprocess.run([sys.executable, "-m", "eigenwatch.monitor.cli", "sidecar", "--nice", "-5"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "--nice: expected an integer 0..19, got '-5'" in out.stderr
+
+
+def test_steps_queued_while_a_message_went_out_travel_together(monkeypatch):
+    """The exporter merges the steps already waiting in its queue into one FrameBatch (never
+    waits for more), up to MERGE_SEEDS frames; every frame is sent once, in order."""
+    from eigenwatch.hooks import export
+
+    exporter = FrameExporter("127.0.0.1:1", "m", grams=True)
+    exporter.close(timeout=1)  # its thread is gone: this test drives the sending generator itself
+    exporter._stop.clear()
+    steps = [_seeds(n_requests=2, layers=(1,), seed=k) for k in range(3)]
+    for k, seeds in enumerate(steps):  # each step's requests its own
+        for s in seeds:
+            s.engine_request_id, s.request_id = f"{k}{s.engine_request_id}", f"{k}{s.request_id}"
+    for seeds in steps:
+        exporter.submit(seeds)
+
+    def sent(batch):
+        return [(c.engine_request_ids[r], c.token_count[i], c.step[i]) for c in batch.columns
+                for i, r in enumerate(c.request)]
+
+    def in_token_order(frames):  # per request (one layer here): token counts ascending, as the tap made them
+        ids = {e for e, _, _ in frames}
+        return all([c for e2, c, _ in frames if e2 == e] == sorted(c for e2, c, _ in frames if e2 == e) for e in ids)
+
+    want = [(s.engine_request_id, s.token_count, s.step) for seeds in steps for s in seeds]
+    gen = exporter._requests(exporter._generation)
+    got = sent(next(gen))
+    assert sorted(got) == sorted(want) and exporter._queue.empty()
+    assert in_token_order(got) and len({w for w in (s.valid for seeds in steps for s in seeds)}) > 1
+
+    monkeypatch.setattr(export, "MERGE_SEEDS", len(steps[0]) + 1)  # room for one more step, not two
+    for seeds in steps:
+        exporter.submit(seeds)
+    gen = exporter._requests(exporter._generation)
+    first, second = sent(next(gen)), sent(next(gen))
+    cut = 2 * len(steps[0])
+    assert sorted(first) == sorted(want[:cut]) and sorted(second) == sorted(want[cut:])
+    exporter._stop.set()

@@ -399,7 +399,7 @@ def test_model_failure_is_counted_and_ingest_goes_on(risk_model, tmp_path):
 
     def step(t):
         for f in req.frames(t):
-            live.add(st, f, np.asarray(f.descriptors, dtype=np.float64), idx)
+            live.add(st, f.model, f.layer, f.token_count, np.asarray(f.descriptors, dtype=np.float64), idx)
         live.flush()
 
     good = model._session
@@ -416,3 +416,48 @@ def test_model_failure_is_counted_and_ingest_goes_on(risk_model, tmp_path):
     # Step 0 was lost, so the state starts at step 1: what the offline model gives for steps 1-2.
     want = model.sequence(req.x([1, 2]))
     np.testing.assert_allclose(st.risk.history.items()[1][:, 0], want, atol=1e-6)
+
+
+def test_steps_that_wait_for_the_batched_model_call_are_never_lost(risk_model):
+    """The sidecar batches the risk model's calls across messages (RISK_FLUSH_S, RISK_FLUSH_REQUESTS):
+    a request whose completed steps pile up past MAX_PENDING_STEPS before the call gets them
+    scored, not dropped as incomplete. In-process, one stream of one message per step: every
+    step waits for the same call unless the timer fires, and the risk equals the offline model's."""
+    import asyncio
+
+    from prometheus_client import CollectorRegistry
+
+    from eigenwatch.monitor.sidecar import server
+    from eigenwatch.monitor.sidecar.config import SidecarConfig
+    from eigenwatch.monitor.sidecar.metrics import Metrics
+    from eigenwatch.monitor.sidecar.risk import MAX_PENDING_STEPS, load_live_risk
+    from eigenwatch.monitor.spectral_spike import SpikeDetector
+
+    pool = Pool(seed=5)
+    rng = np.random.default_rng(11)
+    reqs = [Request(f"p{i}", rng.integers(0, 2, size=MAX_PENDING_STEPS + 4), pool, seed=70 + i) for i in range(3)]
+    batches = [batch([f for r in reqs for f in r.frames(t)]) for t in range(MAX_PENDING_STEPS + 4)]
+    batches.append(batch([f for r in reqs for f in r.final()]))
+    cfg = SidecarConfig(risk_model=str(risk_model.path), calibration_frames=100000, report_history=32)
+
+    class Context:
+        async def abort(self, code, details):
+            raise AssertionError(details)
+
+    async def frames():
+        for b in batches:
+            yield b
+
+    async def run():
+        svc = server.MonitorService(cfg, SpikeDetector(None, 100000), Metrics(CollectorRegistry()),
+                                    risk=load_live_risk(cfg, None))
+        summary = await svc.Ingest(frames(), Context())
+        assert summary.frames_rejected == 0
+        return {r.rid: svc.store.get(r.rid).risk for r in reqs}
+
+    got = asyncio.run(run())
+    for r in reqs:
+        rr = got[r.rid]
+        counts, values = rr.history.items()
+        assert list(counts) == [c for c, _ in r.steps] and rr.steps == len(r.steps)
+        np.testing.assert_allclose(values.ravel(), risk_model.sequence(r.x()), rtol=0, atol=1e-6)

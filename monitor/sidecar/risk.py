@@ -2,7 +2,8 @@
 
 Per request, frames are grouped by token count. When every layer the risk
 model reads has a frame at one token count, that is one time step: x_t =
-eigentrack.step_vector(...) — the function `eigenwatch extract` uses offline —
+eigentrack.step_vector(...) — the function `eigenwatch extract` uses offline, here
+as step_matrix, many steps at once —
 with each frame's descriptors reordered from the batch's descriptor_names into
 the model's, and the request's GRU state advances one step (eigentrack.RiskModel.step).
 
@@ -45,7 +46,7 @@ import numpy as np
 
 from eigenwatch.monitor.calibration import Calibration, CalibrationError
 from eigenwatch.monitor.eigentrack import NAME as DETECTOR
-from eigenwatch.monitor.eigentrack import RiskModel, RiskModelError, step_vector
+from eigenwatch.monitor.eigentrack import RiskModel, RiskModelError, step_matrix
 from eigenwatch.v1 import monitor_pb2
 
 from .alerts import WARNING, Hysteresis
@@ -187,7 +188,7 @@ class LiveRisk:
         self.on_alert = on_alert
         self._h0 = np.asarray(m.initial_state(1), dtype=np.float32)[0]
         self._index: dict[tuple[str, ...], np.ndarray | None] = {}
-        self._touched: dict[str, object] = {}  # engine id -> RequestState, in this batch
+        self._touched: dict[str, object] = {}  # engine id -> RequestState, since the last flush
         self._logged: set = set()
         self._skipped: dict[tuple[str, str], object] = {}  # (model, reason) -> counter child
         self._last_error_log = -math.inf
@@ -220,44 +221,54 @@ class LiveRisk:
             self._index[key] = idx
         return idx
 
-    def add(self, st, f, desc: np.ndarray, idx: np.ndarray | None) -> None:
-        """One valid frame of request state `st`; desc [n_names] float64 in batch order."""
-        if f.model != self.model.model:
-            self._skip(f.model, "other_model")
-            self._log_once(("model", f.model), "frames of model %r get no risk: the risk model was trained on "
-                           "model %r", f.model, self.model.model)
+    def add(self, st, model: str, layer: int, token_count: int, desc: np.ndarray, idx: np.ndarray | None) -> None:
+        """One valid frame (model, layer, token_count) of request state `st`; desc [n_names]
+        float64 in batch order."""
+        if model != self.model.model:
+            self._skip(model, "other_model")
+            self._log_once(("model", model), "frames of model %r get no risk: the risk model was trained on "
+                           "model %r", model, self.model.model)
             return
-        if f.layer not in self._layer_set:
+        if layer not in self._layer_set:
             return
         if idx is None:
-            self._skip(f.model, "descriptor_names")
+            self._skip(model, "descriptor_names")
             return
         rr = st.risk
         if rr is None:
             rr = st.risk = RequestRisk(self.history)
         if rr.done:
-            self._skip(f.model, "finished")
+            self._skip(model, "finished")
             return
-        c = int(f.token_count)
+        c = int(token_count)
         if c <= rr.last_count:
             # == : the final frame repeating the last window (already scored); < : arrived too late.
             if c < rr.last_count:
-                self._skip(f.model, "out_of_order")
+                self._skip(model, "out_of_order")
             return
         pend = rr.pending.get(c)
         if pend is None:
             if len(rr.pending) >= self.max_pending:
-                self._skip(f.model, "incomplete", len(rr.pending.pop(min(rr.pending))))
+                n_layers = len(self.layers)
+                if any(len(d) == n_layers for d in rr.pending.values()):
+                    self.flush()  # complete steps waiting for the model call (the sidecar batches calls): now
+                if len(rr.pending) >= self.max_pending:  # steps that never completed
+                    self._skip(model, "incomplete", len(rr.pending.pop(min(rr.pending))))
             pend = rr.pending[c] = {}
-        pend[f.layer] = desc[idx]
+        pend[layer] = desc[idx]
         self._touched[st.engine_request_id] = st
 
+    @property
+    def waiting(self) -> int:
+        """Requests with frames added since the last flush."""
+        return len(self._touched)
+
     def flush(self) -> None:
-        """Score every step that became complete since the last flush (call once per batch)."""
+        """Score every step that became complete since the last flush."""
         if not self._touched:
             return
         touched, self._touched = self._touched, {}
-        queues = []  # (state, RequestRisk, [(token_count, x [F]), ...] ascending)
+        queues = []  # (state, RequestRisk, [(token_count, {layer: descriptors}), ...] ascending)
         n_layers = len(self.layers)
         for st in touched.values():
             rr = st.risk
@@ -273,7 +284,7 @@ class LiveRisk:
                     break
                 d = rr.pending.pop(c)
                 if len(d) == n_layers:
-                    steps.append((c, step_vector(d, self.layers)))
+                    steps.append((c, d))
                 else:  # a later step is complete: this one can never be (frames_to_sequence drops it too)
                     self._skip(st.model, "incomplete", len(d))
             rr.last_count = top
@@ -286,8 +297,9 @@ class LiveRisk:
                 failed |= self._score(items)
 
     def _score(self, items) -> set[int]:
-        """One model call for items [(state, RequestRisk, (token_count, x))]: ids of the failed ones."""
-        x = np.stack([x for _, _, (_, x) in items])  # [B, F]
+        """One model call for items [(state, RequestRisk, (token_count, {layer: descriptors}))]: ids
+        of the failed ones."""
+        x = step_matrix([d for _, _, (_, d) in items], self.layers)  # [B, F]
         h = np.stack([self._h0 if rr.h is None else rr.h for _, rr, _ in items])  # [B, H]
         try:
             risk, logit, h_new = self.model.step_with_logit(x, h)

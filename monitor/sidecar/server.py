@@ -21,10 +21,9 @@ are escaped and shortened (`clip`).
 from __future__ import annotations
 
 import asyncio
+import gc
 import inspect
-import itertools
 import logging
-import math
 import signal
 import sys
 import threading
@@ -40,8 +39,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
 from eigenwatch.hooks import frames as wire
-from eigenwatch.kernels.descriptors import DESCRIPTOR_NAMES, INDEX, describe_windows
-from eigenwatch.kernels.gram import spectra_np
+from eigenwatch.kernels.descriptors import DESCRIPTOR_NAMES, INDEX
 from eigenwatch.monitor import calibration as calib
 from eigenwatch.monitor.spectral_spike import DimMismatch, SpikeDetector, SpikeResult
 from eigenwatch.v1 import monitor_pb2, monitor_pb2_grpc, shield_pb2_grpc, sparse_pb2_grpc
@@ -58,194 +56,25 @@ from .risk import LiveRisk, LiveRiskSetup
 from .shield_service import SERVICE_NAME as SHIELD_SERVICE_NAME
 from .shield_service import Loaded as LoadedShield
 from .shield_service import ENERGY_DETECTOR, ShieldLoadError, ShieldService, keep_freed_memory, limit_blas_threads, load_shield
-from .signatures import SignatureFileError, SignatureMatcher, check_terms
+from .signatures import SignatureFileError, SignatureMatcher
 from .sparse_service import SERVICE_NAME as SPARSE_SERVICE_NAME
 from .sparse_service import SparseService
 from .state import REQUEST_BYTES, History, LabelGuard, LayerState, RequestStore, layer_bytes
+from .validate import (MAX_ID_CHARS, MAX_LABEL_CHARS, MAX_LAYER, REQUIRED_DESCRIPTORS, bad_value_rows, check_columns,
+                       check_labels, check_names, clip, column_problems, count_spikes, gram_rows, gram_spectra,
+                       spectrum_batch, unusable_reason, validate_frame, value_problem)
 
 log = logging.getLogger("eigenwatch.sidecar")
 
 SERVICE_NAME = monitor_pb2.DESCRIPTOR.services_by_name["Monitor"].full_name
-REQUIRED_DESCRIPTORS = ("sigma2", "trace_mean", "spectral_entropy", "lambda1")
-# The largest window a frame may send as a centred Gram (the tap's own limit):
-# its eigensolve runs here, O(W³).
-MAX_GRAM_WINDOW = 1024
-# Per-frame limits, checked before anything of a frame is stored (README "Limits").
-MAX_WINDOW = 1024  # rows per window, so eigenvalues per frame
-MAX_DIM = 1 << 20  # row width d
-MAX_LAYER = 65535  # decoder-layer index
-MAX_ID_CHARS = 256  # request_id, engine_request_id, tap_id
-MAX_LABEL_CHARS = 128  # model (a Prometheus label value)
-MAX_DESCRIPTORS = 64  # descriptor_names per batch (this version sends 23)
-MAX_NAME_CHARS = 64  # one descriptor name
 # Margin under gRPC's message limit for a report's field tags and lengths.
 REPORT_MARGIN = 64 << 10
 UNDECODABLE_LOG_EVERY_S = 60.0
+WINDOW_FLUSH_S = 0.05  # window metrics reach /metrics at most this late ...
+WINDOW_FLUSH_ROWS = 4096  # ... or once this many frames wait
+RISK_FLUSH_S = 0.005  # a completed step waits at most this long for the risk model's call ...
+RISK_FLUSH_REQUESTS = 256  # ... or until this many requests have one waiting
 
-
-def clip(text: str, limit: int = 80) -> str:
-    """A client's string for a log line or an error message: escaped (no newline or control
-    character can forge a line) and cut to `limit` characters, quoted."""
-    text = str(text)
-    short = text if len(text) <= limit else text[:limit]
-    out = repr(short)
-    return out if short is text else f"{out}… ({len(text)} chars)"
-
-
-def check_labels(f: monitor_pb2.Frame) -> tuple[str, str] | None:
-    """(field, problem) when a frame's ids or labels are over the limits."""
-    for name in ("request_id", "engine_request_id"):
-        if len(getattr(f, name)) > MAX_ID_CHARS:
-            return name, f"at most {MAX_ID_CHARS} characters, got {len(getattr(f, name))}"
-    if len(f.model) > MAX_LABEL_CHARS:
-        return "model", f"at most {MAX_LABEL_CHARS} characters (a Prometheus label), got {len(f.model)}"
-    if not f.model.isprintable():
-        return "model", "must be printable text (no newline or control character)"
-    if f.layer > MAX_LAYER:
-        return "layer", f"must be <= {MAX_LAYER}, got {f.layer}"
-    return None
-
-
-def check_names(names) -> str | None:
-    """The problem with a batch's descriptor_names, None when they are within the limits."""
-    if len(names) > MAX_DESCRIPTORS:
-        return f"descriptor_names: at most {MAX_DESCRIPTORS} names, got {len(names)}"
-    for n in names:
-        if len(n) > MAX_NAME_CHARS or not n.isprintable():
-            return (f"descriptor_names: {clip(n, 32)} is not a descriptor name (printable, at most "
-                    f"{MAX_NAME_CHARS} characters)")
-    return None
-
-
-def gram_spectra(frames) -> dict[int, tuple[np.ndarray, np.ndarray] | str]:
-    """Eigenvalues and descriptors of the frames that carry a centred Gram:
-    {index: (eigs [W] float64, descriptors [D] float64) or why the window gives
-    none}. One batched eigensolve and descriptor call per window size
-    (kernels/gram.py, kernels/descriptors.py: the functions the tap's
-    `to_frames` uses). Frames must be valid (validate_frame) already."""
-    by_window: dict[int, list[int]] = {}
-    for j, f in frames:
-        by_window.setdefault(f.window, []).append(j)
-    index = dict(frames)
-    out: dict[int, tuple[np.ndarray, np.ndarray] | str] = {}
-    for w, idx in by_window.items():
-        grams = np.frombuffer(b"".join(index[j].centred_gram for j in idx), dtype="<f4").reshape(len(idx), w, w)
-        eigs, row_sq, ok = spectra_np(grams, w, 1.0, centred=True)
-        desc, why = describe_windows(eigs, row_sq, ok, np.full(len(idx), w), [index[j].dim for j in idx])
-        for i, j in enumerate(idx):
-            out[j] = why[i] if why[i] is not None else (eigs[i], desc[i])
-    return out
-
-
-def validate_frame(f: monitor_pb2.Frame, n_names: int, eigs: np.ndarray | None = None,
-                   desc: np.ndarray | None = None, index_of: dict[str, int] | None = None,
-                   values_checked: bool = False) -> tuple[str, str] | None:
-    """(field, problem) for a malformed frame, None when it is fine. `eigs` and
-    `desc` are the frame's values as float64 arrays, when the caller has them;
-    `index_of` (descriptor name -> position) enables the physical checks;
-    `values_checked`: the caller ran the value checks already (spectrum_batch)."""
-    if f.window > MAX_WINDOW:
-        return "window", f"at most {MAX_WINDOW} rows, got {f.window}"
-    if f.dim > MAX_DIM:
-        return "dim", f"must be <= {MAX_DIM}, got {f.dim}"
-    if not f.request_id:
-        return "request_id", "must not be empty"
-    if not f.engine_request_id:
-        return "engine_request_id", "must not be empty"
-    if not f.model:
-        return "model", "must not be empty"
-    if f.layer < 0:
-        return "layer", f"must be >= 0, got {f.layer}"
-    if f.window < 2:
-        return "window", f"must be >= 2 (a single row has no spectrum), got {f.window}"
-    if f.dim < 1:
-        return "dim", f"must be >= 1, got {f.dim}"
-    if f.token_count < 0 or f.skipped_tokens < 0:
-        return "token_count", "token_count and skipped_tokens must be >= 0"
-    if f.HasField("signature") and (why := check_terms(f.signature)) is not None:
-        return "signature", why
-    if f.centred_gram:
-        if f.eigenvalues or f.descriptors:
-            return "centred_gram", "set either centred_gram or eigenvalues and descriptors, not both"
-        if f.window > MAX_GRAM_WINDOW:
-            return "window", f"a centred_gram frame takes at most {MAX_GRAM_WINDOW} rows, got {f.window}"
-        if len(f.centred_gram) != 4 * f.window * f.window:
-            return "centred_gram", (f"has {len(f.centred_gram)} bytes but window {f.window} needs "
-                                    f"{4 * f.window * f.window} (float32 [window × window])")
-        return None
-    if len(f.eigenvalues) != f.window:
-        return "eigenvalues", f"has {len(f.eigenvalues)} values but window is {f.window}"
-    if len(f.descriptors) != n_names:
-        return "descriptors", f"has {len(f.descriptors)} values but descriptor_names has {n_names}"
-    if values_checked:
-        return None
-    eigs = np.asarray(f.eigenvalues, dtype=np.float64) if eigs is None else eigs
-    desc = np.asarray(f.descriptors, dtype=np.float64) if desc is None else desc
-    # One reduction each on the hot path: the float64 sum of float32 values cannot overflow,
-    # so it is finite exactly when every value is.
-    if not math.isfinite(eigs.sum()):
-        return "eigenvalues", "contains NaN or Inf"
-    if not np.isfinite(desc).all():
-        return "descriptors", "contains NaN or Inf"
-    # Physically impossible values: a Gram matrix has no negative eigenvalue (float32
-    # rounding aside), and variances are >= 0.
-    if eigs.size and (lo := float(eigs.min())) < 0 and lo < -1e-3 * float(np.abs(eigs).max()):
-        return "eigenvalues", f"a Gram matrix has no negative eigenvalues, got {lo:.6g}"
-    if index_of is not None:
-        for name in ("sigma2", "trace_mean", "lambda1"):
-            i = index_of.get(name)
-            if i is not None and desc[i] < 0:
-                return "descriptors", f"{name} is a variance and cannot be negative, got {float(desc[i]):.6g}"
-    return None
-
-
-def spectrum_batch(frames, skip, n_names: int, index_of: dict[str, int], detector: SpikeDetector) -> dict[int, tuple]:
-    """A batch's spectrum frames (eigenvalues and descriptors, no centred Gram), converted and
-    checked together rather than one by one (the hot path of Ingest: per-frame numpy on 32
-    values costs more than the values): {index: (eigs [W] float64, desc [D] float64, problem,
-    spike)} with validate_frame's answer and a SpikeResult (None: pass the frame to
-    `detector.observe`). Frames in `skip`, and frames whose value counts do not match their
-    window and descriptor_names, are left out: validate_frame alone names their problem."""
-    by_window: dict[int, list] = {}
-    for j, f in enumerate(frames):
-        if j in skip or f.centred_gram:
-            continue
-        w = f.window
-        if 2 <= w <= MAX_WINDOW and len(f.eigenvalues) == w and len(f.descriptors) == n_names:
-            by_window.setdefault(w, []).append((j, f))
-    out: dict[int, tuple] = {}
-    chain = itertools.chain.from_iterable
-    variances = [index_of[n] for n in ("sigma2", "trace_mean", "lambda1") if n in index_of]
-    for w, group in by_window.items():
-        fs = [f for _, f in group]
-        n = len(fs)
-        eigs = np.fromiter(chain([f.eigenvalues for f in fs]), np.float64, count=n * w).reshape(n, w)
-        desc = np.fromiter(chain([f.descriptors for f in fs]), np.float64, count=n * n_names).reshape(n, n_names)
-        # validate_frame's value checks, row-wise (a row that fails any gets validate_frame's message)
-        with np.errstate(invalid="ignore", over="ignore"):
-            lo = eigs.min(axis=1)
-            bad = ~np.isfinite(eigs.sum(axis=1)) | ~np.isfinite(desc).all(axis=1)
-            bad |= (lo < 0) & (lo < -1e-3 * np.abs(eigs).max(axis=1))
-            if variances:
-                bad |= (desc[:, variances] < 0).any(axis=1)
-        bad = bad.tolist()
-        problems = [validate_frame(f, n_names, eigs[i], desc[i], index_of) if bad[i] else
-                    validate_frame(f, n_names, values_checked=True) for i, f in enumerate(fs)]
-        ok = [i for i, p in enumerate(problems) if p is None]
-        spikes: list = [None] * n
-        if ok and "trace_mean" in index_of:
-            found = detector.observe_calibrated(
-                [(fs[i].model, fs[i].layer) for i in ok], eigs[ok], [w] * len(ok), [fs[i].dim for i in ok],
-                desc[ok, index_of["trace_mean"]])
-            for i, res in zip(ok, found):
-                spikes[i] = res
-        for i, (j, _) in enumerate(group):
-            out[j] = (eigs[i], desc[i], problems[i], spikes[i])
-    return out
-
-
-def _unusable_reason(why: str) -> str:
-    return "nonfinite" if "NaN" in why or "non-finite" in why else "degenerate"
 
 
 class MonitorService(monitor_pb2_grpc.MonitorServicer):
@@ -286,6 +115,9 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
         # entropy, lambda1, spike rows, spikes), written by _flush_window_metrics
         self._window_rows: dict[tuple[str, int], int] = {}
         self._window_acc: tuple[list, ...] = ([], [], [], [], [])
+        self._window_timer: asyncio.TimerHandle | None = None
+        self._finished: list = []  # requests finished since the last _score
+        self._score_timer: asyncio.TimerHandle | None = None
         # What --save-calibration holds already: a restart adds to it (run() has checked the file)
         self._saved = calib.load_for_saving(cfg.save_calibration) if cfg.save_calibration else None
         self._writer = _CalibrationWriter(cfg.save_calibration) if cfg.save_calibration else None
@@ -307,6 +139,9 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
         try:
             return await self._ingest(request_iterator, context)
         finally:
+            self._flush_window_metrics(now=True)  # what this stream sent is on /metrics when it ends
+            if self.risk is not None or self.combined is not None:
+                self._score(now=True)  # and scored
             self._streams -= 1
             self.metrics.ingest_streams.dec()
 
@@ -322,15 +157,16 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
                 bad = self.embedding_sink(batch.embeddings)
                 if bad is not None and snap_error is None:
                     snap_error = (grpc.StatusCode.INVALID_ARGUMENT, bad)
-            if not batch.frames:
+            if not batch.frames and not batch.columns:
                 if snap_error is not None:
                     await context.abort(snap_error[0], f"batch {index}: {snap_error[1]}")
                 continue
             names = list(batch.descriptor_names)
             problem = check_names(names)
+            n_frames = len(batch.frames) + sum(len(c.layer) for c in batch.columns)
             if problem is not None:
-                rejected += len(batch.frames)
-                self.metrics.frames_rejected.labels("descriptor_names").inc(len(batch.frames))
+                rejected += n_frames
+                self.metrics.frames_rejected.labels("descriptor_names").inc(n_frames)
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"batch {index}: {problem}")
             # Limits and label admission first: nothing of a refused frame is computed or kept.
             guard = self.labels
@@ -351,9 +187,9 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
                         refused[j] = problem
             grams = [(j, f) for j, f in enumerate(batch.frames) if f.centred_gram and j not in refused]
             missing = [n for n in REQUIRED_DESCRIPTORS if n not in names]
-            if missing and not all(f.centred_gram for f in batch.frames):
-                rejected += len(batch.frames)
-                self.metrics.frames_rejected.labels("descriptor_names").inc(len(batch.frames))
+            if missing and not (all(f.centred_gram for f in batch.frames) and all(c.centred_grams for c in batch.columns)):
+                rejected += n_frames
+                self.metrics.frames_rejected.labels("descriptor_names").inc(n_frames)
                 await context.abort(
                     grpc.StatusCode.INVALID_ARGUMENT,
                     f"batch {index}: descriptor_names: missing {', '.join(missing)} "
@@ -374,7 +210,7 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
             risk = self.risk
             kinds = {False: (index_of, names_t, risk.batch_index(names_t) if risk is not None else None),
                      True: (INDEX, DESCRIPTOR_NAMES,
-                            risk.batch_index(DESCRIPTOR_NAMES) if risk is not None and grams else None)}
+                            risk.batch_index(DESCRIPTOR_NAMES) if risk is not None and (grams or batch.columns) else None)}
             finished = []
             touched = []
             sink = [] if self.frame_sink is not None else None
@@ -394,7 +230,7 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
                     got = computed.get(j)
                     if problem is None and isinstance(got, str):
                         # NaN activations, a degenerate window: nothing malformed, counted
-                        self.metrics.windows_unusable.labels(frame.model, _unusable_reason(got)).inc()
+                        self.metrics.windows_unusable.labels(frame.model, unusable_reason(got)).inc()
                         continue
                     eigs, desc = got if problem is None else (None, None)
                     spike = None
@@ -420,23 +256,21 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
                     continue
                 touched.append(st)
                 if risk is not None:
-                    risk.add(st, frame, desc, f_risk)
+                    risk.add(st, frame.model, frame.layer, frame.token_count, desc, f_risk)
                 if done:
                     finished.append(st)
                 if sink is not None:
                     sink.append(wire.from_proto(frame, f_names, eigs, desc))
                 accepted += 1
+            for k, block in enumerate(batch.columns):  # the same, column by column
+                a, r, err, mis, cap = await self._columns(block, f"batch {index}: columns[{k}]", names, index_of,
+                                                          kinds, touched, finished, sink)
+                accepted, rejected = accepted + a, rejected + r
+                first_error, mismatch, over = first_error or err, mismatch or mis, over or cap
             self._flush_window_metrics()
-            if risk is not None:
-                # All steps this batch completed, in one model call (per round), then
-                # the requests it finished let go of their model state.
-                risk.flush()
-                for st in finished:
-                    risk.finish(st)
-            if self.combined is not None:
-                for st in finished:  # after the risk: its max logit is one of the voters
-                    self.combined.finish(st)
-                self.combined.flush_running()
+            if risk is not None or self.combined is not None:
+                self._finished.extend(finished)
+                self._score()
             if touched:
                 self.store.enforce(keep=touched[-1])  # over --memory-budget-mb: evict the stalest requests
             if sink:
@@ -495,28 +329,45 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
 
     def _apply(self, f: monitor_pb2.Frame, index_of: dict[str, int], names: tuple[str, ...], eigs: np.ndarray,
                desc: np.ndarray, res: SpikeResult | None = None):
-        """Frame -> spike detector (`res`: its result, when spectrum_batch has it), request
-        state, metrics (gathered, written per batch by _flush_window_metrics). Returns
-        (state, whether this frame finished it). Raises DimMismatch (nothing recorded) for a
-        frame whose width the layer's calibration does not match."""
+        """A Frame message -> _apply_values, then its signature and hidden-state statistics.
+        Returns (state, whether this frame finished it)."""
+        model = f.model
         if res is None:
-            res = self.detector.observe(f.model, f.layer, eigs, f.window, f.dim,
-                                        float(desc[index_of["sigma2"]]), float(desc[index_of["trace_mean"]]),
-                                        f.engine_request_id)
-        model, layer, window, count = f.model, f.layer, f.window, f.token_count  # protobuf reads cost: once each
-        st, new = self.store.get_or_create(f.engine_request_id, f.request_id, model, f.skipped_tokens)
+            res = self.detector.observe(model, f.layer, eigs, f.window, f.dim, float(desc[index_of["sigma2"]]),
+                                        float(desc[index_of["trace_mean"]]), f.engine_request_id)
+        st = self._state(f.engine_request_id, f.request_id, model, f.skipped_tokens, names)
+        self._apply_values(st, model, f.layer, f.window, f.dim, f.token_count, eigs, desc, res, index_of, names)
+        if f.HasField("signature"):
+            self.signatures.observe(st, f)  # signature_match
+        if self.combined is not None and f.HasField("hidden"):
+            self.combined.observe(st, f)  # the tap's hidden-state statistics (final frames)
+        done = f.final and self.store.finish(st)  # the active-requests gauge follows (store.on_active)
+        return st, done
+
+    def _state(self, engine_id: str, request_id: str, model: str, skipped: int, names: tuple[str, ...]):
+        """The request's state, created (and counted) on its first frame."""
+        st, new = self.store.get_or_create(engine_id, request_id, model, skipped)
         if new:
             self.metrics.requests.labels(model).inc()
             st.descriptor_names = names
             if self.risk is not None:  # its GRU state and risk history (sidecar/risk.py)
                 self.store.charge(st, 1024 + 16 * self.cfg.report_history)
-        row = self._window_rows.get((model, layer))
-        if row is None:
-            row = self._window_rows[(model, layer)] = self.metrics.windows.row(model, layer)
+        return st
+
+    def _apply_values(self, st, model: str, layer: int, window: int, dim: int, count: int, eigs: np.ndarray,
+                      desc: np.ndarray, res: SpikeResult, index_of: dict[str, int], names: tuple[str, ...],
+                      row: int | None = None) -> None:
+        """One valid frame's values (eigs [W], desc [D] float64 in `names` order) and its spike
+        detector result -> request state `st` (_state), metrics (gathered, written per batch by
+        _flush_window_metrics; `row`: the frame's metrics.WindowMetrics row, when the caller
+        gathers its entropy and lambda1 itself, a block at a time). The one place both wire
+        forms (Frame, FrameColumns) meet."""
         acc = self._window_acc
-        acc[0].append(row)
-        acc[1].append(desc[index_of["spectral_entropy"]])
-        acc[2].append(desc[index_of["lambda1"]])
+        if row is None:
+            row = self._window_row(model, layer)
+            acc[0].append(row)
+            acc[1].append(desc[index_of["spectral_entropy"]])
+            acc[2].append(desc[index_of["lambda1"]])
 
         ls = st.layers.get(layer)
         if ls is None:
@@ -528,7 +379,7 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
         ls.frames += 1
         if count > ls.token_count:
             ls.token_count = count
-        ls.window, ls.dim = window, f.dim
+        ls.window, ls.dim = window, dim
         ls.last_descriptors = desc.copy()  # a row of the batch's array: keep it alone, not the whole batch
         ls.last_eigenvalues = eigs.astype(np.float32)
         if names == st.descriptor_names:  # a tap that changed descriptor versions mid-request: keep the first
@@ -537,17 +388,149 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
         if res.spikes is not None:
             acc[3].append(row)
             acc[4].append(res.spikes)
-            ls.max_spikes = max(ls.max_spikes, res.spikes)
-            if self.persistence.step(ls, st.fired, (self.detector.name, f.layer), res.severity):
+            if res.spikes > ls.max_spikes:
+                ls.max_spikes = res.spikes
+            if self.persistence.step(ls, st.fired, (self.detector.name, layer), res.severity):
                 self.alerts.raise_alert(st, self.detector.name, res.severity, res.spikes, res.threshold,
-                                        f"{res.spikes} eigenvalues above the calibrated MP edge at layer {f.layer} "
-                                        f"(threshold {int(res.threshold)})", f.layer, f.token_count)
-        if f.HasField("signature"):
-            self.signatures.observe(st, f)  # signature_match
-        if self.combined is not None and f.HasField("hidden"):
-            self.combined.observe(st, f)  # the tap's hidden-state statistics (final frames)
-        done = f.final and self.store.finish(st)  # the active-requests gauge follows (store.on_active)
-        return st, done
+                                        f"{res.spikes} eigenvalues above the calibrated MP edge at layer {layer} "
+                                        f"(threshold {int(res.threshold)})", layer, count)
+
+    async def _columns(self, c: monitor_pb2.FrameColumns, where: str, names: list[str], index_of: dict[str, int],
+                       kinds: dict, touched: list, finished: list, sink: list | None):
+        """One FrameColumns block: checked as columns (check_columns, column_problems,
+        bad_value_rows), spikes counted in one call, then each frame's values into
+        _apply_values. Returns (accepted, rejected, first error, dim mismatch, label cap hit)."""
+        n = len(c.layer)
+        problem = check_columns(c, len(names))
+        if problem is not None:
+            self.metrics.frames_rejected.labels(problem[0]).inc(n)
+            return 0, n, f"{where}.{problem[0]}: {problem[1]}", None, None
+        if n == 0:
+            return 0, 0, None, None, None
+        model, w, grams = c.model, c.window, bool(c.centred_grams)
+        layers, dims, counts = list(c.layer), list(c.dim), list(c.token_count)
+        keep = np.ones(n, dtype=bool)
+        rejected, first_error, over = 0, None, None
+        for i, (field, why) in column_problems(np.array(layers), np.array(dims), np.array(counts)).items():
+            keep[i] = False
+            rejected += 1
+            self.metrics.frames_rejected.labels(field).inc()
+            first_error = first_error or f"{where}.{field}[{i}]: {why}"
+        guard = self.labels
+        for layer in set(layers):  # label admission: once per distinct layer, not per frame
+            if (model, layer) in guard.pairs or not 0 <= layer <= MAX_LAYER:
+                continue
+            why = guard.admit(model, layer)
+            if why is not None:
+                out = keep & (np.array(layers) == layer)
+                k = int(out.sum())
+                keep &= ~out
+                rejected += k
+                self._refused(why, k)
+                over = over or why
+        if grams:
+            f_index, f_names, f_risk = kinds[True]
+            idx = np.flatnonzero(keep)
+            eigs = np.zeros((n, w))
+            desc = np.zeros((n, len(f_names)))
+            if len(idx):
+                g = np.frombuffer(c.centred_grams, dtype="<f4").reshape(n, w, w)[idx]
+                # Off the event loop: other streams and RPCs go on while LAPACK runs.
+                e, d, why = await asyncio.get_running_loop().run_in_executor(
+                    None, gram_rows, g, [dims[i] for i in idx])
+                eigs[idx], desc[idx] = e, d
+                for i, y in zip(idx.tolist(), why):
+                    if y is not None:  # NaN activations, a degenerate window: nothing malformed, counted
+                        keep[i] = False
+                        self.metrics.windows_unusable.labels(model, unusable_reason(y)).inc()
+        else:
+            f_index, f_names, f_risk = kinds[False]
+            eigs = np.frombuffer(c.eigenvalues, dtype="<f4").reshape(n, w).astype(np.float64)
+            desc = np.frombuffer(c.descriptors, dtype="<f8").reshape(n, len(names))
+            for i in np.flatnonzero(bad_value_rows(eigs, desc, index_of) & keep).tolist():
+                field, why = value_problem(eigs[i], desc[i], index_of)
+                keep[i] = False
+                rejected += 1
+                self.metrics.frames_rejected.labels(field).inc()
+                first_error = first_error or f"{where}.{field}[{i}]: {why}"
+        ok = np.flatnonzero(keep).tolist()
+        spikes = count_spikes(self.detector, ok, [(model, layer) for layer in layers], eigs, w, dims, desc, f_index)
+        rows = {layer: self._window_row(model, layer) for layer in set(layers)}
+        row = [rows[layer] for layer in layers]
+        req, eng, ext, skipped = list(c.request), list(c.engine_request_ids), list(c.request_ids), list(c.skipped_tokens)
+        finals = set(c.final)
+        steps = list(c.step) if sink is not None else None
+        risk, store = self.risk, self.store
+        accepted, mismatch, kept = 0, None, []
+        states: list = [None] * len(eng)  # a request's state, looked up once per block
+        detector = self.detector
+        for i in ok:
+            r = req[i]
+            res = spikes[i]
+            if res is None:  # a layer still calibrating, another width: the detector alone
+                try:
+                    res = detector.observe(model, layers[i], eigs[i], w, dims[i], float(desc[i, f_index["sigma2"]]),
+                                           float(desc[i, f_index["trace_mean"]]), eng[req[i]])
+                except DimMismatch as exc:  # calibrated for other tap settings: refuse, loudly
+                    rejected += 1
+                    self.metrics.frames_rejected.labels("dim").inc()
+                    mismatch = mismatch or f"{where} frame {i}: {exc}"
+                    continue
+            st = states[r]
+            if st is None:
+                st = states[r] = self._state(eng[r], ext[r], model, skipped[r], f_names)
+            self._apply_values(st, model, layers[i], w, dims[i], counts[i], eigs[i], desc[i], res, f_index, f_names,
+                               row[i])
+            touched.append(st)
+            if risk is not None:
+                risk.add(st, model, layers[i], counts[i], desc[i], f_risk)
+            final = i in finals
+            if final and store.finish(st):
+                finished.append(st)
+            if sink is not None:
+                sink.append(wire.Frame(
+                    request_id=ext[r], engine_request_id=eng[r], model=model, layer=layers[i], step=steps[i],
+                    token_count=counts[i], skipped_tokens=skipped[r], window=w, dim=dims[i],
+                    eigenvalues=eigs[i].astype(np.float32), descriptors=np.array(desc[i]), final=final,
+                    names=DESCRIPTOR_NAMES if tuple(f_names) == DESCRIPTOR_NAMES else tuple(f_names)))
+            accepted += 1
+            kept.append(i)
+        if kept:  # the window metrics of the block's frames, gathered at once
+            acc = self._window_acc
+            acc[0].extend([row[i] for i in kept])
+            acc[1].extend(desc[kept, f_index["spectral_entropy"]].tolist())
+            acc[2].extend(desc[kept, f_index["lambda1"]].tolist())
+        return accepted, rejected, first_error, mismatch, over
+
+    def _score(self, now: bool = False) -> None:
+        """The risk model's call for every step completed since the last one (one call per
+        round, sidecar/risk.py), then the finished requests let go of their model state and
+        get their combined score. Steps wait for the call at most RISK_FLUSH_S (a timer), or
+        until RISK_FLUSH_REQUESTS requests have one waiting, or the stream ends: under load
+        the call serves many messages, not each 64-frame one alone (bench/bench_sidecar.py)."""
+        risk = self.risk
+        if not now and (risk is None or risk.waiting < RISK_FLUSH_REQUESTS):
+            if self._score_timer is None:
+                self._score_timer = asyncio.get_running_loop().call_later(RISK_FLUSH_S, self._score, True)
+            return
+        if self._score_timer is not None:
+            self._score_timer.cancel()
+            self._score_timer = None
+        finished, self._finished = self._finished, []
+        if risk is not None:
+            risk.flush()
+            for st in finished:
+                risk.finish(st)
+        if self.combined is not None:
+            for st in finished:  # after the risk: its max logit is one of the voters
+                self.combined.finish(st)
+            self.combined.flush_running()
+
+    def _window_row(self, model: str, layer: int) -> int:
+        row = self._window_rows.get((model, layer))
+        if row is None:
+            row = self._window_rows[(model, layer)] = self.metrics.windows.row(model, layer)
+        return row
 
     def _risk_alert(self, st, risk: float, token_count: int) -> None:
         # layer -1: the risk reads several layers (listed in Report.risk.layers).
@@ -559,13 +542,24 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
         if self.risk is not None:
             self.risk.finish(st)
 
-    def _flush_window_metrics(self) -> None:
-        # One numpy update per batch (metrics.WindowMetrics): a prometheus-client child costs a
-        # lock and a bucket search per observation.
+    def _flush_window_metrics(self, now: bool = False) -> None:
+        # One numpy update for many frames (metrics.WindowMetrics): a prometheus-client child costs
+        # a lock and a bucket search per observation. Written every WINDOW_FLUSH_S (a timer
+        # catches the last batch), at WINDOW_FLUSH_ROWS, and when a stream ends: a scrape sees a
+        # frame at most that late, and a small batch does not pay the update alone.
         acc = self._window_acc
-        if acc[0]:
-            self.metrics.windows.add(*acc)
-            self._window_acc = ([], [], [], [], [])
+        if not acc[0]:
+            return
+        if not now and len(acc[0]) < WINDOW_FLUSH_ROWS:
+            if self._window_timer is None:
+                self._window_timer = asyncio.get_running_loop().call_later(WINDOW_FLUSH_S, self._flush_window_metrics,
+                                                                           True)
+            return
+        if self._window_timer is not None:
+            self._window_timer.cancel()
+            self._window_timer = None
+        self.metrics.windows.add(*acc)
+        self._window_acc = ([], [], [], [], [])
 
     def _set_active(self, model: str) -> None:
         # Kept per model as requests start and finish: no walk over the store per new request.
@@ -1001,6 +995,11 @@ async def _serve(cfg: SidecarConfig, detector: SpikeDetector, risk: LiveRiskSetu
                  shield: LoadedShield | None = None) -> None:
     sidecar = Sidecar(cfg, detector, risk=risk, shield=shield)
     await sidecar.start()
+    # Everything loaded so far (modules, the risk model, the calibration) lives as long as the
+    # process: out of the collector's generations, so a full pass walks only request state
+    # (a pause of tens of ms otherwise, in the p99 of alert delivery; bench_sidecar.py).
+    gc.collect()
+    gc.freeze()
     metrics = f"http://{cfg.metrics_host}:{sidecar.metrics_port}/metrics" if sidecar.metrics_port else "off"
     # The READY line is read by `eigenwatch serve`, the demo and the tests (cli/processes.py).
     print(f"eigenwatch sidecar READY grpc={sidecar.address} metrics={metrics}", flush=True)
