@@ -11,7 +11,9 @@ Two wire forms (TapConfig.spectra): with `grams=True` a frame carries its
 window's centred Gram and the sidecar computes eigenvalues and descriptors
 (the serving process only copies bytes: measured in bench/bench_overhead.py,
 see the README); otherwise this thread computes them (hooks/windows.py
-`to_frames`) and frames carry the W eigenvalues and the descriptors.
+`to_frames`) and frames carry the W eigenvalues and the descriptors. Either
+way a message carries its frames column by column (FrameColumns), and steps
+that queued up while the last message went out share the next one.
 """
 
 from __future__ import annotations

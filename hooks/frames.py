@@ -1,5 +1,6 @@
 """The frame: one window's spectrum and descriptors, as taps send it and as the
-sidecar and the offline tools read it, and its protobuf form (eigenwatch.v1).
+sidecar and the offline tools read it, and its protobuf forms (eigenwatch.v1:
+Frame, and FrameColumns for many frames at once).
 
 numpy + protobuf only: the sidecar imports this module without torch.
 Defaults both ends of the wire share live here too.

@@ -166,5 +166,7 @@ def test_a_layer_over_the_label_cap_is_refused_for_the_whole_block(sidecar_facto
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "--max-layers" in err.value.details()
     client = SidecarClient(sc.grpc)
     assert sorted(lr.layer for lr in client.report("g0").layers) == [1, 2]
-    assert metric_value(scrape(sc.metrics), "eigenwatch_refused_total", reason="layers") == 4
+    text = scrape(sc.metrics)
+    assert metric_value(text, "eigenwatch_refused_total", reason="layers") == 4
+    assert 'layer="3"' not in text  # a refused layer is no series anywhere
     client.close()

@@ -50,9 +50,34 @@ def frames(draw):
 
 
 @st.composite
+def valid_columns(draw, n_names: int):
+    """A FrameColumns block that passes every check, with arbitrary finite values: the path that
+    stores frames, counts spikes and feeds the risk model gets fuzzed too."""
+    m = draw(st.integers(1, 3))
+    n = draw(st.integers(1, 6))
+    w = draw(st.integers(2, 12))
+    ids = st.lists(st.text(alphabet="abcdefgh0123456789-", min_size=1, max_size=12), min_size=m, max_size=m)
+    finite = st.floats(0, 1e6, allow_nan=False, width=32)
+    eigs = np.sort(np.array(draw(st.lists(finite, min_size=n * w, max_size=n * w)), dtype="<f4").reshape(n, w))
+    desc = draw(st.lists(st.floats(0, 1e6, allow_nan=False), min_size=n * n_names, max_size=n * n_names))
+    return monitor_pb2.FrameColumns(
+        model=draw(st.sampled_from(["m", "bench"])), window=w, request_ids=draw(ids), engine_request_ids=draw(ids),
+        skipped_tokens=draw(st.lists(st.integers(0, 50), min_size=m, max_size=m)),
+        request=draw(st.lists(st.integers(0, m - 1), min_size=n, max_size=n)),
+        layer=draw(st.lists(st.integers(0, 3), min_size=n, max_size=n)), step=[0] * n,
+        token_count=draw(st.lists(st.integers(0, 10_000), min_size=n, max_size=n)),
+        dim=draw(st.lists(st.integers(1, 64), min_size=n, max_size=n)),
+        final=draw(st.lists(st.integers(0, n - 1), max_size=2)),
+        eigenvalues=eigs[:, ::-1].tobytes(), descriptors=np.asarray(desc, dtype="<f8").tobytes())
+
+
+@st.composite
 def frame_columns(draw, n_names: int):
-    """FrameColumns blocks: mostly well-shaped (so the per-frame and value checks run), with
-    hostile counts, positions, ids, labels and byte lengths."""
+    """FrameColumns blocks: a third of them valid (valid_columns), the others mostly well-shaped
+    (so the per-frame and value checks run), with hostile counts, positions, ids, labels and
+    byte lengths."""
+    if draw(st.integers(0, 2)) == 0:
+        return draw(valid_columns(n_names))
     n = draw(st.integers(0, 6))
     m = draw(st.integers(0, 4))
     window = draw(st.one_of(st.integers(-2, 40), st.sampled_from([0, 1, 1025, 2**31 - 1])))

@@ -455,8 +455,9 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
                 first_error = first_error or f"{where}.{field}[{i}]: {why}"
         ok = np.flatnonzero(keep).tolist()
         spikes = count_spikes(self.detector, ok, [(model, layer) for layer in layers], eigs, w, dims, desc, f_index)
-        rows = {layer: self._window_row(model, layer) for layer in set(layers)}
-        row = [rows[layer] for layer in layers]
+        # metrics rows of admitted layers only: a refused layer must not become a series
+        rows = {layer: self._window_row(model, layer) for layer in {layers[i] for i in ok}}
+        row = [rows.get(layer) for layer in layers]
         req, eng, ext, skipped = list(c.request), list(c.engine_request_ids), list(c.request_ids), list(c.skipped_tokens)
         finals = set(c.final)
         steps = list(c.step) if sink is not None else None
