@@ -243,7 +243,7 @@ class FrameExporter:
             log.debug("eigenwatch: dropped a frame of %s layer %d: %s", seed.request_id, seed.layer, why)
         if failed:
             self._count_dropped(len(failed))
-        return [wire.batch(frames, self._stats_proto())]
+        return [wire.batch(frames)]  # the stats go on in _requests, once these frames are counted
 
     def _gram_batches(self, seeds: list[FrameSeed]) -> list[monitor_pb2.FrameBatch]:
         """Frames that carry their centred Gram × scale (the sidecar computes the rest), column
@@ -262,7 +262,6 @@ class FrameExporter:
                 chunk, size = [], 0
         if chunk or not out:
             out.append(self._gram_batch(chunk))
-        out[-1].stats.CopyFrom(self._stats_proto())
         return out
 
     def _gram_batch(self, chunk: list) -> monitor_pb2.FrameBatch:
@@ -324,9 +323,13 @@ class FrameExporter:
                     self._count_dropped(len(seeds))
                     log.exception("eigenwatch: could not encode a frame batch (dropped)")
                     continue
+                with self._lock:
+                    self.counters.frames_sent += sum(len(b.frames) + sum(len(c.layer) for c in b.columns)
+                                                     for b in batches)
+                # the stats the last message carries count its own frames (/metrics' tap_frames_sent_total
+                # agrees with what the sidecar ingested, not one message behind)
+                batches[-1].stats.CopyFrom(self._stats_proto())
                 for batch in batches:
-                    with self._lock:
-                        self.counters.frames_sent += len(batch.frames) + sum(len(c.layer) for c in batch.columns)
                     last = time.monotonic()
                     yield batch
         finally:

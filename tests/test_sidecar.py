@@ -325,6 +325,9 @@ def test_gram_frames_get_the_tap_spectra_in_the_sidecar(sidecar_factory):
                 hist = np.array([list(h.descriptors) for h in lr.history])
                 np.testing.assert_allclose(hist, np.stack([f.descriptors for f in mine]), rtol=1e-4, atol=1e-7)
         assert exporter.stats()["frames_sent"] == len(seeds)
+        # the last message's stats count its own frames: the tap's sent total is what the sidecar took
+        # (read as soon as the reports are in, before any idle stats message could correct it)
+        assert metric_value(scrape(sc.metrics), "eigenwatch_tap_frames_sent_total", model="m") == len(seeds)
         # window metrics reach /metrics within the sidecar's WINDOW_FLUSH_S of their frame
         wait_for(lambda: metric_value(scrape(sc.metrics), "eigenwatch_frames_ingested_total", model="m", layer="1")
                  == len(want) / 2, what="frames on /metrics")
@@ -345,7 +348,6 @@ def test_gram_frames_are_cut_into_batches_under_the_message_limit(monkeypatch):
         size = [sum(len(c.centred_grams) for c in b.columns) for b in batches]
         assert len(batches) > 3 and all(3000 <= n < 3000 + 1024 for n in size[:-1]) and size[-1] < 3000 + 1024
         assert sum(len(c.layer) for b in batches for c in b.columns) == len(seeds)
-        assert [b.HasField("stats") for b in batches] == [False] * (len(batches) - 1) + [True]
         c = batches[0].columns[0]
         assert len(c.centred_grams) == 4 * len(c.layer) * c.window**2 and not c.eigenvalues and not c.descriptors
     finally:
@@ -428,8 +430,10 @@ def test_steps_queued_while_a_message_went_out_travel_together(monkeypatch):
 
     want = [(s.engine_request_id, s.token_count, s.step) for seeds in steps for s in seeds]
     gen = exporter._requests(exporter._generation)
-    got = sent(next(gen))
+    msg = next(gen)
+    got = sent(msg)
     assert sorted(got) == sorted(want) and exporter._queue.empty()
+    assert msg.stats.frames_sent == len(want)  # its stats count its own frames
     assert in_token_order(got) and len({w for w in (s.valid for seeds in steps for s in seeds)}) > 1
 
     monkeypatch.setattr(export, "MERGE_SEEDS", len(steps[0]) + 1)  # room for one more step, not two
