@@ -70,8 +70,6 @@ SERVICE_NAME = monitor_pb2.DESCRIPTOR.services_by_name["Monitor"].full_name
 # Margin under gRPC's message limit for a report's field tags and lengths.
 REPORT_MARGIN = 64 << 10
 UNDECODABLE_LOG_EVERY_S = 60.0
-WINDOW_FLUSH_S = 0.05  # window metrics reach /metrics at most this late ...
-WINDOW_FLUSH_ROWS = 4096  # ... or once this many frames wait
 RISK_FLUSH_S = 0.005  # a completed step waits at most this long for the risk model's call ...
 RISK_FLUSH_REQUESTS = 256  # ... or until this many requests have one waiting
 
@@ -115,7 +113,6 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
         # entropy, lambda1, spike rows, spikes), written by _flush_window_metrics
         self._window_rows: dict[tuple[str, int], int] = {}
         self._window_acc: tuple[list, ...] = ([], [], [], [], [])
-        self._window_timer: asyncio.TimerHandle | None = None
         self._finished: list = []  # requests finished since the last _score
         self._score_timer: asyncio.TimerHandle | None = None
         # What --save-calibration holds already: a restart adds to it (run() has checked the file)
@@ -139,9 +136,8 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
         try:
             return await self._ingest(request_iterator, context)
         finally:
-            self._flush_window_metrics(now=True)  # what this stream sent is on /metrics when it ends
             if self.risk is not None or self.combined is not None:
-                self._score(now=True)  # and scored
+                self._score(now=True)  # what this stream sent is scored when it ends
             self._streams -= 1
             self.metrics.ingest_streams.dec()
 
@@ -543,24 +539,14 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
         if self.risk is not None:
             self.risk.finish(st)
 
-    def _flush_window_metrics(self, now: bool = False) -> None:
-        # One numpy update for many frames (metrics.WindowMetrics): a prometheus-client child costs
-        # a lock and a bucket search per observation. Written every WINDOW_FLUSH_S (a timer
-        # catches the last batch), at WINDOW_FLUSH_ROWS, and when a stream ends: a scrape sees a
-        # frame at most that late, and a small batch does not pay the update alone.
+    def _flush_window_metrics(self) -> None:
+        # One numpy update per batch (metrics.WindowMetrics): a prometheus-client child costs a
+        # lock and a bucket search per observation. Per batch, not later: a scrape sees every
+        # frame ingested before it.
         acc = self._window_acc
-        if not acc[0]:
-            return
-        if not now and len(acc[0]) < WINDOW_FLUSH_ROWS:
-            if self._window_timer is None:
-                self._window_timer = asyncio.get_running_loop().call_later(WINDOW_FLUSH_S, self._flush_window_metrics,
-                                                                           True)
-            return
-        if self._window_timer is not None:
-            self._window_timer.cancel()
-            self._window_timer = None
-        self.metrics.windows.add(*acc)
-        self._window_acc = ([], [], [], [], [])
+        if acc[0]:
+            self.metrics.windows.add(*acc)
+            self._window_acc = ([], [], [], [], [])
 
     def _set_active(self, model: str) -> None:
         # Kept per model as requests start and finish: no walk over the store per new request.
@@ -600,6 +586,8 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
                 grpc.StatusCode.NOT_FOUND,
                 f"request_id: no monitored request {clip(request.request_id)} (never seen, opted out, or evicted)",
             )
+        if self._score_timer is not None:  # steps waiting for the batched risk call: a report shows them scored
+            self._score(now=True)
         wanted = set(request.layers)
         layers = sorted((l, ls) for l, ls in st.layers.items() if not wanted or l in wanted)
         limit = request.history_limit or None
