@@ -11,7 +11,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from eigenwatch.kernels.descriptors import DESCRIPTOR_NAMES, describe
 from eigenwatch.monitor.calibration import LayerCalibration
-from eigenwatch.monitor.sidecar.metrics import ENTROPY_BUCKETS, LAMBDA_BUCKETS, SPIKE_BUCKETS, WindowMetrics
+from eigenwatch.monitor.sidecar.metrics import (ENTROPY_BUCKETS, LAMBDA_BUCKETS, RISK_BUCKETS, SPIKE_BUCKETS,
+                                                BatchHistogram, WindowMetrics)
 from eigenwatch.monitor.sidecar.server import spectrum_batch, validate_frame
 from eigenwatch.monitor.spectral_spike import DimMismatch, SpikeDetector
 from eigenwatch.v1 import monitor_pb2
@@ -182,3 +183,37 @@ def test_window_metrics_export_what_prometheus_client_would():
                       if l and not l.startswith("#") and "_created" not in l)
 
     assert [l.rsplit(" ", 1)[0] for l in lines(reg)] == [l.rsplit(" ", 1)[0] for l in lines(ref)]
+
+
+def test_batch_histogram_exports_what_prometheus_client_would():
+    """eigenwatch_risk is observed a model call's batch at a time: the same series, values
+    and text as a prometheus-client Histogram observed value by value, a touched model at zero."""
+    from prometheus_client import generate_latest
+
+    rng = np.random.default_rng(1)
+    bh = BatchHistogram("eigenwatch_risk", "risk", RISK_BUCKETS)
+    reg = CollectorRegistry()
+    reg.register(bh)
+    ref = CollectorRegistry()
+    h = Histogram("eigenwatch_risk", "risk", ["model"], buckets=RISK_BUCKETS, registry=ref)
+    for model in ("idle", "m"):
+        bh.touch(model)
+        h.labels(model)
+    for k in range(25):
+        n = int(rng.integers(0, 300))  # an empty batch too
+        v = np.where(rng.random(n) < 0.3, rng.choice(RISK_BUCKETS, n), rng.random(n))  # on the bounds (le is <=)
+        v[:2] = [0.0, 1.0][:n]
+        model = ("m", "other")[k % 2]
+        bh.add(model, v)
+        for x in v:
+            h.labels(model).observe(float(x))
+
+    def lines(registry):
+        return sorted(l for l in generate_latest(registry).decode().splitlines()
+                      if l and not l.startswith("#") and "_created" not in l)
+
+    got, want = lines(reg), lines(ref)
+    assert [l.rsplit(" ", 1)[0] for l in got] == [l.rsplit(" ", 1)[0] for l in want]
+    for g, w in zip(got, want):
+        assert float(g.rsplit(" ", 1)[1]) == pytest.approx(float(w.rsplit(" ", 1)[1]), rel=1e-12, abs=1e-12), g
+    assert 'eigenwatch_risk_count{model="idle"} 0.0' in got

@@ -196,7 +196,7 @@ class LiveRisk:
         self.metrics = metrics
         name = m.model
         # prometheus-client's .labels() takes a lock and a lookup: resolve children once.
-        self._m_risk = metrics.risk.labels(name)
+        metrics.risk.touch(name)
         self._m_max = metrics.request_max_risk.labels(name)
         self._m_steps = metrics.risk_steps.labels(name)
         self._m_alerted = metrics.risk_alerted_requests.labels(name)
@@ -258,6 +258,44 @@ class LiveRisk:
         pend[layer] = desc[idx]
         self._touched[st.engine_request_id] = st
 
+    def add_block(self, model: str, items: list, desc: np.ndarray, idx: np.ndarray | None) -> None:
+        """`add` for the frames of one FrameColumns block at once: items [(state, layer,
+        token_count, row)], desc [n, n_names] float64 in batch order. The model, layer and
+        descriptor checks and the reordering into the model's descriptors run once per block."""
+        if not items:
+            return
+        if model != self.model.model or idx is None:
+            for st, layer, count, row in items:  # the per-frame path counts and logs the reason
+                self.add(st, model, layer, count, desc[row], idx)
+            return
+        layer_set = self._layer_set
+        items = [it for it in items if it[1] in layer_set]
+        if not items:
+            return
+        x = desc[[it[3] for it in items]][:, idx]  # [m, model's descriptors], one gather for the block
+        touched, max_pending, n_layers = self._touched, self.max_pending, len(self.layers)
+        for k, (st, layer, c, _) in enumerate(items):
+            rr = st.risk
+            if rr is None:
+                rr = st.risk = RequestRisk(self.history)
+            if rr.done:
+                self._skip(model, "finished")
+                continue
+            if c <= rr.last_count:  # as in `add`
+                if c < rr.last_count:
+                    self._skip(model, "out_of_order")
+                continue
+            pend = rr.pending.get(c)
+            if pend is None:
+                if len(rr.pending) >= max_pending:
+                    if any(len(d) == n_layers for d in rr.pending.values()):
+                        self.flush()
+                    if len(rr.pending) >= max_pending:
+                        self._skip(model, "incomplete", len(rr.pending.pop(min(rr.pending))))
+                pend = rr.pending[c] = {}
+            pend[layer] = x[k]  # a row of this block's gather: freed once the step is scored
+            touched[st.engine_request_id] = st
+
     @property
     def waiting(self) -> int:
         """Requests with frames added since the last flush."""
@@ -274,7 +312,15 @@ class LiveRisk:
             rr = st.risk
             if rr is None or rr.done or not rr.pending:
                 continue
-            ready = [c for c, d in rr.pending.items() if len(d) == n_layers]
+            pending = rr.pending
+            if len(pending) == 1:  # the usual case under load: one step, waiting only for the call
+                c, d = next(iter(pending.items()))
+                if len(d) == n_layers:
+                    pending.clear()
+                    rr.last_count = c
+                    queues.append((st, rr, [(c, d)]))
+                continue
+            ready = [c for c, d in pending.items() if len(d) == n_layers]
             if not ready:
                 continue
             top = max(ready)
@@ -316,13 +362,16 @@ class LiveRisk:
         failed = set()
         if not ok.all():
             self._model_error(int((~ok).sum()), ValueError("non-finite or out-of-range risk / state"))
+        risks, logits = risk.tolist(), logit.tolist()
         for i, (st, rr, (c, _)) in enumerate(items):
             if not ok[i]:
                 failed.add(id(rr))
                 continue
             rr.h = h_new[i].copy()  # a copy: a view would keep the whole batch array alive
-            rr.max_logit = max(rr.max_logit, float(logit[i]))
-            self._observe(st, rr, c, float(risk[i]))
+            if logits[i] > rr.max_logit:
+                rr.max_logit = logits[i]
+            self._observe(st, rr, c, risks[i])
+        self.metrics.risk.add(self.model.model, risk[ok])
         self._m_steps.inc(int(ok.sum()))
         return failed
 
@@ -331,7 +380,6 @@ class LiveRisk:
         rr.current = r
         rr.max = r if rr.steps == 0 else max(rr.max, r)
         rr.steps += 1
-        self._m_risk.observe(r)
         event = self.policy.step(rr, r)
         if event == "clear":  # re-armed: the next excursion above high alerts again
             self._m_alerted.dec()

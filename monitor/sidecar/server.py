@@ -458,7 +458,7 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
         finals = set(c.final)
         steps = list(c.step) if sink is not None else None
         risk, store = self.risk, self.store
-        accepted, mismatch, kept = 0, None, []
+        accepted, mismatch, kept, risk_items = 0, None, [], []
         states: list = [None] * len(eng)  # a request's state, looked up once per block
         detector = self.detector
         for i in ok:
@@ -480,7 +480,7 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
                                row[i])
             touched.append(st)
             if risk is not None:
-                risk.add(st, model, layers[i], counts[i], desc[i], f_risk)
+                risk_items.append((st, layers[i], counts[i], i))
             final = i in finals
             if final and store.finish(st):
                 finished.append(st)
@@ -492,6 +492,8 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
                     names=DESCRIPTOR_NAMES if tuple(f_names) == DESCRIPTOR_NAMES else tuple(f_names)))
             accepted += 1
             kept.append(i)
+        if risk_items:  # before a finished request lets go of its model state (_score, risk.finish)
+            risk.add_block(model, risk_items, desc, f_risk)
         if kept:  # the window metrics of the block's frames, gathered at once
             acc = self._window_acc
             acc[0].extend([row[i] for i in kept])
