@@ -21,13 +21,14 @@ in the request id), and the sidecar's RSS slope (MiB/min). --soak-s 600 adds the
 10-minute soak at the same rate: fresh request ids all along, state bounded by
 --soak-requests, RSS slope over the run and over its second half (flat: no growth).
 
-Message size: the tap sends one message per engine step (hooks/export.py; steps already
-queued behind a slow sidecar merge, up to 1,024 frames). The default, 64 frames, is the
-pessimistic case of many small steps; `--batch step` sends each engine step of the
---requests requests as one message (256 x 3 layers = 768 frames), as the tap does when
-every request has a frame at every step.
+Message size: the tap sends one message per engine step (hooks/export.py), and steps that
+queued while the last message went out travel merged in one message, up to 1,024 frames. The
+default, 64 frames, is one engine step of 256 requests at the tap's stride of 16 tokens (3
+layers x 256 / 16 = 48 frames): a tap whose sidecar keeps up. `--batch 1024` is what the same
+tap sends once its sidecar falls behind, so a saturated sidecar's sustained rate is the
+1,024-frame row; the 64-frame row is the rate without that merging.
 
-    .venv/bin/python bench/bench_sidecar.py [--frames 20000] [--batch 64|step] [--requests 256] [--watchers 16]
+    .venv/bin/python bench/bench_sidecar.py [--frames 20000] [--batch 64] [--requests 256] [--watchers 16]
         [--seconds 20] [--rate FRAMES_PER_S] [--soak-s 600]
 """
 
@@ -333,9 +334,9 @@ def paced_run(base: list[str], model: str, args, tmp: Path, seconds: float, rate
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--frames", type=int, default=20_000)
-    p.add_argument("--batch", default="64",
-                   help="frames per message (default %(default)s), or `step`: one engine step of every request "
-                        "(requests x 3 layers), the message the tap sends when every request has a frame at each step")
+    p.add_argument("--batch", type=int, default=64,
+                   help="frames per message (default %(default)s: one engine step of 256 requests at stride 16; "
+                        "1024: the tap's merged message when steps queue behind a saturated sidecar)")
     p.add_argument("--requests", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--watchers", type=int, default=16, help="WatchAlerts clients in the latency run")
@@ -358,11 +359,8 @@ def main() -> None:
     p.add_argument("--wire", choices=("columns", "frames"), default="columns",
                    help="the latency run's and soak's wire form: FrameColumns (the tap's) or Frame messages")
     args = p.parse_args()
-    if args.batch == "step":
-        args.batch = args.requests * len(LAYERS)
-    elif not args.batch.isdigit() or int(args.batch) < 1:
-        p.error(f"--batch: expected a positive number of frames or `step`, got {args.batch!r}")
-    args.batch = int(args.batch)
+    if args.batch < 1:
+        p.error(f"--batch: expected a positive number of frames per message, got {args.batch}")
     batches = {"frames": make_batches(args.frames, args.batch, args.requests)}
     batches["columns"] = [as_columns(b) for b in batches["frames"]]
     n = sum(n_frames(b) for b in batches["frames"])
