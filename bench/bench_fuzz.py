@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import collections
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -43,8 +44,13 @@ def main() -> int:
     cases = [c for c in CASES if not only or c[0].rsplit("/", 1)[1] in only]
     if not cases:
         p.error(f"--only: no RPC named {args.only!r}; known: {', '.join(c[0].rsplit('/', 1)[1] for c in CASES)}")
+    # with the tests' risk model (model "m", layers 1 and 3): the risk path is fuzzed too
+    from test_sidecar_risk import train_risk_model
+
+    model = Path(tempfile.mkdtemp()) / "risk.onnx"
+    train_risk_model(model)
     sc = SidecarProcess(["--listen", "127.0.0.1:0", "--metrics-port", "0", "--memory-budget-mb", str(args.budget_mb),
-                         "--calibration-frames", "4", "--calibration-requests", "2"]).start()
+                         "--calibration-frames", "4", "--calibration-requests", "2", "--risk-model", str(model)]).start()
     channel = grpc.insecure_channel(sc.grpc)
     bad = []
     try:
@@ -78,6 +84,8 @@ def main() -> int:
               f"{held:.1f} MiB of the {args.budget_mb} MiB budget; refused: "
               + ", ".join(f"{s.split('reason=')[1].split('}')[0].strip(chr(34))} {float(s.split()[-1]):.0f}"
                           for s in text.splitlines() if s.startswith("eigenwatch_refused_total{")))
+        print(f"risk model: {metric_value(text, 'eigenwatch_risk_steps_total'):.0f} steps scored, "
+              f"{metric_value(text, 'eigenwatch_risk_errors_total'):.0f} model errors")
         tracebacks = sum("Traceback" in l for l in sc.lines)
         print(f"tracebacks in the sidecar log: {tracebacks}; UNKNOWN/INTERNAL answers: {len(bad)}")
         ok = alive and not bad and not tracebacks and held <= args.budget_mb and rss1 - rss0 <= args.budget_mb

@@ -61,11 +61,13 @@ def valid_columns(draw, n_names: int):
     eigs = np.sort(np.array(draw(st.lists(finite, min_size=n * w, max_size=n * w)), dtype="<f4").reshape(n, w))
     desc = draw(st.lists(st.floats(0, 1e6, allow_nan=False), min_size=n * n_names, max_size=n * n_names))
     return monitor_pb2.FrameColumns(
-        model=draw(st.sampled_from(["m", "bench"])), window=w, request_ids=draw(ids), engine_request_ids=draw(ids),
+        model=draw(st.sampled_from(["m", "m", "bench"])), window=w, request_ids=draw(ids), engine_request_ids=draw(ids),
         skipped_tokens=draw(st.lists(st.integers(0, 50), min_size=m, max_size=m)),
         request=draw(st.lists(st.integers(0, m - 1), min_size=n, max_size=n)),
-        layer=draw(st.lists(st.integers(0, 3), min_size=n, max_size=n)), step=[0] * n,
-        token_count=draw(st.lists(st.integers(0, 10_000), min_size=n, max_size=n)),
+        layer=draw(st.lists(st.sampled_from([0, 1, 2, 3, 1, 3]), min_size=n, max_size=n)), step=[0] * n,
+        # a few token counts half the time, so some requests complete risk-model steps (layers 1 and 3)
+        token_count=draw(st.lists(st.integers(0, 10_000) if draw(st.booleans()) else st.sampled_from([16, 32, 48]),
+                                  min_size=n, max_size=n)),
         dim=draw(st.lists(st.integers(1, 64), min_size=n, max_size=n)),
         final=draw(st.lists(st.integers(0, n - 1), max_size=2)),
         eigenvalues=eigs[:, ::-1].tobytes(), descriptors=np.asarray(desc, dtype="<f8").tobytes())
@@ -204,11 +206,18 @@ CASES = rpc_cases()
 
 
 @pytest.fixture(scope="module")
-def fuzzed_sidecar():
+def fuzzed_sidecar(tmp_path_factory):
+    from test_sidecar_risk import train_risk_model
+
     from eigenwatch.monitor.cli.processes import SidecarProcess
 
+    # with a risk model for model "m", layers 1 and 3 (valid_columns sends those): the risk
+    # path's gather, pending steps and batched model calls get fuzzed too
+    model = tmp_path_factory.mktemp("fuzz") / "risk.onnx"
+    train_risk_model(model)
     sc = SidecarProcess(["--listen", "127.0.0.1:0", "--metrics-port", "0", "--memory-budget-mb", "64",
-                         "--calibration-frames", "4", "--calibration-requests", "2"]).start()
+                         "--calibration-frames", "4", "--calibration-requests", "2",
+                         "--risk-model", str(model)]).start()
     channel = grpc.insecure_channel(sc.grpc)
     yield sc, channel
     channel.close()
@@ -231,3 +240,6 @@ def test_fuzzed_rpc_never_crashes_or_answers_unknown(fuzzed_sidecar, method, kin
     text = scrape(sc.metrics)
     assert metric_value(text, "eigenwatch_state_bytes") <= 64 << 20
     assert "Traceback" not in "\n".join(sc.lines)
+    assert metric_value(text, "eigenwatch_risk_errors_total", model="m") == 0
+    if method.endswith("/Ingest"):  # valid blocks reached the risk model, not only the checks before it
+        assert metric_value(text, "eigenwatch_risk_steps_total", model="m") > 0
