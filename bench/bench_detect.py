@@ -5,8 +5,8 @@ Runs the public contract exactly as a user would: `eigenwatch calibrate` on
 the reference texts, `eigenwatch score` on held-out + shifted texts (the
 evaluation sets of bench/detect_data.py, built from text on this machine),
 then reads SCORES.jsonl. Nothing here is fitted on the shifts: calibrate only
-sees in-distribution text (its GRU learns from its own corruption recipe,
-monitor/offline/texts.py, which is none of the shifts).
+sees in-distribution text (its GRU and token probe learn from its own corruption
+recipe, monitor/offline/texts.py, which is none of the shifts).
 
     .venv/bin/python bench/bench_detect.py                     # minilm and tiny, HF engine
     .venv/bin/python bench/bench_detect.py --models minilm --engine vllm

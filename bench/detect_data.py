@@ -32,8 +32,8 @@ the corpus's vocabulary; word_salad (random English words of both corpora),
 garbled, foreign (translated man pages, /usr/share/man/<lang>), legal and code
 do not.
 
-`eigenwatch calibrate` learns its GRU and the weights of the combined score
-from corrupted copies of the reference texts (monitor/offline/texts.py: word drops,
+`eigenwatch calibrate` learns its GRU, its token probe (token_probe) and the
+weights of the combined score from corrupted copies of the reference texts (monitor/offline/texts.py: word drops,
 span duplication, 8% digit noise, spans of other texts inserted), a recipe
 that is none of the shifts above: the table measures transfer to shifts the
 detectors never saw.

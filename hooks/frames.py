@@ -66,14 +66,17 @@ def to_proto(frame: Frame) -> monitor_pb2.Frame:
 
 
 def hidden_stats(values) -> monitor_pb2.HiddenStats | None:
-    """(rows, token_sqdist, pooled_sqdist, llmcheck or None, calibration id) -> HiddenStats; None -> None."""
+    """(rows, token_sqdist, pooled_sqdist, llmcheck or None, calibration id[, probe_logit or None])
+    -> HiddenStats; None -> None."""
     if values is None:
         return None
-    rows, token, pooled, llm, cal = values
+    rows, token, pooled, llm, cal = values[:5]
     msg = monitor_pb2.HiddenStats(rows=int(rows), token_sqdist=float(token), pooled_sqdist=float(pooled),
                                   calibration=cal)
     if llm is not None:
         msg.llmcheck = float(llm)
+    if len(values) > 5 and values[5] is not None:
+        msg.probe_logit = float(values[5])
     return msg
 
 

@@ -2,7 +2,7 @@
 need, computed in the tap from the rows it already captures, against the
 Gaussians of the calibration file (EIGENWATCH_CALIBRATION=CALIB.json, written
 by `eigenwatch calibrate`). A request's final frame at each tapped layer
-carries three numbers (HiddenStats in monitor.proto), never the states:
+carries a few numbers (HiddenStats in monitor.proto), never the states:
 
 - token_sqdist: mean over its rows of d²(x_t)/p against the layer's token
   Gaussian (token_mahalanobis): every row is scored on the device as it passes,
@@ -11,7 +11,9 @@ carries three numbers (HiddenStats in monitor.proto), never the states:
   (hidden_mahalanobis), from the request's running Σx [p] per layer;
 - llmcheck: LLM-Check's hidden score at the calibration's middle layer, from the
   request's rows there while they are at most p (the n × n Gram), then from
-  their scatter XᵀX [p, p] (kernels/hidden_stats.llmcheck_rows / _scatter).
+  their scatter XᵀX [p, p] (kernels/hidden_stats.llmcheck_rows / _scatter);
+- probe_logit: the token_probe detector's mean token logit at its layer,
+  w·(Σx/n) + b from the same running Σx (kernels/hidden_stats.LinearProbe).
 
 Per step (inside the post-step work, batched over requests): one [N, p] × [p, r]
 product per layer and one index_add of the rows and their distances into the
@@ -19,7 +21,7 @@ requests' slots; the middle layer's rows are copied per request (a Python step
 per request there, only while it is short of p rows or its scatter is updated).
 The finishing math (one p-wide distance, one Cholesky) runs on the exporter's
 thread (HiddenPart.values), never in the forward. The request's other frames
-carry the running values of the first two (the rows so far: two p-wide copies
+carry the running values of all but LLM-Check (the rows so far: two p-wide copies
 per frame), for the sidecar's running combined value during generation.
 
 Memory per tracked request: L·p + L float64 sums, plus min(n, p)·p float64 at
@@ -37,23 +39,25 @@ from itertools import repeat
 import numpy as np
 import torch
 
-from eigenwatch.kernels.hidden_stats import (LowRankGaussian, calibration_id, llmcheck_rows, llmcheck_scatter,
-                                             middle_layer, row_sqdist)
+from eigenwatch.kernels.hidden_stats import (LinearProbe, LowRankGaussian, calibration_id, llmcheck_rows,
+                                             llmcheck_scatter, middle_layer, row_sqdist)
 from eigenwatch.kernels.window_bank import Slots, host_index
 
 log = logging.getLogger("eigenwatch.hidden")
 
-VOTERS = ("token_mahalanobis", "hidden_mahalanobis", "llmcheck_hidden")
+VOTERS = ("token_mahalanobis", "hidden_mahalanobis", "llmcheck_hidden", "token_probe")
 
 
 class HiddenCalibration:
     """What the tap reads from a calibration file: per tapped layer the token and
-    pooled Gaussians (either may be absent), the LLM-Check layer, the file's id."""
+    pooled Gaussians (either may be absent), the LLM-Check layer, the token probe
+    (or None), the file's id."""
 
     def __init__(self, cal_id: str, layers: tuple[int, ...], token: dict, pooled: dict, llm_layer: int | None,
-                 path: str):
+                 path: str, probe: LinearProbe | None = None):
         self.id, self.layers, self.token, self.pooled, self.llm_layer, self.path = (
             cal_id, layers, token, pooled, llm_layer, path)
+        self.probe = probe
 
 
 def load_hidden_calibration(path: str, tap_layers: tuple[int, ...], window: int, stride: int,
@@ -90,18 +94,24 @@ def load_hidden_calibration(path: str, tap_layers: tuple[int, ...], window: int,
         raise ValueError(f"{where}.detectors: a damaged Gaussian ({exc}); recalibrate with `eigenwatch calibrate`") \
             from None
     llm = middle_layer(tap_layers) if "llmcheck_hidden" in dets else None
-    if not token and not pooled and llm is None:
+    probe = None
+    if "token_probe" in dets:
+        probe = LinearProbe.from_state(dets["token_probe"], f"{where}.detectors.token_probe")
+        if probe.layer not in tap_layers:
+            raise ValueError(f"{where}.detectors.token_probe.layer is {probe.layer}, which the tap does not watch "
+                             f"(layers {list(tap_layers)}); recalibrate")
+    if not token and not pooled and llm is None and probe is None:
         return None
     for name, g in list(token.items()) + list(pooled.items()):
         if name not in tap_layers:
             raise ValueError(f"{where}.detectors: a Gaussian for layer {name}, which the tap does not watch")
-    return HiddenCalibration(calibration_id(dets), tuple(tap_layers), token, pooled, llm, path)
+    return HiddenCalibration(calibration_id(dets), tuple(tap_layers), token, pooled, llm, path, probe)
 
 
 class HiddenPart:
     """One request's sums at one layer, handed to its final frame seed; `values()`
     (the exporter's thread) turns them into (rows, token_sqdist, pooled_sqdist,
-    llmcheck or None, calibration id)."""
+    llmcheck or None, calibration id, probe_logit or None)."""
 
     __slots__ = ("cal", "layer", "rows", "sq", "total", "mid")
 
@@ -123,7 +133,10 @@ class HiddenPart:
                 llm = llmcheck_rows(data.cpu().numpy())
             else:
                 llm = llmcheck_scatter(n, self.total.cpu().numpy(), data.cpu().numpy())
-        return n, token, pooled, llm, self.cal.id
+        probe = self.cal.probe
+        logit = probe.mean_logit(self.total.cpu().numpy() / n) if probe is not None and probe.layer == self.layer \
+            else None
+        return n, token, pooled, llm, self.cal.id, logit
 
 
 class HiddenStatsTap:
@@ -157,6 +170,10 @@ class HiddenStatsTap:
                                          f"the model's rows are {p}: recalibrate on this model")
                     self._g[l] = tuple(torch.as_tensor(v, dtype=torch.float64, device=like.device)
                                        for v in (g.mean, g.U, g.weights())) + (g.a,)
+            probe = self.cal.probe
+            if probe is not None and len(probe.w) != p:
+                raise ValueError(f"EIGENWATCH_CALIBRATION: the token probe is {len(probe.w)} wide, the model's rows "
+                                 f"are {p}: recalibrate on this model")
         if slot >= self.total.shape[0]:
             grow = max(slot + 1, 2 * self.total.shape[0], 8)
             k = grow - self.total.shape[0]

@@ -13,6 +13,9 @@ score's hidden-state voters: one place for the math the offline detectors
   al., 2024) of a text's rows at one layer, from its sums (offline) or from the
   rows themselves (the tap keeps ≤ p rows: then the n × n Gram is the cheaper
   matrix with the same non-zero eigenvalues).
+- `LinearProbe`: a linear head on one layer's token states (the token_probe
+  detector, monitor/token_probe.py); its mean logit over a text's rows is the
+  head applied to the rows' mean, so the tap needs only the Σx it already keeps.
 - `middle_layer`: the layer LLM-Check reads; `calibration_id`: the short id of a
   calibration's detector states, which the tap sends with its statistics so the
   sidecar never combines numbers made against another file.
@@ -80,6 +83,44 @@ class LowRankGaussian:
             raise ValueError(f"a Gaussian of width p={g.p} needs mean [{g.p}] and a > 0, "
                              f"got mean {list(g.mean.shape)} and a={g.a}")
         return g
+
+
+class LinearProbe:
+    """A linear head logit(x) = w·x + b on the token states of one layer. A text's
+    value is the mean logit over its rows, = w·(Σx/n) + b: the tap computes it
+    from the request's Σx per layer at its end (or at any frame, for a running
+    value), O(p) once per request, nothing per token."""
+
+    def __init__(self, layer: int, w, b: float):
+        self.layer, self.w, self.b = int(layer), np.asarray(w, dtype=np.float64), float(b)
+
+    def mean_logit(self, mean) -> float:
+        """The mean logit of rows whose mean is `mean` [p]."""
+        return float(np.dot(np.asarray(mean, dtype=np.float64), self.w) + self.b)
+
+    def state(self) -> dict:
+        return {"layer": self.layer, "w": self.w.tolist(), "b": self.b}
+
+    @classmethod
+    def from_state(cls, st, where: str = "token_probe") -> "LinearProbe":
+        """ValueError naming `where`'s field when the state is damaged."""
+        if not isinstance(st, dict):
+            raise ValueError(f"{where}: expected an object with layer, w and b, got {str(st)[:80]!r}")
+        for key in ("layer", "w", "b"):
+            if key not in st:
+                raise ValueError(f"{where}.{key} is missing; recalibrate")
+        layer, w, b = st["layer"], st["w"], st["b"]
+        if not isinstance(layer, int) or isinstance(layer, bool) or layer < 0:
+            raise ValueError(f"{where}.layer: expected a layer number >= 0, got {layer!r}")
+        if (not isinstance(w, list) or not w
+                or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in w)):
+            raise ValueError(f"{where}.w: expected a non-empty list of numbers, got {str(w)[:80]!r}")
+        if isinstance(b, bool) or not isinstance(b, (int, float)):
+            raise ValueError(f"{where}.b: expected a number, got {b!r}")
+        probe = cls(layer, w, b)
+        if not (np.isfinite(probe.w).all() and np.isfinite(probe.b)):
+            raise ValueError(f"{where}: w or b holds NaN/Inf; recalibrate")
+        return probe
 
 
 def row_sqdist(x, mean, U, w, a: float):

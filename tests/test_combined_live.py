@@ -16,7 +16,7 @@ import pytest
 
 from conftest import SidecarClient, free_port, metric_value, scrape, wait_for
 from eigenwatch.kernels.descriptors import DESCRIPTOR_NAMES
-from eigenwatch.kernels.hidden_stats import calibration_id
+from eigenwatch.kernels.hidden_stats import LinearProbe, calibration_id
 from eigenwatch.monitor import calibration as calib
 from eigenwatch.monitor.combined import Combined
 from eigenwatch.monitor.llmcheck import LLMCheckHidden
@@ -155,5 +155,48 @@ def test_running_value_during_generation_never_alerts_and_the_final_one_replaces
     assert len([a for a in rep.alerts if a.detector == "combined"]) == 1
     text = scrape(sc.metrics + "/metrics")
     assert metric_value(text, "eigenwatch_combined_score_count", model="m") == 1
+    client.close()
+    channel.close()
+
+
+def test_token_probe_votes_live_from_its_layers_probe_logit(sidecar_factory, tmp_path):
+    """A calibration whose voters include token_probe: the p-value of the offline Combined
+    from the probe_logit the tap sends at the probe's layer; final frames without it (a
+    tap that loaded an older file) give no score, counted as incomplete."""
+    rng = np.random.default_rng(3)
+    path = tmp_path / "CALIB.json"
+    g = {l: ShrinkageGaussian().fit(rng.standard_normal((20, 4))).state() for l in LAYERS}
+    dets = {"token_mahalanobis": {"layers": {str(l): g[l] for l in LAYERS}},
+            "token_probe": LinearProbe(5, rng.standard_normal(4), 0.1).state()}
+    comb = Combined().fit({"token_mahalanobis": rng.gamma(4.0, 0.25, 60), "token_probe": rng.normal(0.0, 1.0, 60)},
+                          weights={"token_mahalanobis": 0.3, "token_probe": 0.7})
+    calib.save(path, calib.document(SPIKE, model_fingerprint={"name": "m"}, offline={
+        "layers": list(LAYERS), "window": 8, "stride": 4, "alert_far": FAR, "detectors": dets,
+        "combined": comb.state()}))
+    cal_id = calibration_id(dets)
+    sc = sidecar_factory("--listen", f"127.0.0.1:{free_port()}", "--metrics-port", "0", "--calibration", str(path))
+
+    def request(rid, logit):
+        frames = [_final(rid, l, 30, 1.0, float("nan"), None, cal_id) for l in LAYERS]
+        if logit is not None:
+            frames[2].hidden.probe_logit = logit  # layer 5, the probe's
+        return frames
+
+    channel = grpc.insecure_channel(sc.grpc)
+    stub = monitor_pb2_grpc.MonitorStub(channel)
+    stub.Ingest(iter([monitor_pb2.FrameBatch(descriptor_names=DESCRIPTOR_NAMES, frames=request("plain", 0.0)
+                                             + request("odd", 9.0) + request("older_tap", None))]), timeout=10)
+    client = SidecarClient(sc.grpc)
+    for rid, logit in (("plain", 0.0), ("odd", 9.0)):
+        voters = {"token_mahalanobis": 1.0, "token_probe": logit}
+        p = float(comb.p_values({k: np.array([v]) for k, v in voters.items()})[0])
+        rep = wait_for(lambda: (r := client.try_report(rid)) is not None and r.combined.final and r,
+                       what=f"the combined score of {rid}")
+        assert rep.combined.p_value == pytest.approx(p, rel=1e-12) and rep.combined.alert == (p < FAR)
+        assert dict(rep.combined.detectors) == pytest.approx(voters, rel=1e-12)
+        assert (p < FAR) == (rid == "odd")  # the test data makes one of each
+    assert not client.report("older_tap").HasField("combined")
+    text = scrape(sc.metrics + "/metrics")
+    assert metric_value(text, "eigenwatch_combined_requests_total", model="m", result="incomplete") == 1
     client.close()
     channel.close()

@@ -258,9 +258,11 @@ def test_score_cli_gives_the_same_scores_on_both_engines(tmp_path):
         "--window", str(WINDOW), "--stride", str(STRIDE), "--max-length", str(MAX_LENGTH), "--gru-epochs", "5")
     off = {e: json.loads(c.read_text())["offline"] for e, c in (("hf", calib), ("vllm", calib_v))}
     assert off["vllm"]["engine"] == "vllm" and off["vllm"]["n_calibration"] == off["hf"]["n_calibration"]
-    # the same detectors but layer_transition (per-token rows: hf only; never a voter)
-    assert set(off["hf"]["calibration_scores"]) - set(off["vllm"]["calibration_scores"]) == {"layer_transition"}
-    assert off["vllm"]["combined"]["weights"].keys() == off["hf"]["combined"]["weights"].keys()
+    # the same detectors but the two fitted on per-token rows, which only hf hands over:
+    # layer_transition (never a voter) and token_probe (a voter where it is fitted)
+    assert set(off["hf"]["calibration_scores"]) - set(off["vllm"]["calibration_scores"]) == {"layer_transition",
+                                                                                              "token_probe"}
+    assert off["vllm"]["combined"]["weights"].keys() == off["hf"]["combined"]["weights"].keys() - {"token_probe"}
     for k, v in off["vllm"]["calibration_scores"].items():
         if k != "eigentrack":  # a GRU trained on features equal to ~1e-6 need not end equal to 1e-3
             np.testing.assert_allclose(off["vllm"]["calibration_scores"][k], v, rtol=1e-3, atol=1e-3, err_msg=k)

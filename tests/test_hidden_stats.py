@@ -14,10 +14,11 @@ import torch
 
 from eigenwatch.hooks.hidden import HiddenStatsTap, load_hidden_calibration
 from eigenwatch.hooks.windows import FrameSeed, hidden_values
-from eigenwatch.kernels.hidden_stats import (LowRankGaussian, calibration_id, llmcheck_rows, llmcheck_scatter,
-                                             row_sqdist)
+from eigenwatch.kernels.hidden_stats import (LinearProbe, LowRankGaussian, calibration_id, llmcheck_rows,
+                                             llmcheck_scatter, row_sqdist)
 from eigenwatch.monitor.llmcheck import LLMCheckHidden
 from eigenwatch.monitor.mahalanobis import ShrinkageGaussian
+from eigenwatch.monitor.token_probe import TokenProbe
 
 LAYERS = (1, 3, 4)
 P = 24
@@ -29,14 +30,15 @@ def _calibration(tmp_path, rng, layers=LAYERS, p=P, window=8, stride=4):
     pooled = {l: ShrinkageGaussian().fit(x[:40] + 0.1 * rng.standard_normal((40, p))) for l, x in ref.items()}
     dets = {"token_mahalanobis": {"layers": {str(l): g.state() for l, g in token.items()}},
             "hidden_mahalanobis": {"layers": {str(l): g.state() for l, g in pooled.items()}},
-            "llmcheck_hidden": LLMCheckHidden().fit([{"llmcheck": v} for v in rng.standard_normal(20)]).state()}
+            "llmcheck_hidden": LLMCheckHidden().fit([{"llmcheck": v} for v in rng.standard_normal(20)]).state(),
+            "token_probe": LinearProbe(3, rng.standard_normal(p), 0.3).state()}
     path = tmp_path / "CALIB.json"
     path.write_text(json.dumps({"offline": {"layers": list(layers), "window": window, "stride": stride,
                                             "detectors": dets}}))
     return str(path), token, pooled, dets
 
 
-def _offline(rows: np.ndarray, token, pooled, layer, mid):
+def _offline(rows: np.ndarray, token, pooled, layer, mid, probe=None):
     """What `eigenwatch score` computes for one layer from the text's token sums."""
     n = len(rows)
     tot, scat = rows.sum(0), rows.T @ rows
@@ -44,7 +46,10 @@ def _offline(rows: np.ndarray, token, pooled, layer, mid):
     g = pooled[layer]
     pl = float(g.sqdist((tot / n)[None])[0]) / g.p
     llm = llmcheck_scatter(n, tot, scat) if layer == mid else None
-    return n, t, pl, llm
+    logit = None
+    if probe is not None and layer == probe.probe.layer:
+        logit = float(probe.score([{"pooled": {layer: tot / n}}])[0])
+    return n, t, pl, llm, logit
 
 
 def test_live_statistics_equal_the_offline_detectors(tmp_path):
@@ -81,8 +86,13 @@ def test_live_statistics_equal_the_offline_detectors(tmp_path):
     assert tap.before_step(["a", "b", "c"], pending) == 0
     for seed in pending:
         got = hidden_values(seed)
-        want = _offline(np.concatenate(seen[seed.request_id][seed.layer]), token, pooled, seed.layer, cal.llm_layer)
+        want = _offline(np.concatenate(seen[seed.request_id][seed.layer]), token, pooled, seed.layer, cal.llm_layer,
+                        TokenProbe.from_state(dets["token_probe"]))
         assert got[0] == want[0] and got[4] == cal.id
+        # token_probe: the mean token logit at its layer (3) only, as `score` gets it from the token sums
+        assert (got[5] is None) == (want[4] is None) == (seed.layer != 3)
+        if want[4] is not None:
+            assert got[5] == pytest.approx(want[4], rel=1e-9, abs=1e-9)
         np.testing.assert_allclose(got[1:3], want[1:3], rtol=1e-9)
         if seed.layer == cal.llm_layer:
             assert got[3] == pytest.approx(want[3], rel=1e-9, abs=1e-9)
@@ -131,6 +141,15 @@ def test_calibration_problems_name_the_field(tmp_path):
     (tmp_path / "damaged.json").write_text(json.dumps(doc))
     with pytest.raises(ValueError, match="damaged Gaussian"):
         load_hidden_calibration(str(tmp_path / "damaged.json"), LAYERS, 8, 4)
+    doc = json.loads(open(path).read())
+    doc["offline"]["detectors"]["token_probe"]["layer"] = 2
+    (tmp_path / "probe.json").write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match=r"detectors.token_probe.layer is 2, which the tap does not watch"):
+        load_hidden_calibration(str(tmp_path / "probe.json"), LAYERS, 8, 4)
+    del doc["offline"]["detectors"]["token_probe"]["w"]
+    (tmp_path / "probe.json").write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match=r"detectors.token_probe.w is missing"):
+        load_hidden_calibration(str(tmp_path / "probe.json"), LAYERS, 8, 4)
     (tmp_path / "spike.json").write_text(json.dumps({"models": {}}))
     assert load_hidden_calibration(str(tmp_path / "spike.json"), LAYERS, 8, 4) is None
     # rows of another width than the Gaussians': refused at the first rows, not silently wrong
@@ -153,7 +172,7 @@ def test_low_rank_gaussian_state_round_trips_and_refuses_damage():
 
 def test_running_values_cover_the_rows_so_far(tmp_path):
     rng = np.random.default_rng(5)
-    path, token, pooled, _ = _calibration(tmp_path, rng)
+    path, token, pooled, dets = _calibration(tmp_path, rng)
     cal = load_hidden_calibration(path, LAYERS, 8, 4)
     tap = HiddenStatsTap(cal, max_requests=2)
     seen = {l: [] for l in LAYERS}
@@ -167,7 +186,11 @@ def test_running_values_cover_the_rows_so_far(tmp_path):
     tap.attach_running(seeds)
     for seed in seeds[:3]:
         got = hidden_values(seed)
-        want = _offline(np.concatenate(seen[seed.layer]), token, pooled, seed.layer, None)
+        want = _offline(np.concatenate(seen[seed.layer]), token, pooled, seed.layer, None,
+                        TokenProbe.from_state(dets["token_probe"]))
         assert got[0] == 12 and got[3] is None
         np.testing.assert_allclose(got[1:3], want[1:3], rtol=1e-9)
+        assert (got[5] is None) == (seed.layer != 3)  # the probe's running value, over the rows so far
+        if got[5] is not None:
+            assert got[5] == pytest.approx(want[4], rel=1e-9, abs=1e-9)
     assert seeds[3].hidden is None

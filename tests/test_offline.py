@@ -101,7 +101,7 @@ def test_calibrate_then_score_end_to_end(calibrated):
     assert "calibrate:" in calibrated["stderr"]  # the tqdm bar
     # The combined score is made of one detector per source of evidence; every
     # detector's calibration scores are kept beside it.
-    voters = ["eigentrack", "hidden_mahalanobis", "llmcheck_hidden", "token_mahalanobis"]
+    voters = ["eigentrack", "hidden_mahalanobis", "llmcheck_hidden", "token_mahalanobis", "token_probe"]
     assert sorted(doc["offline"]["combined"]["calibration_scores"]) == voters
     comb = doc["offline"]["combined"]
     assert sorted(comb["weights"]) == voters and abs(sum(comb["weights"].values()) - 1) < 1e-12
@@ -127,7 +127,8 @@ def test_calibrate_then_score_end_to_end(calibrated):
         assert isinstance(row["alert"], bool)
         assert isinstance(row["score"], float) and np.isfinite(row["score"]) and row["score"] >= 0
         assert set(row["detectors"]) == {"spectral_spike", "descriptor_mahalanobis", "hidden_mahalanobis",
-                                         "token_mahalanobis", "llmcheck_hidden", "eigentrack", "layer_transition"}
+                                         "token_mahalanobis", "llmcheck_hidden", "eigentrack", "layer_transition",
+                                         "token_probe"}
         assert all(np.isfinite(v) for v in row["detectors"].values())
         assert row["alert"] == (row["p_value"] < FAR)
         # the most spiky window, for `eigenwatch report`: its spike count is the detector's rule
@@ -280,8 +281,8 @@ def test_small_calibration_without_gru_weights_equally(calibrated, tmp_path, cap
     assert rc == 0, err
     off = json.loads(out.read_text())["offline"]
     assert off["n_calibration"] == 5 and "eigentrack" not in off["detectors"]
-    assert off["combined"]["weights"] == {k: 0.25 for k in ("descriptor_mahalanobis", "hidden_mahalanobis",
-                                                             "llmcheck_hidden", "token_mahalanobis")}
+    assert off["combined"]["weights"] == {k: 0.2 for k in ("descriptor_mahalanobis", "hidden_mahalanobis",
+                                                            "llmcheck_hidden", "token_mahalanobis", "token_probe")}
     assert "fewer than 20: the combined score weights its detectors equally" in err
 
 
@@ -382,6 +383,27 @@ def test_conformal_p_values_are_uniform_on_reference_data():
         pc.append(comb.p_values({k: sc[n:, i] for i, k in enumerate("abc")})[0])
     pc = np.array(pc)
     assert abs((pc <= 0.1 + 1e-12).mean() - 0.1) < 0.035 and abs((pc <= 0.5 + 1e-12).mean() - 0.5) < 0.05
+
+
+def test_combined_p_value_orders_texts_past_every_calibration_text():
+    """Past the largest calibration statistic the p-value keeps falling (an exponential tail)
+    instead of tying at 1/(n + 1): a text far out ranks above one just past the extreme, while
+    inside the calibration range (every p an alert rate can use) nothing changes."""
+    rng = np.random.default_rng(11)
+    cal = {k: rng.normal(size=40) for k in "ab"}
+    comb = Combined().fit(cal)
+    floor = 1.0 / 41
+    inside = {k: rng.normal(size=200) * 0.5 for k in "ab"}
+    T = comb._statistic(inside)
+    ref = np.sort(comb.t_ref)
+    within = T <= ref[-1]
+    want = (1.0 + len(ref) - np.searchsorted(ref, T[within] - 1e-12, side="left")) / (len(ref) + 1.0)
+    np.testing.assert_array_equal(comb.p_values(inside)[within], want)  # the plain conformal rank
+    out = {"a": np.array([3.0, 5.0, 9.0, 9.0]), "b": np.array([3.0, 5.0, 9.0, 12.0])}
+    p = comb.p_values(out)
+    assert np.all(p <= floor) and p[0] > p[1] > p[2] > p[3] > 0  # ordered, no ties at the floor
+    again = Combined.from_state(json.loads(json.dumps(comb.state())))  # the tail is refitted from the file
+    np.testing.assert_array_equal(again.p_values(out), p)
 
 
 @pytest.mark.parametrize("n, p", [(10, 50), (200, 20), (3, 500)])

@@ -109,7 +109,8 @@ def _live(model: str, runner: str, calib, texts_path, env_extra=None):
 # counts among them (eigenvalues above an edge): one eigenvalue within float32 noise of the edge
 # flips a count by one, and the logit of that text moves by up to ≈10% (seen once in 43 texts).
 # So the GRU's voter gets 0.25 per text and must agree to 1e-3 on the median text.
-TOLERANCE = {"token_mahalanobis": 1e-3, "hidden_mahalanobis": 1e-3, "llmcheck_hidden": 1e-3, "eigentrack": 0.25}
+TOLERANCE = {"token_mahalanobis": 1e-3, "hidden_mahalanobis": 1e-3, "llmcheck_hidden": 1e-3, "token_probe": 1e-3,
+             "eigentrack": 0.25}
 MEDIAN_TOLERANCE = 1e-3
 
 
@@ -152,6 +153,7 @@ def test_minilm_live_combined_equals_offline_and_alerts_at_the_calibrated_rate(t
     offline = {r["id"]: r for r in map(json.loads, (tmp_path / "scores.jsonl").read_text().splitlines())}
     doc = json.loads(calib.read_text())
     assert "eigentrack" in doc["offline"]["combined"]["weights"]  # the GRU votes: the risk path is exercised
+    assert "token_probe" in doc["offline"]["combined"]["weights"]  # and the probe: its logit crosses the wire
     live = _live("minilm", "pooling", calib, tmp_path / "held.jsonl")
     _check_equal(offline, live, doc["offline"]["n_calibration"])
     ordinary = [live[f"h{i}"].combined.alert for i in range(len(held))]

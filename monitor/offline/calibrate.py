@@ -43,6 +43,7 @@ from eigenwatch.monitor.llmcheck import RIDGE, LLMCheckHidden, middle_layer
 from eigenwatch.monitor.mahalanobis import (DescriptorMahalanobis, HiddenMahalanobis, TokenMahalanobis,
                                             TokenMoments)
 from eigenwatch.monitor.spectral_spike import SpectralSpike
+from eigenwatch.monitor.token_probe import TokenProbe
 from eigenwatch.monitor.tokenrows import FEATURE as TOKEN_ROWS
 from eigenwatch.monitor.transition import LayerTransition
 
@@ -58,8 +59,10 @@ FITTED = {c.name: c for c in (SpectralSpike, DescriptorMahalanobis, HiddenMahala
 # reported as their own rows, not voters of the combined score (the live tap does not compute them yet).
 ROW_FITTED = {c.name: c for c in (LayerTransition,)}
 # Every detector a calibration file may hold (EigenTrack is trained, TokenMahalanobis fitted from
-# token sums during extraction: neither from the per-text features alone).
-ALL_DETECTORS = dict(FITTED, **ROW_FITTED, **{EigenTrack.name: EigenTrack, TokenMahalanobis.name: TokenMahalanobis})
+# token sums during extraction, TokenProbe trained on the fit texts' rows against their corrupted
+# copies': none from the per-text features alone). TokenProbe scores from token sums, so it votes.
+ALL_DETECTORS = dict(FITTED, **ROW_FITTED, **{EigenTrack.name: EigenTrack, TokenMahalanobis.name: TokenMahalanobis,
+                                              TokenProbe.name: TokenProbe})
 # Fewer corrupted calibration texts than this and the voters' AUROCs are too
 # noisy to weight by (null s.d. of an AUROC ≈ 0.09 at 20 vs 20): equal weights.
 MIN_TEXTS_FOR_WEIGHTS = 20
@@ -137,11 +140,11 @@ def calibrate(args) -> int:
         feats = fit_feats + cal_feats
 
         # Corrupted copies, extracted in one pass: of each fit text, the GRU's
-        # positives (--risk-model auto), and of each calibration text, with another
-        # seed, for the combined score's weights. The calibration texts themselves
-        # stay untouched for the p-values.
+        # positives (--risk-model auto) and token_probe's, and of each calibration
+        # text, with another seed, for the combined score's weights. The calibration
+        # texts themselves stay untouched for the p-values.
         corrupted_items = []
-        if args.risk_model == "auto":
+        if args.risk_model == "auto" or hasattr(getattr(engine, "tap", None), "row_sink"):  # probe: rows (hf)
             text_of = dict(items)
             corrupted_fit = corrupt_all([text_of[r] for r in fit_ids], args.seed)
             corrupted_items += [(f"{r}~corrupted", t) for r, t in zip(fit_ids, corrupted_fit)]
@@ -163,6 +166,13 @@ def calibrate(args) -> int:
         log(f"calibrate: no {', '.join(ROW_FITTED)}: --engine {args.engine} hands over no per-token rows "
             "(calibrate with --engine hf for them)")
     detectors[token_det.name] = token_det
+    if len(c_fit) >= 2 and all(TOKEN_ROWS in f for f in fit_feats + c_fit):
+        detectors[TokenProbe.name] = probe = TokenProbe().fit(fit_feats, c_fit, tapped)
+        log(f"calibrate: {TokenProbe.name} at layer {probe.probe.layer}: logistic head on {probe.n_rows[0]} "
+            f"reference and {probe.n_rows[1]} corrupted token rows")
+    else:
+        log(f"calibrate: no {TokenProbe.name}: it trains on per-token rows of the fit texts and their corrupted "
+            f"copies, which --engine {args.engine} does not hand over (calibrate with --engine hf for it)")
     eigentrack, risk_info = risk_model(args, info.key, tapped, fit_feats, c_fit)
     if eigentrack is not None:
         detectors[eigentrack.name] = eigentrack

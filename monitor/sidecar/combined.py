@@ -6,11 +6,11 @@ The combined score (monitor/combined.py) is a conformal p-value over one voter
 per source of evidence. Live, each voter's value comes from where the request's
 evidence is:
 
-- token_mahalanobis, hidden_mahalanobis, llmcheck_hidden: the tap computes
-  them against the same file's Gaussians (hooks/hidden.py,
-  EIGENWATCH_CALIBRATION) and sends three numbers per layer on the request's
+- token_mahalanobis, hidden_mahalanobis, llmcheck_hidden, token_probe: the tap
+  computes them against the same file's Gaussians and probe (hooks/hidden.py,
+  EIGENWATCH_CALIBRATION) and sends a few numbers per layer on the request's
   final frames (Frame.hidden); here they are averaged over the detector's
-  layers exactly as the offline detectors do;
+  layers exactly as the offline detectors do (the probe reads one layer);
 - eigentrack: the largest logit over the request's steps of the GRU the sidecar
   already runs (sidecar/risk.py), which must be the calibration's own GRU
   (checked by its sha256).
@@ -44,7 +44,7 @@ import math
 import numpy as np
 from prometheus_client import Counter, Histogram
 
-from eigenwatch.kernels.hidden_stats import calibration_id, middle_layer
+from eigenwatch.kernels.hidden_stats import LinearProbe, calibration_id, middle_layer
 from eigenwatch.monitor.calibration import Calibration
 from eigenwatch.monitor.combined import Combined
 from eigenwatch.monitor.llmcheck import LLMCheckHidden
@@ -55,7 +55,8 @@ from .alerts import WARNING
 log = logging.getLogger("eigenwatch.sidecar.combined")
 
 DETECTOR = "combined"
-HIDDEN = {"token_mahalanobis": "token", "hidden_mahalanobis": "pooled", "llmcheck_hidden": "llmcheck"}
+HIDDEN = {"token_mahalanobis": "token", "hidden_mahalanobis": "pooled", "llmcheck_hidden": "llmcheck",
+          "token_probe": "probe_logit"}
 LIVE_VOTERS = set(HIDDEN) | {"eigentrack"}
 # −log10 p: 1 = p 0.1, 2 = p 0.01, … (p ≥ 1/(n + 1) for n calibration texts)
 SCORE_BUCKETS = (0.25, 0.5, 0.75, 1.0, 1.3, 1.5, 2.0, 2.5, 3.0, 4.0)
@@ -66,9 +67,9 @@ class CombinedSetupError(ValueError):
 
 
 class RequestCombined:
-    """What one request's final frames brought: {layer: (rows, token, pooled, llmcheck)}, or
+    """What one request's final frames brought: {layer: (rows, token, pooled, llmcheck, probe)}, or
     {layer: reason} for statistics it cannot use ("other_calibration", "invalid"); and the
-    latest running values of its other frames, {layer: (rows, token, pooled, None)}."""
+    latest running values of its other frames, {layer: (rows, token, pooled, None, probe)}."""
 
     __slots__ = ("hidden", "running", "done", "report")
 
@@ -102,6 +103,13 @@ class LiveCombined:
         self.pooled_layers = tuple(sorted(int(l) for l in dets.get("hidden_mahalanobis", {}).get("layers", {})))
         self.llm = LLMCheckHidden.from_state(dets["llmcheck_hidden"]) if "llmcheck_hidden" in self.voters else None
         self.llm_layer = middle_layer(self.layers)
+        self.probe_layer = None
+        if "token_probe" in self.voters:
+            try:
+                self.probe_layer = LinearProbe.from_state(dets.get("token_probe"),
+                                                          cal.where("offline.detectors.token_probe")).layer
+            except ValueError as exc:
+                raise CombinedSetupError(f"{exc}; recalibrate with `eigenwatch calibrate`") from None
         self.risk = None
         if "eigentrack" in self.voters:
             want = (dets.get("eigentrack") or {}).get("sha256")
@@ -111,7 +119,8 @@ class LiveCombined:
                     f"unset (it is embedded in {cal.path}) or pass the same model (sha256 {str(want)[:12]}…)")
             self.risk = risk
         self._touched: dict[int, object] = {}  # requests whose running values changed in this batch
-        self.needed_running = set(self.token_layers) | set(self.pooled_layers)
+        self.needed_running = set(self.token_layers) | set(self.pooled_layers) | (
+            {self.probe_layer} if self.probe_layer is not None else set())
         self.needed = set(self.needed_running)
         if self.llm is not None:
             self.needed.add(self.llm_layer)
@@ -140,7 +149,8 @@ class LiveCombined:
             rc = st.combined = RequestCombined()
         if not f.final:
             if not rc.done and h.calibration == self.cal_id and h.rows > 0 and self._finite(f.layer, h, False):
-                rc.running[f.layer] = (h.rows, h.token_sqdist, h.pooled_sqdist, None)
+                rc.running[f.layer] = (h.rows, h.token_sqdist, h.pooled_sqdist, None,
+                                       h.probe_logit if h.HasField("probe_logit") else None)
                 self._touched[id(st)] = st
             return
         if h.calibration != self.cal_id:
@@ -149,7 +159,8 @@ class LiveCombined:
         if h.rows != f.token_count:  # the tap's sums missed rows its windows saw (or the reverse)
             rc.hidden[f.layer] = "partial"
             return
-        vals = (h.rows, h.token_sqdist, h.pooled_sqdist, h.llmcheck if h.HasField("llmcheck") else None)
+        vals = (h.rows, h.token_sqdist, h.pooled_sqdist, h.llmcheck if h.HasField("llmcheck") else None,
+                h.probe_logit if h.HasField("probe_logit") else None)
         if not (h.rows > 0 and self._finite(f.layer, h, True)):
             rc.hidden[f.layer] = "invalid"
             return
@@ -179,7 +190,8 @@ class LiveCombined:
         pooled Gaussian has NaN there, which nothing reads)."""
         return ((layer not in self.token_layers or math.isfinite(h.token_sqdist))
                 and (layer not in self.pooled_layers or math.isfinite(h.pooled_sqdist))
-                and (not final or not h.HasField("llmcheck") or math.isfinite(h.llmcheck)))
+                and (not final or not h.HasField("llmcheck") or math.isfinite(h.llmcheck))
+                and (not h.HasField("probe_logit") or math.isfinite(h.probe_logit)))
 
     # ---- per finished request ----------------------------------------------------------
     def finish(self, st) -> None:
@@ -224,6 +236,8 @@ class LiveCombined:
             return "incomplete"
         if self.llm is not None and have[self.llm_layer][3] is None:
             return "incomplete"
+        if self.probe_layer is not None and have[self.probe_layer][4] is None:
+            return "incomplete"  # a tap that loaded a file without the probe, or an older tap
         return None
 
     def _values(self, st, rc: RequestCombined, h: dict, running: bool = False) -> dict[str, float]:
@@ -239,6 +253,9 @@ class LiveCombined:
                 out[name] = float(np.mean([h[l][2] for l in self.pooled_layers]))
             elif name == "llmcheck_hidden":
                 out[name] = float(self.llm.score([{"llmcheck": h[self.llm_layer][3]}])[0])
+            elif name == "token_probe":
+                if h[self.probe_layer][4] is not None:  # running: a frame without it is no evidence yet
+                    out[name] = float(h[self.probe_layer][4])
             elif name == "eigentrack":
                 rr = st.risk
                 out[name] = float(rr.max_logit) if rr is not None and rr.steps else 0.0
