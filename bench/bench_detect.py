@@ -17,6 +17,7 @@ recipe, monitor/offline/texts.py, which is none of the shifts).
     .venv/bin/python bench/bench_detect.py --throughput --models minilm   # `score` against the bare forward
     .venv/bin/python bench/bench_detect.py --transfer --models minilm     # corpora A/B × sentences/paragraphs
     .venv/bin/python bench/bench_detect.py --transfer --quick --models minilm   # the same, a few minutes
+    .venv/bin/python bench/bench_detect.py --transfer --bound --models minilm   # + what re-weighting could buy
 
 --transfer measures transfer, not tuning: two in-distribution corpora (A:
 CPython's docs, what the project was tuned on; B: English man pages, never
@@ -65,7 +66,8 @@ def run(*args: str) -> float:
     return time.perf_counter() - t0
 
 
-def weight_bound(cal_scores: dict, neg: list[dict], by: dict, draws: int = 2000, seed: int = 0) -> dict:
+def weight_bound(cal_scores: dict, neg: list[dict], by: dict, draws: int = 2000, seed: int = 0,
+                 shifts=None, min_vocab: float | None = None) -> dict | None:
     """The best any fixed weighting of every detector's conformal p-value could
     do against the best baseline, with the weights chosen on these very shifts.
 
@@ -74,7 +76,9 @@ def weight_bound(cal_scores: dict, neg: list[dict], by: dict, draws: int = 2000,
     answer is the largest worst-shift margin (combined − best baseline) any of
     them reaches, and that weighting's mean margin. It is an upper bound on
     what re-weighting the combination could buy, not a detector: it has seen
-    the shifts.
+    the shifts. shifts: which of `by` (default detect_data.SHIFTS); min_vocab:
+    only weightings whose mean AUROC over the vocabulary-keeping shifts reaches
+    it count (None when none does).
     """
     comb = Combined().fit({k: np.asarray(v, dtype=np.float64) for k, v in cal_scores.items()})
     names = comb.names
@@ -83,8 +87,10 @@ def weight_bound(cal_scores: dict, neg: list[dict], by: dict, draws: int = 2000,
         return comb.transform({k: np.array([r["detectors"][k] for r in rows]) for k in names})  # [m, k] −log p
 
     U_neg = matrix(neg)
+    names_of = list(detect_data.SHIFTS if shifts is None else shifts)
     shifts = [(matrix(by[s]), max(auroc([r["detectors"][b] for r in neg], [r["detectors"][b] for r in by[s]])
-                                    for b in BASELINES)) for s in detect_data.SHIFTS]
+                                    for b in BASELINES)) for s in names_of]
+    kept = [i for i, s in enumerate(names_of) if s in detect_data.VOCAB_KEPT]
     rng = np.random.default_rng(seed)
     W = np.vstack([np.eye(len(names)), np.full(len(names), 1.0 / len(names)),
                    rng.dirichlet(np.full(len(names), 0.5), size=draws)])
@@ -98,9 +104,14 @@ def weight_bound(cal_scores: dict, neg: list[dict], by: dict, draws: int = 2000,
             return (top + np.log(np.exp(Z - top).sum(axis=1, keepdims=True)))[:, 0]
 
         t_neg = stat(U_neg)
-        margins = np.array([auroc(t_neg, stat(U)) - base for U, base in shifts])
+        aucs = np.array([auroc(t_neg, stat(U)) for U, _ in shifts])
+        margins = aucs - np.array([base for _, base in shifts])
+        vocab = float(aucs[kept].mean()) if kept else float("nan")
+        if min_vocab is not None and not vocab >= min_vocab:
+            continue
         if best is None or margins.min() > best["worst"]:
-            best = {"worst": float(margins.min()), "mean": float(margins.mean()), "margins": margins.tolist(),
+            best = {"worst": float(margins.min()), "mean": float(margins.mean()),
+                    "margins": dict(zip(names_of, margins.tolist())), "mean_vocab_kept": vocab,
                     "weights": {k: float(x) for k, x in zip(names, w)}}
     return best
 
@@ -317,7 +328,8 @@ def print_transfer_table(title: str, res: dict, extra: dict[str, dict]) -> dict:
     return {"auroc": table, "mean": mean, "mean_vocab_kept": vp}
 
 
-def transfer(model: str, engine: str, work: Path, far: list[float], seed: int, quick: bool) -> dict:
+def transfer(model: str, engine: str, work: Path, far: list[float], seed: int, quick: bool,
+             bound: bool = False) -> dict:
     """Both corpora × both regimes: calibrate + score each, print the tables; then pick a
     combination rule on each corpus (both regimes) and report it on the other."""
     sizes = dict(n_ref=150, n_eval=150, n_shift=50) if quick else dict(n_ref=300, n_eval=350, n_shift=100)
@@ -344,6 +356,21 @@ def transfer(model: str, engine: str, work: Path, far: list[float], seed: int, q
             extra = {f"rule_{other}": rule_aucs(rules[other], res)}
             out["tables"][f"{corpus}-{regime}"] = print_transfer_table(
                 f"corpus {corpus}, {regime}s (rule_{other}: picked on corpus {other})", res, extra)
+            if bound:
+                wb = weight_bound(res["cal"]["calibration_scores"], res["neg"], res["by"],
+                                  shifts=[s for s in detect_data.TRANSFER_SHIFTS if s in res["by"]], min_vocab=0.90,
+                                  draws=3000)
+                out["tables"][f"{corpus}-{regime}"]["weight_bound"] = wb
+                if wb is None:
+                    print("   bound: no fixed weighting of the detectors' p-values reaches 0.90 on the "
+                          "vocabulary-kept shifts")
+                else:
+                    worst = min(wb["margins"], key=wb["margins"].get)
+                    print(f"   bound: the best fixed weighting of all {len(wb['weights'])} detectors' p-values with a "
+                          f"vocabulary-kept mean >= 0.90 ({wb['mean_vocab_kept']:.3f}), chosen on these very shifts: "
+                          f"worst margin {wb['worst']:+.3f} ({worst}); weights "
+                          + ", ".join(f"{k} {v:.2f}" for k, v in sorted(wb["weights"].items(), key=lambda kv: -kv[1])
+                                      if v >= 0.01))
     return out
 
 
@@ -457,7 +484,7 @@ def main() -> None:
         work.mkdir(parents=True, exist_ok=True)
         if args.transfer:
             for model in args.models.split(","):
-                results[model] = transfer(model, args.engine, work, far, args.seed, args.quick)
+                results[model] = transfer(model, args.engine, work, far, args.seed, args.quick, args.bound)
             if args.json:
                 args.json.write_text(json.dumps(results, indent=1))
             return
