@@ -6,7 +6,7 @@ carries a few numbers (HiddenStats in monitor.proto), never the states:
 
 - token_sqdist: mean over its rows of d²(x_t)/p against the layer's token
   Gaussian (token_mahalanobis): every row is scored on the device as it passes,
-  O(p·r) per row (kernels/hidden_stats.row_sqdist), and summed per request;
+  O(p·r) per row (kernels/hidden_stats.RowSqdist), and summed per request;
 - pooled_sqdist: d²(Σx/n)/p against the layer's pooled-state Gaussian
   (hidden_mahalanobis), from the request's running Σx [p] per layer;
 - llmcheck: LLM-Check's hidden score at the calibration's middle layer, from the
@@ -39,8 +39,8 @@ from itertools import repeat
 import numpy as np
 import torch
 
-from eigenwatch.kernels.hidden_stats import (LinearProbe, LowRankGaussian, calibration_id, llmcheck_rows,
-                                             llmcheck_scatter, middle_layer, row_sqdist)
+from eigenwatch.kernels.hidden_stats import (LinearProbe, LowRankGaussian, RowSqdist, calibration_id,
+                                             llmcheck_rows, llmcheck_scatter, middle_layer)
 from eigenwatch.kernels.window_bank import Slots, host_index
 
 log = logging.getLogger("eigenwatch.hidden")
@@ -152,7 +152,7 @@ class HiddenStatsTap:
         self.sq = None  # [S, L] float64: Σ_t d²(x_t)/p per layer (0 where a layer has no token Gaussian)
         self.total = None  # [S, L, p] float64: Σx per layer
         self.mid: dict[int, list] = {}  # slot -> [rows chunks] (≤ p rows), or ["scatter", XᵀX [p, p]]
-        self._g = None  # per layer (mean, U, w, a) tensors on the rows' device, or None
+        self._g = None  # per layer a RowSqdist on the rows' device (layers with a token Gaussian)
         self.untracked = 0
         self.refused: set[str] = set()  # ids refused at the limit: never started later with rows missing
 
@@ -168,8 +168,7 @@ class HiddenStatsTap:
                     if g.p != p:
                         raise ValueError(f"EIGENWATCH_CALIBRATION: layer {l}'s token Gaussian is {g.p} wide, "
                                          f"the model's rows are {p}: recalibrate on this model")
-                    self._g[l] = tuple(torch.as_tensor(v, dtype=torch.float64, device=like.device)
-                                       for v in (g.mean, g.U, g.weights())) + (g.a,)
+                    self._g[l] = RowSqdist(g, like.device)
             probe = self.cal.probe
             if probe is not None and len(probe.w) != p:
                 raise ValueError(f"EIGENWATCH_CALIBRATION: the token probe is {len(probe.w)} wide, the model's rows "
@@ -221,7 +220,7 @@ class HiddenStatsTap:
             self.total[:, li].index_add_(0, row_slot, xs)
             g = self._g.get(l)
             if g is not None:
-                self.sq[:, li].index_add_(0, row_slot, row_sqdist(xs, *g))
+                self.sq[:, li].index_add_(0, row_slot, g(xs))
             if l == self.cal.llm_layer:
                 self._mid_rows(xs, slot, lens)
 

@@ -8,7 +8,8 @@ score's hidden-state voters: one place for the math the offline detectors
   state is the JSON the calibration file stores. Squared distance of a row:
   d²(x) = (‖z‖² − Σ_k w_k (u_kᵀ z)²) / a, z = x − m: O(p·r) per row, so the tap
   scores every token on the device without a p × p matrix.
-- `row_sqdist` (torch): that distance for a batch of rows, in float64.
+- `RowSqdist` (torch): that distance for a batch of rows, float64 where digits
+  cancel and float32 for the bulk of the projections.
 - `llmcheck_scatter` / `llmcheck_rows`: LLM-Check's hidden score (Sriramanan et
   al., 2024) of a text's rows at one layer, from its sums (offline) or from the
   rows themselves (the tap keeps ≤ p rows: then the n × n Gram is the cheaper
@@ -123,13 +124,49 @@ class LinearProbe:
         return probe
 
 
-def row_sqdist(x, mean, U, w, a: float):
-    """torch: d²(x_t)/p for rows x [N, p] (any float dtype; computed in float64),
-    mean [p], U [p, r], w [r] float64 tensors on x's device -> [N] float64, ≥ 0."""
-    z = x.double() - mean  # [N, p]
-    proj = z @ U  # [N, r]
-    d2 = (z * z).sum(dim=1) - (proj * proj) @ w  # [N]
-    return (d2 / a).clamp_min_(0.0) / mean.shape[0]
+class RowSqdist:
+    """torch: d²(x_t)/p of batches of rows against one `LowRankGaussian`, on the
+    rows' device -> [N] float64, ≥ 0. The tap calls it on every token it keeps.
+
+    d² = Σ_k (1 − w_k)/a·(u_kᵀz)² + (‖z‖² − ‖Uᵀz‖²)/a, z = x − m: the same
+    number as `LowRankGaussian.sqdist`, written so that no large terms cancel
+    where it matters. The centring runs in float64 (a dimension with a large
+    mean and a small spread keeps its digits), and so do the projections on the
+    few directions whose variance is over `hi_cond` times the isotropic part a
+    (w_k > 0.99: on MiniLM 2–7 of 256 per layer); the rest of the projections, the
+    bulk of the O(p·r) work, run in float32, about twice as fast on a CPU. Their
+    rounding errors are weighted by 1 − w_k ≥ 1/hi_cond, and the residual
+    ‖z‖² − ‖Uᵀz‖² (only when r < p) loses what the float64 directions
+    remove exactly. Against the float64 reference, spectra with condition
+    numbers up to 4·10⁵: ≤ 1e-5 relative per row (tests/test_hidden_stats.py);
+    all in float64, (‖z‖² − Σ w_k (u_kᵀz)²)/a with float32 projections lost up
+    to 2% on the same rows.
+    """
+
+    def __init__(self, g: "LowRankGaussian", device, hi_cond: float = 100.0):
+        import torch
+
+        w = g.weights()
+        hi = (g.a + g.b * g.lam) / g.a > hi_cond  # [r]
+
+        def t(v, dtype=torch.float64):
+            return torch.as_tensor(np.ascontiguousarray(v), dtype=dtype, device=device)
+
+        self.mean = t(g.mean)  # [p]
+        self.U_hi, self.s_hi = t(g.U[:, hi]), t(1.0 - w[hi])  # [p, k], [k] float64
+        self.U_lo, self.s_lo = t(g.U[:, ~hi], torch.float32), t(1.0 - w[~hi])  # [p, r − k] float32, [r − k]
+        self.full = g.U.shape[1] >= g.p  # U spans every direction: the residual is 0
+        self.a, self.p = float(g.a), int(g.p)
+
+    def __call__(self, x):
+        z = x.double() - self.mean  # [N, p]
+        ph = z @ self.U_hi  # [N, k]
+        pl = (z.float() @ self.U_lo).double()  # [N, r − k]
+        ph2, pl2 = ph * ph, pl * pl
+        d2 = ph2 @ self.s_hi + pl2 @ self.s_lo  # [N]
+        if not self.full:
+            d2 += ((z * z).sum(dim=1) - ph2.sum(dim=1) - pl2.sum(dim=1)).clamp_min_(0.0)
+        return (d2 / self.a).clamp_min_(0.0) / self.p
 
 
 def llmcheck_scatter(count: int, total, scatter, ridge: float = RIDGE) -> float:
