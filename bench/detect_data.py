@@ -49,6 +49,7 @@ import random
 import re
 import sys
 import sysconfig
+import unicodedata
 import warnings
 from pathlib import Path
 
@@ -242,10 +243,32 @@ _FONT_MACRO = re.compile(r"^[.'](B|I|BR|RB|IR|RI|BI|IB|SM|SB)(\s+(.*))?$")
 _BREAK_MACRO = re.compile(r"^[.'](PP|P|LP|SH|SS|IP|TP|sp|br|HP|nf|fi|RS|RE|EX|EE|Sp|Vb|Ve|TH|Dd|Sh|Pp|Bl|El|It)\b")
 
 
+# troff's special characters (groff_char(7)): accented letters as an accent and a letter, composed
+# (\(:u is ü), and the named ones translated man pages use; any other is dropped. Dropping them
+# all cut the accented letters out of translated pages ("Herunterladen ber" for "über"), which
+# made the foreign shift look partly garbled.
+_TROFF_ACCENTS = {":": "\u0308", "'": "\u0301", "`": "\u0300", "^": "\u0302", "~": "\u0303", ",": "\u0327",
+                  "o": "\u030a"}
+_TROFF_NAMED = {"ss": "ß", "ae": "æ", "AE": "Æ", "/o": "ø", "/O": "Ø", "em": "—", "en": "–", "hy": "-", "lq": "“",
+                "rq": "”", "oq": "‘", "cq": "’", "aq": "'", "dq": '"', "bu": "•", "co": "©", "rg": "®", "de": "°",
+                "mu": "×", "Eu": "€", "Po": "£", "ti": "~", "ha": "^", "rs": "\\", "at": "@", "sh": "#", "Do": "$",
+                "<=": "≤", ">=": "≥", "->": "→", "<-": "←", "Fo": "«", "Fc": "»", "fo": "‹", "fc": "›"}
+
+
+def _troff_char(name: str) -> str:
+    if name.startswith("u") and re.fullmatch(r"u[0-9A-Fa-f]{4,5}", name):
+        return chr(int(name[1:], 16))
+    if name in _TROFF_NAMED:
+        return _TROFF_NAMED[name]
+    if len(name) == 2 and name[0] in _TROFF_ACCENTS and name[1].isalpha():
+        return unicodedata.normalize("NFC", name[1] + _TROFF_ACCENTS[name[0]])
+    return ""
+
+
 def _troff_escapes(line: str) -> str:
     line = re.sub(r"\\f(\[[^\]]*\]|\(..|.)", "", line)  # font changes
     line = re.sub(r"\\\*(\[[^\]]*\]|\(..|.)", "", line)  # strings
-    line = re.sub(r"\\\((..)", "", line)  # special characters
+    line = re.sub(r"\\\((..)|\\\[([^\]\s]+)\]", lambda m: _troff_char(m.group(1) or m.group(2)), line)  # special chars
     line = line.replace("\\-", "-").replace("\\e", "\\")
     line = re.sub(r"\\[&|^/,%:~0]", "", line)
     line = re.sub(r"\\s[-+]?\d", "", line)
@@ -374,10 +397,21 @@ def transfer_shift(kind: str, text: str, rng: random.Random, pool: list[str], vo
     raise ValueError(f"transfer_shift: unknown kind {kind!r}; expected one of {', '.join(TRANSFER_SHIFTS)}")
 
 
+def english_rate(text: str) -> float:
+    """The fraction of a text's words that are English function words."""
+    words = [w.strip(".,;:()\"'").lower() for w in text.split()]
+    return sum(w in FUNCTION_WORDS for w in words) / max(len(words), 1)
+
+
 def _foreign_sources() -> list[str]:
-    """Man-page paragraphs in the other languages installed under /usr/share/man (de, fr, es, …)."""
+    """Man-page paragraphs in the other languages installed under /usr/share/man (de, fr, es, …).
+
+    Some pages under a language's folder are untranslated English (≈ 15% of the paragraphs here:
+    their rate of English function words is ≥ 0.3, like 95% of English man paragraphs, where
+    translated ones sit below 0.15); those are dropped (rate ≥ 0.2), or the "foreign" shift would
+    be one-tenth in-distribution text."""
     langs = sorted(p.name for p in Path("/usr/share/man").glob("*") if p.is_dir() and not p.name.startswith("man"))
-    out = [p for lang in langs for p in man_paragraphs(lang, per_group=20)]
+    out = [p for lang in langs for p in man_paragraphs(lang, per_group=20) if english_rate(p) < 0.2]
     if not out:
         raise SystemExit("foreign shift: no translated man pages under /usr/share/man/<lang>/")
     return out
