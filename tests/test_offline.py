@@ -107,8 +107,11 @@ def test_calibrate_then_score_end_to_end(calibrated):
     assert sorted(comb["weights"]) == voters and abs(sum(comb["weights"].values()) - 1) < 1e-12
     corr = doc["offline"]["corrupted"]
     assert sorted(corr["auroc"]) == voters and corr["n_calibration"] == doc["offline"]["n_calibration"]
-    # the weight of each voter follows its AUROC on the corrupted calibration texts
-    order = sorted(voters, key=lambda k: corr["auroc"][k])
+    # the weight of each voter follows its best AUROC on the corrupted calibration texts: on all of
+    # them or on one kind of corruption (each kind with enough copies has its own AUROC)
+    assert sorted(corr["auroc_by_kind"]) == voters
+    best = {k: max([corr["auroc"][k], *corr["auroc_by_kind"][k].values()]) for k in voters}
+    order = sorted(voters, key=best.get)
     assert [comb["weights"][k] for k in order] == sorted(comb["weights"].values())
     assert "calibrate: combined score from eigentrack (weight " in calibrated["stderr"]
     cal_scores = doc["offline"]["calibration_scores"]
@@ -324,13 +327,31 @@ def test_combined_voters_one_per_source_of_evidence():
     assert combined_voters({"a_new_detector": 0, "spectral_spike": 1}) == ["a_new_detector", "spectral_spike"]
 
 
+def test_corruption_weights_give_a_specialist_the_weight_of_the_kind_it_sees():
+    # "specialist" sees only the noise kind (shifted by 3 there, nothing elsewhere), "generalist"
+    # every kind a little (0.7): on the mix they are close, by kind the specialist's AUROC is ≈ 1.
+    rng = np.random.default_rng(6)
+    kinds = np.array(["drop", "duplicate", "noise", "insert"] * 30 + ["rare"] * 4)
+    clean = {"specialist": rng.normal(size=200), "generalist": rng.normal(size=200)}
+    corrupted = {"specialist": rng.normal(size=len(kinds)) + 3.0 * (kinds == "noise"),
+                 "generalist": rng.normal(size=len(kinds)) + 0.7}
+    w_mix, aucs, none = corruption_weights(clean, corrupted)
+    assert none == {"specialist": {}, "generalist": {}} and w_mix["generalist"] > w_mix["specialist"]
+    w, aucs2, by_kind = corruption_weights(clean, corrupted, kinds=kinds)
+    assert aucs2 == aucs  # the AUROC on all the copies is reported as before
+    assert sorted(by_kind["specialist"]) == ["drop", "duplicate", "insert", "noise"]  # "rare": 4 copies, too few
+    assert by_kind["specialist"]["noise"] > 0.97 and abs(by_kind["specialist"]["drop"] - 0.5) < 0.15
+    assert w["specialist"] == pytest.approx((by_kind["specialist"]["noise"] - 0.5) ** 2 + 1e-4)
+    assert w["specialist"] > w["generalist"]
+
+
 def test_corruption_weights_silence_a_detector_at_chance():
     # "sees" separates corrupted from clean texts, "blind" does not, "anti" scores them lower:
     # the weights follow the squared excess AUROC, so the blind and inverted ones get (almost) no say.
     rng = np.random.default_rng(5)
     clean = {"sees": rng.normal(size=300), "blind": rng.normal(size=300), "anti": rng.normal(size=300)}
     corrupted = {"sees": rng.normal(size=300) + 1.5, "blind": rng.normal(size=300), "anti": rng.normal(size=300) - 1}
-    w, aucs = corruption_weights(clean, corrupted)
+    w, aucs, _ = corruption_weights(clean, corrupted)
     assert aucs["sees"] > 0.8 and abs(aucs["blind"] - 0.5) < 0.07 and aucs["anti"] < 0.3
     comb = Combined().fit(clean, weights=w)
     assert comb.weights["sees"] > 0.95 and comb.weights["anti"] < 1e-3 and abs(sum(comb.weights.values()) - 1) < 1e-12

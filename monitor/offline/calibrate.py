@@ -51,7 +51,7 @@ from . import OfflineError, log
 from .engines import Tap, fingerprint, model_info, open_engine
 from . import check_out
 from .features import add_tap_args, extract, parse_layers
-from .texts import InputStats, corrupt_all, read_jsonl
+from .texts import InputStats, corrupt_all, corrupt_all_kinds, read_jsonl
 
 # Detectors fitted on the fit texts' features alone.
 FITTED = {c.name: c for c in (SpectralSpike, DescriptorMahalanobis, HiddenMahalanobis, LLMCheckHidden)}
@@ -148,7 +148,7 @@ def calibrate(args) -> int:
             text_of = dict(items)
             corrupted_fit = corrupt_all([text_of[r] for r in fit_ids], args.seed)
             corrupted_items += [(f"{r}~corrupted", t) for r, t in zip(fit_ids, corrupted_fit)]
-        corrupted_cal = corrupt_all([t for _, t in cal_items], args.seed + 1)
+        corrupted_cal, cal_kinds = corrupt_all_kinds([t for _, t in cal_items], args.seed + 1)
         corrupted_items += [(f"{r}~corrupted-cal", t) for (r, _), t in zip(cal_items, corrupted_cal)]
         c_ids, c_feats = extract(engine, info, corrupted_items, args.max_length, InputStats(),
                                  "calibrate: corrupted", token_det)
@@ -178,18 +178,24 @@ def calibrate(args) -> int:
         detectors[eigentrack.name] = eigentrack
     cal_scores = {name: d.score(cal_feats) for name, d in detectors.items()}
     voters = combined_voters(k for k in cal_scores if k not in ROW_FITTED)
-    weights, corruption_auroc = None, {}
+    weights, corruption_auroc, auroc_by_kind = None, {}, {}
     if len(c_cal) >= 2:
-        weights, corruption_auroc = corruption_weights({k: cal_scores[k] for k in voters},
-                                                       {k: detectors[k].score(c_cal) for k in voters})
+        weights, corruption_auroc, auroc_by_kind = corruption_weights(
+            {k: cal_scores[k] for k in voters}, {k: detectors[k].score(c_cal) for k in voters}, kinds=cal_kinds)
     if len(c_cal) < MIN_TEXTS_FOR_WEIGHTS or len(cal_feats) < MIN_TEXTS_FOR_WEIGHTS:
         weights = None
         log(f"calibrate: {len(cal_feats)} calibration texts and {len(c_cal)} corrupted copies, fewer than "
             f"{MIN_TEXTS_FOR_WEIGHTS}: the combined score weights its detectors equally")
     combined = Combined().fit({k: cal_scores[k] for k in voters}, weights=weights)
-    log("calibrate: combined score from " + ", ".join(
-        f"{k} (weight {combined.weights[k]:.2f}" + (f", AUROC {corruption_auroc[k]:.3f} on corrupted copies)"
-                                                   if k in corruption_auroc else ")") for k in voters)
+    def why(k: str) -> str:  # the AUROCs behind a voter's weight
+        if k not in corruption_auroc:
+            return ")"
+        kinds = auroc_by_kind.get(k) or {}
+        best = max(kinds, key=kinds.get) if kinds else None
+        return f", AUROC {corruption_auroc[k]:.3f} on corrupted copies" + (
+            f", {kinds[best]:.3f} on its best kind, {best})" if best and kinds[best] > corruption_auroc[k] else ")")
+
+    log("calibrate: combined score from " + ", ".join(f"{k} (weight {combined.weights[k]:.2f}{why(k)}" for k in voters)
         + f"; reported beside them: {', '.join(sorted(set(cal_scores) - set(voters))) or 'none'}")
     if min(fars) < 1.0 / (n_cal + 1):
         log(f"warning: --far {min(fars)} is below 1/(n+1) = {1 / (n_cal + 1):.4f} for {n_cal} calibration "
@@ -220,7 +226,7 @@ def calibrate(args) -> int:
         # per-detector p-values and bench/bench_detect.py --bound read them
         "calibration_scores": {k: v.tolist() for k, v in sorted(cal_scores.items())},
         "corrupted": {"n_fit": len(c_fit), "n_calibration": len(c_cal), "recipe": "monitor/offline/texts.py",
-                      "calibration_seed": args.seed + 1, "auroc": corruption_auroc},
+                      "calibration_seed": args.seed + 1, "auroc": corruption_auroc, "auroc_by_kind": auroc_by_kind},
         "input": {k: v for k, v in stats.__dict__.items() if k != "problems"},
     }
     if eigentrack is not None:

@@ -115,6 +115,11 @@ KINDS = ("drop", "duplicate", "noise", "insert")
 
 def corrupt(text: str, rng: random.Random, pool: list[str]) -> str:
     """One corrupted copy of `text` (kind chosen by `rng`); `pool`: other texts to borrow spans from."""
+    return corrupt_kind(text, rng, pool)[0]
+
+
+def corrupt_kind(text: str, rng: random.Random, pool: list[str]) -> tuple[str, str]:
+    """(`corrupt`'s copy, the KINDS entry it was made by)."""
     words = text.split()
     n = len(words)
     kind = KINDS[rng.randrange(len(KINDS))]
@@ -127,16 +132,23 @@ def corrupt(text: str, rng: random.Random, pool: list[str]) -> str:
             i = rng.randrange(max(1, len(w) - k))
             w[i:i] = w[i:i + k]
     elif kind == "noise":  # 8% of the letters become digits or symbols
-        return "".join(rng.choice("0123456789#@%&") if c.isalpha() and rng.random() < 0.08 else c for c in text)
+        return "".join(rng.choice("0123456789#@%&") if c.isalpha() and rng.random() < 0.08 else c
+                       for c in text), kind
     else:  # a third of the text replaced by a span of another text
         other = (rng.choice(pool) if pool else text).split()
         k = max(5, n // 3)
         i = rng.randrange(max(1, len(other) - k))
         w = words[: n // 3] + other[i:i + k] + words[n // 3:]
-    return " ".join(w[:n])
+    return " ".join(w[:n]), kind
 
 
 def corrupt_all(texts: list[str], seed: int = 0) -> list[str]:
     """A corrupted copy of every text, deterministic in `seed`."""
+    return corrupt_all_kinds(texts, seed)[0]
+
+
+def corrupt_all_kinds(texts: list[str], seed: int = 0) -> tuple[list[str], list[str]]:
+    """`corrupt_all`'s copies (the same ones for the same seed) and the kind of each."""
     rng = random.Random(seed)
-    return [corrupt(t, rng, texts) for t in texts]
+    pairs = [corrupt_kind(t, rng, texts) for t in texts]
+    return [t for t, _ in pairs], [k for _, k in pairs]
