@@ -258,16 +258,18 @@ def test_score_cli_gives_the_same_scores_on_both_engines(tmp_path):
         "--window", str(WINDOW), "--stride", str(STRIDE), "--max-length", str(MAX_LENGTH), "--gru-epochs", "5")
     off = {e: json.loads(c.read_text())["offline"] for e, c in (("hf", calib), ("vllm", calib_v))}
     assert off["vllm"]["engine"] == "vllm" and off["vllm"]["n_calibration"] == off["hf"]["n_calibration"]
-    # the same detectors but the two fitted on per-token rows, which only hf hands over:
-    # layer_transition (never a voter) and token_probe (a voter where it is fitted)
-    assert set(off["hf"]["calibration_scores"]) - set(off["vllm"]["calibration_scores"]) == {"layer_transition",
-                                                                                              "token_probe"}
-    assert off["vllm"]["combined"]["weights"].keys() == off["hf"]["combined"]["weights"].keys() - {"token_probe"}
+    # the same detectors but layer_transition, fitted on per-token rows, which only hf hands over
+    # (never a voter); token_probe is fitted from token sums, which both engines hand over
+    assert set(off["hf"]["calibration_scores"]) - set(off["vllm"]["calibration_scores"]) == {"layer_transition"}
+    assert off["vllm"]["combined"]["weights"].keys() == off["hf"]["combined"]["weights"].keys()
+    assert "token_probe" in off["vllm"]["combined"]["weights"]
+    np.testing.assert_allclose(off["vllm"]["detectors"]["token_probe"]["w"], off["hf"]["detectors"]["token_probe"]["w"],
+                               rtol=1e-3, atol=1e-3 * np.abs(off["hf"]["detectors"]["token_probe"]["w"]).max())
     for k, v in off["vllm"]["calibration_scores"].items():
         if k != "eigentrack":  # a GRU trained on features equal to ~1e-6 need not end equal to 1e-3
             np.testing.assert_allclose(off["vllm"]["calibration_scores"][k], v, rtol=1e-3, atol=1e-3, err_msg=k)
     assert off["vllm"]["corrupted"]["n_calibration"] == off["hf"]["corrupted"]["n_calibration"] > 0
-    for k in ("hidden_mahalanobis", "llmcheck_hidden", "token_mahalanobis"):
+    for k in ("hidden_mahalanobis", "llmcheck_hidden", "token_mahalanobis", "token_probe"):
         assert off["vllm"]["corrupted"]["auroc"][k] == pytest.approx(off["hf"]["corrupted"]["auroc"][k], abs=0.02)
 
 

@@ -59,7 +59,7 @@ FITTED = {c.name: c for c in (SpectralSpike, DescriptorMahalanobis, HiddenMahala
 # reported as their own rows, not voters of the combined score (the live tap does not compute them yet).
 ROW_FITTED = {c.name: c for c in (LayerTransition,)}
 # Every detector a calibration file may hold (EigenTrack is trained, TokenMahalanobis fitted from
-# token sums during extraction, TokenProbe trained on the fit texts' rows against their corrupted
+# token sums during extraction, TokenProbe from the fit texts' token sums against their corrupted
 # copies': none from the per-text features alone). TokenProbe scores from token sums, so it votes.
 ALL_DETECTORS = dict(FITTED, **ROW_FITTED, **{EigenTrack.name: EigenTrack, TokenMahalanobis.name: TokenMahalanobis,
                                               TokenProbe.name: TokenProbe})
@@ -139,23 +139,23 @@ def calibrate(args) -> int:
             raise too_few(len(fit_feats), n_cal)
         feats = fit_feats + cal_feats
 
-        # Corrupted copies, extracted in one pass: of each fit text, the GRU's
-        # positives (--risk-model auto) and token_probe's, and of each calibration
-        # text, with another seed, for the combined score's weights. The calibration
-        # texts themselves stay untouched for the p-values.
-        corrupted_items = []
-        if args.risk_model == "auto" or hasattr(getattr(engine, "tap", None), "row_sink"):  # probe: rows (hf)
-            text_of = dict(items)
-            corrupted_fit = corrupt_all([text_of[r] for r in fit_ids], args.seed)
-            corrupted_items += [(f"{r}~corrupted", t) for r, t in zip(fit_ids, corrupted_fit)]
-        corrupted_cal, cal_kinds = corrupt_all_kinds([t for _, t in cal_items], args.seed + 1)
-        corrupted_items += [(f"{r}~corrupted-cal", t) for (r, _), t in zip(cal_items, corrupted_cal)]
-        c_ids, c_feats = extract(engine, info, corrupted_items, args.max_length, InputStats(),
-                                 "calibrate: corrupted", token_det)
+        # Corrupted copies: of each fit text, token_probe's second class (its token sums
+        # accumulate as the copies stream past) and the GRU's positives (--risk-model auto);
+        # of each calibration text, with another seed, for the combined score's weights. The
+        # calibration texts themselves stay untouched for the p-values.
+        text_of = dict(items)
+        corrupted_fit = corrupt_all([text_of[r] for r in fit_ids], args.seed)
+        corrupted_acc = TokenMoments()
+        _, c_fit = extract(engine, info, [(f"{r}~corrupted", t) for r, t in zip(fit_ids, corrupted_fit)],
+                           args.max_length, InputStats(), "calibrate: corrupted fit copies", corrupted_acc)
+        corrupted_cal, kinds = corrupt_all_kinds([t for _, t in cal_items], args.seed + 1)
+        kind_of = {f"{r}~corrupted-cal": k for (r, _), k in zip(cal_items, kinds)}
+        c_cal_ids, c_cal = extract(engine, info, [(f"{r}~corrupted-cal", t) for (r, _), t in
+                                                  zip(cal_items, corrupted_cal)],
+                                   args.max_length, InputStats(), "calibrate: corrupted calibration copies", token_det)
+        cal_kinds = [kind_of[r] for r in c_cal_ids]  # a copy too short to extract is skipped with its kind
     finally:
         engine.close()
-    c_fit = [f for r, f in zip(c_ids, c_feats) if r.endswith("~corrupted")]
-    c_cal = [f for r, f in zip(c_ids, c_feats) if r.endswith("~corrupted-cal")]
 
     detectors = {name: cls().fit(fit_feats) for name, cls in FITTED.items()}
     if len(tapped) < 2:  # layer_transition maps one tapped layer to the next
@@ -166,13 +166,12 @@ def calibrate(args) -> int:
         log(f"calibrate: no {', '.join(ROW_FITTED)}: --engine {args.engine} hands over no per-token rows "
             "(calibrate with --engine hf for them)")
     detectors[token_det.name] = token_det
-    if len(c_fit) >= 2 and all(TOKEN_ROWS in f for f in fit_feats + c_fit):
-        detectors[TokenProbe.name] = probe = TokenProbe().fit(fit_feats, c_fit, tapped)
-        log(f"calibrate: {TokenProbe.name} at layer {probe.probe.layer}: logistic head on {probe.n_rows[0]} "
-            f"reference and {probe.n_rows[1]} corrupted token rows")
+    if len(c_fit) >= 2:
+        detectors[TokenProbe.name] = probe = TokenProbe().fit(acc.sums, corrupted_acc.sums, tapped)
+        log(f"calibrate: {TokenProbe.name} at layer {probe.probe.layer}: linear discriminant of "
+            f"{probe.n_rows[0]} reference and {probe.n_rows[1]} corrupted tokens")
     else:
-        log(f"calibrate: no {TokenProbe.name}: it trains on per-token rows of the fit texts and their corrupted "
-            f"copies, which --engine {args.engine} does not hand over (calibrate with --engine hf for it)")
+        log(f"calibrate: no {TokenProbe.name}: fewer than 2 corrupted fit copies could be extracted")
     eigentrack, risk_info = risk_model(args, info.key, tapped, fit_feats, c_fit)
     if eigentrack is not None:
         detectors[eigentrack.name] = eigentrack
