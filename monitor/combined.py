@@ -2,12 +2,13 @@
 only), and the helpers that choose and weight its voters; `auroc`.
 
 Split conformal over one detector per source of evidence (`combined_voters`:
-EigenTrack speaks for the descriptor family). Each voter's p-value against its
+EigenTrack speaks for the descriptor family, unless token_probe, trained on the
+same corrupted copies, tells them apart better). Each voter's p-value against its
 scores on calibration texts not used to fit it (an exponential tail orders the
 texts beyond the calibration maximum); the weighted harmonic mean of those
 p-values, T = log Σ_j w_j/p_j, is made conformal once more against the
-calibration texts' own T (leave-one-out): p = (1 + #{T_ref ≥ T}) / (n + 1),
-continued beyond the largest T_ref by the same kind of exponential tail.
+calibration texts' own T (leave-one-out): p = (#{T_ref ≥ T} + θ) / (n + 1),
+θ ∈ [0, 1) the text's place between its neighbours (`conformal_p`), continued beyond the largest T_ref by the same kind of exponential tail.
 score = −log10 p; alert when p < the chosen false-alarm rate.
 """
 
@@ -21,7 +22,7 @@ import numpy as np
 DESCRIPTOR_FAMILY = ("eigentrack", "descriptor_mahalanobis", "spectral_spike")
 
 
-def combined_voters(names) -> list[str]:
+def combined_voters(names, corruption_auroc: dict[str, float] | None = None) -> list[str]:
     """The detectors the combined score is made of: one per source of evidence.
 
     Every detector outside the descriptor family (pooled hidden states, token
@@ -33,10 +34,36 @@ def combined_voters(names) -> list[str]:
     Llama), four voters instead of six raised the combined score's worst
     shift against the best baseline in all four runs and its mean in three
     (README). The other detectors are still fitted, scored and reported.
+
+    With `corruption_auroc` (each candidate's AUROC at telling calibration texts
+    from their corrupted copies, all kinds together: `corruption_weights`), the
+    GRU stands down when token_probe tells those copies apart better
+    (SUPERVISED). Both learnt the same corrupted copies, and the GRU reads the
+    spectral descriptors of windows of the token states the probe reads whole,
+    so once the probe is the better of the two the GRU adds its false alarms
+    and little evidence: on MiniLM the GRU scored licence paragraphs as *more*
+    typical than the reference (0.42) while holding a quarter of the weight.
+    Standing it down, recomputed from one run of bench/bench_detect.py (the
+    main table and the four --transfer cells, all MiniLM, probe ahead in each):
+    the worst shift against the best baseline rose in the three paragraph runs
+    (main −0.024 → −0.010, A −0.013 → +0.000, B −0.025 → −0.012; licence text
+    each time), stayed in the two sentence runs, and the vocabulary-keeping
+    means rose by 0.001–0.008 (README). On the tiny random-weight Llama the two
+    tie (0.578 / 0.574) and the GRU keeps its vote: it alone sees stuttered
+    spans there. The descriptor family then has no voter: its other members
+    cannot be computed live (sidecar/combined.py).
     """
     names = set(names)
     family = [k for k in DESCRIPTOR_FAMILY if k in names]
-    return sorted((names - set(DESCRIPTOR_FAMILY)) | set(family[:1]))
+    out = (names - set(DESCRIPTOR_FAMILY)) | set(family[:1])
+    probe, gru = SUPERVISED
+    if corruption_auroc is not None and {probe, gru} <= out and corruption_auroc[probe] > corruption_auroc[gru]:
+        out.discard(gru)
+    return sorted(out)
+
+
+# Detectors trained on the calibration's corrupted copies: the token probe and the EigenTrack GRU.
+SUPERVISED = ("token_probe", "eigentrack")
 
 
 MIN_TEXTS_PER_KIND = 10  # fewer corrupted copies of one kind and its AUROC is left out of the weights
@@ -81,24 +108,55 @@ def corruption_weights(clean: dict[str, np.ndarray], corrupted: dict[str, np.nda
 
 
 def conformal_p(ref, s) -> np.ndarray:
-    """(1 + #{ref ≥ s}) / (n + 1) for each s: the empirical p-value of s among ref."""
-    ref = np.sort(np.asarray(ref, dtype=np.float64))
-    s = np.asarray(s, dtype=np.float64)
-    ge = len(ref) - np.searchsorted(ref, s, side="left")
-    return (1.0 + ge) / (len(ref) + 1.0)
+    """The conformal p-value of each score s among the reference scores, made
+    continuous between them: (#{ref ≥ s} + θ) / (n + 1), θ = (r_hi − s)/(r_hi − r_lo)
+    ∈ [0, 1) where r_lo < s ≤ r_hi are s's neighbours among the sorted ref; 1 at or
+    below the smallest, 1/(n + 1) at the largest (past it: the caller's tail).
+
+    The plain rank (1 + #{ref ≥ s}) / (n + 1) gives every s between the same two
+    reference scores the same p-value. A combined statistic far from most texts
+    then ties whole groups of ordinary and shifted texts: in bench/bench_detect.py
+    --transfer, corpus B paragraphs, word salad and code texts that two voters
+    see at ≥ 0.999 tied with held-out texts at the second-largest calibration
+    rank, and the combined score sat at 0.979 on both. θ replaces the tie by the
+    text's place between its neighbours, so the p-value is strictly decreasing in
+    the score. Calibration is kept: for exchangeable continuous scores
+    P(p ≤ k/(n + 1)) = P(#{ref ≥ s} < k) = k/(n + 1) exactly at every rank (θ = 0
+    only on a reference value), and between ranks the rate moves by less than
+    1/(n + 1): θ stands in for the uniform draw of a randomised conformal p-value.
+    """
+    r = np.sort(np.asarray(ref, dtype=np.float64))
+    return _smooth_p(r, np.asarray(s, dtype=np.float64), loo=False)
+
+
+def _smooth_p(r: np.ndarray, s: np.ndarray, loo: bool) -> np.ndarray:
+    """conformal_p against sorted r; loo: each s is itself one of r and is compared
+    with the other n − 1 (its upper neighbour is the next value after it in r)."""
+    n = len(r)
+    i = np.searchsorted(r, s, side="left")  # #{r < s}
+    m = n - 1 if loo else n  # how many it is compared with
+    ge = m - i  # #{others ≥ s}
+    hi_at = i + 1 if loo else i  # the first other ≥ s
+    lo = r[np.clip(i - 1, 0, n - 1)]
+    hi = r[np.clip(hi_at, 0, n - 1)]
+    inside = (i > 0) & (hi_at < n) & (hi > lo)
+    theta = np.where(inside, (hi - s) / np.where(hi > lo, hi - lo, 1.0), 0.0)
+    p = (ge + theta) / (m + 1.0)
+    return np.clip(np.where(s < r[0], 1.0, p), 1.0 / (m + 1.0), 1.0)
 
 
 class Combined:
     """One calibrated risk from several detectors: a harmonic-mean p-value, made conformal.
 
     Per detector j, a conformal p-value against its scores on calibration texts
-    not used to fit it: p_j = (1 + #{ref_j ≥ s}) / (n + 1). Beyond the
+    not used to fit it: p_j = (#{ref_j ≥ s} + θ) / (n + 1), continuous between
+    the calibration scores (`conformal_p`: no ties between texts). Beyond the
     calibration's largest score the empirical p-value would be stuck at its
     floor 1/(n + 1) (ties among everything far out), so there it is continued
     by an exponential tail: p_j = (1 / (n + 1))·exp(−(s − max_j)/β_j), β_j the
     mean excess of the top m = max(5, tail_fraction·n) scores over the m-th
-    largest. Inside the calibration range p_j stays the plain rank, which keeps
-    the final p-value calibrated; the tail only orders the far-out texts.
+    largest. Inside the calibration range p_j stays the conformal rank, which
+    keeps the final p-value calibrated; the tail only orders the far-out texts.
 
     T = log Σ_j w_j/p_j, the weighted harmonic mean p-value (Wilson 2019) on a
     log scale; weights sum to 1 (equal unless given: `corruption_weights`).
@@ -108,7 +166,7 @@ class Combined:
     harmonic mean is dominated by the smallest p-values, yet still adds up
     several moderate ones (measured in bench/bench_detect.py).
 
-    T is made conformal once more: p = (1 + #{T_ref ≥ T}) / (n + 1), T_ref the
+    T is made conformal once more: p = (#{T_ref ≥ T} + θ) / (n + 1), T_ref the
     statistics of the calibration texts, each computed leave-one-out against
     the other n − 1 — so whatever the correlation between detectors, p is
     (approximately: the tails are fitted on the same texts) uniform on
@@ -159,11 +217,7 @@ class Combined:
     def _u(self, k: str, s: np.ndarray, loo: bool) -> np.ndarray:
         """−log p_j of scores s of detector k; loo: s are the calibration scores themselves."""
         r = self.sorted[k]
-        ge = self.n - np.searchsorted(r, s, side="left")
-        if loo:  # a calibration text is compared with the other n − 1
-            p = ge / float(self.n)
-        else:
-            p = (1.0 + ge) / (self.n + 1.0)
+        p = _smooth_p(r, s, loo)  # a calibration text is compared with the other n − 1
         # Beyond every score it is compared with, keep ordering the far-out texts.
         # A calibration text is compared with the other n − 1: the largest one
         # extends past the second largest, exactly as a new text past the largest.
@@ -193,10 +247,9 @@ class Combined:
     def p_values(self, scores: dict[str, np.ndarray]) -> np.ndarray:
         T = self._statistic(scores)
         ref = np.sort(self.t_ref)
-        ge = len(ref) - np.searchsorted(ref, T - 1e-12, side="left")
-        p = (1.0 + ge) / (len(ref) + 1.0)
+        p = _smooth_p(ref, T, loo=False)
         # past every calibration text: the tail (class docstring), continuous at the floor
-        return np.where(ge == 0, p * np.exp(-np.maximum(T - ref[-1], 0.0) / self.t_beta), p)
+        return np.where(T > ref[-1], np.exp(-np.maximum(T - ref[-1], 0.0) / self.t_beta) / (len(ref) + 1.0), p)
 
     def score(self, scores: dict[str, np.ndarray]) -> np.ndarray:
         return -np.log10(self.p_values(scores))

@@ -60,6 +60,13 @@ def test_calibrate_out_is_a_folder_is_refused_before_the_run_and_leaves_nothing(
     assert list(target.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["outdir"]
 
 
+def test_calibrate_voters_must_name_detectors_and_are_checked_before_the_run(files, tmp_path):
+    out = _cli("calibrate", "--model", "tiny", "--texts", files["texts"], "--out", tmp_path / "c.json",
+               "--voters", "token_mahalanobis,gru")
+    _refused(out, "--voters: expected 'auto' or comma-separated detectors among", "eigentrack", "'token_mahalanobis,gru'")
+    assert "text/s" not in out.stderr and not (tmp_path / "c.json").exists()
+
+
 def test_out_under_a_file_is_refused(files):
     out = _cli("calibrate", "--model", "tiny", "--texts", files["texts"], "--out", files["texts"] / "c.json")
     _refused(out, "--out: cannot write", "is a file, not a folder")

@@ -249,7 +249,9 @@ def test_score_cli_gives_the_same_scores_on_both_engines(tmp_path):
         assert set(a["detectors"]) - set(b["detectors"]) == {"layer_transition"}, rid
         for k, v in b["detectors"].items():
             assert v == pytest.approx(a["detectors"][k], rel=1e-3, abs=1e-3), (rid, k)
-        assert b["p_value"] == pytest.approx(a["p_value"], abs=1e-9) and b["alert"] == a["alert"], rid
+        # p is continuous in the voters (conformal ranks made continuous between calibration
+        # values), which differ by float32 noise (≈1e-6 relative): 3e-8 seen, 1e-5 allowed
+        assert b["p_value"] == pytest.approx(a["p_value"], abs=1e-5) and b["alert"] == a["alert"], rid
 
     # `calibrate --engine vllm` (three extraction passes through one engine) fits the same
     # detectors: the same calibration scores, corruption AUROCs and combined weights as HF.
@@ -261,7 +263,13 @@ def test_score_cli_gives_the_same_scores_on_both_engines(tmp_path):
     # the same detectors but layer_transition, fitted on per-token rows, which only hf hands over
     # (never a voter); token_probe is fitted from token sums, which both engines hand over
     assert set(off["hf"]["calibration_scores"]) - set(off["vllm"]["calibration_scores"]) == {"layer_transition"}
-    assert off["vllm"]["combined"]["weights"].keys() == off["hf"]["combined"]["weights"].keys()
+    # The same voters, but for the GRU: it stands down where token_probe tells the corrupted copies
+    # apart better (monitor/combined.combined_voters), and its AUROC is not reproducible to 1e-3.
+    voters = {e: set(o["combined"]["weights"]) for e, o in off.items()}
+    assert voters["vllm"] - {"eigentrack"} == voters["hf"] - {"eigentrack"}
+    for e, o in off.items():
+        auc = o["corrupted"]["auroc"]
+        assert ("eigentrack" in voters[e]) == (auc["eigentrack"] >= auc["token_probe"]), (e, auc)
     assert "token_probe" in off["vllm"]["combined"]["weights"]
     np.testing.assert_allclose(off["vllm"]["detectors"]["token_probe"]["w"], off["hf"]["detectors"]["token_probe"]["w"],
                                rtol=1e-3, atol=1e-3 * np.abs(off["hf"]["detectors"]["token_probe"]["w"]).max())

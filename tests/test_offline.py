@@ -325,6 +325,16 @@ def test_combined_voters_one_per_source_of_evidence():
         "descriptor_mahalanobis", "hidden_mahalanobis", "llmcheck_hidden", "token_mahalanobis"]
     assert combined_voters(["spectral_spike", "hidden_mahalanobis"]) == ["hidden_mahalanobis", "spectral_spike"]
     assert combined_voters({"a_new_detector": 0, "spectral_spike": 1}) == ["a_new_detector", "spectral_spike"]
+    # The GRU and token_probe learnt the same corrupted copies: the GRU stands down where the probe tells
+    # them apart better, and the descriptor family is then left without a voter (none other is live).
+    seven = six + ["token_probe"]
+    auc = {"eigentrack": 0.68, "token_probe": 0.74, "hidden_mahalanobis": 0.66, "llmcheck_hidden": 0.52,
+           "token_mahalanobis": 0.63}
+    assert combined_voters(seven, auc) == ["hidden_mahalanobis", "llmcheck_hidden", "token_mahalanobis", "token_probe"]
+    assert combined_voters(seven, dict(auc, eigentrack=0.75)) == [
+        "eigentrack", "hidden_mahalanobis", "llmcheck_hidden", "token_mahalanobis", "token_probe"]
+    assert combined_voters(seven) == combined_voters(seven, dict(auc, eigentrack=0.75))  # no AUROCs: no rule
+    assert "eigentrack" in combined_voters(six, auc)  # without a probe the GRU always votes
 
 
 def test_corruption_weights_give_a_specialist_the_weight_of_the_kind_it_sees():
@@ -394,7 +404,15 @@ def test_conformal_p_values_are_uniform_on_reference_data():
     assert p.min() >= 1 / (n + 1) and p.max() <= 1.0
     for q in (0.1, 0.25, 0.5):  # Monte Carlo s.d. <= 0.0092
         assert abs((p <= q + 1e-12).mean() - q) < 0.03
-    assert conformal_p([1.0, 2.0, 3.0], [2.0, 10.0, -1.0]).tolist() == [3 / 4, 1 / 4, 1.0]
+    # on a reference value: #{ref ≥ s}/(n + 1); between two: moved by its place between them
+    assert conformal_p([1.0, 2.0, 3.0], [2.0, 10.0, -1.0, 1.5, 2.75]).tolist() == [2 / 4, 1 / 4, 1.0, 2.5 / 4, 1.25 / 4]
+    # Between ranks it is continuous and strictly decreasing: no two scores tie.
+    ref = np.sort(data[0, :n])
+    s = np.linspace(ref[0], ref[-1], 2001)
+    assert np.all(np.diff(conformal_p(ref, s)) < 0)
+    eps = 1e-9  # no jump at a reference value (the lowest one aside: below it p = 1)
+    gap = conformal_p(ref, ref[1:] - eps) - conformal_p(ref, ref[1:] + eps)
+    assert np.all(gap >= 0) and gap.max() < 1e-4 / (n + 1)
     # The combined p-value stays (about) calibrated for correlated detectors.
     pc = []
     for _ in range(1500):
@@ -409,7 +427,8 @@ def test_conformal_p_values_are_uniform_on_reference_data():
 def test_combined_p_value_orders_texts_past_every_calibration_text():
     """Past the largest calibration statistic the p-value keeps falling (an exponential tail)
     instead of tying at 1/(n + 1): a text far out ranks above one just past the extreme, while
-    inside the calibration range (every p an alert rate can use) nothing changes."""
+    inside the calibration range (every p an alert rate can use) it is the conformal rank of T,
+    made continuous between the calibration texts' statistics."""
     rng = np.random.default_rng(11)
     cal = {k: rng.normal(size=40) for k in "ab"}
     comb = Combined().fit(cal)
@@ -418,8 +437,11 @@ def test_combined_p_value_orders_texts_past_every_calibration_text():
     T = comb._statistic(inside)
     ref = np.sort(comb.t_ref)
     within = T <= ref[-1]
-    want = (1.0 + len(ref) - np.searchsorted(ref, T[within] - 1e-12, side="left")) / (len(ref) + 1.0)
-    np.testing.assert_array_equal(comb.p_values(inside)[within], want)  # the plain conformal rank
+    ge = len(ref) - np.searchsorted(ref, T[within], side="left")
+    got = comb.p_values(inside)[within]
+    # between the step's two values at that rank, and in the statistic's order
+    assert np.all(got >= ge / 41 - 1e-12) and np.all(got <= (ge + 1) / 41 + 1e-12)
+    assert np.all(np.diff(got[np.argsort(T[within])]) <= 0)
     out = {"a": np.array([3.0, 5.0, 9.0, 9.0]), "b": np.array([3.0, 5.0, 9.0, 12.0])}
     p = comb.p_values(out)
     assert np.all(p <= floor) and p[0] > p[1] > p[2] > p[3] > 0  # ordered, no ties at the floor

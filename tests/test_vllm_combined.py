@@ -146,8 +146,10 @@ def test_minilm_live_combined_equals_offline_and_alerts_at_the_calibrated_rate(t
     held = corpus[400:]
     _write(tmp_path / "held.jsonl", held + SHIFTED, "h")
     calib = tmp_path / "calib.json"
+    # Every voter the sidecar computes, the GRU included (on MiniLM `--voters auto` stands it down
+    # beside token_probe): the live risk path is exercised.
     _cli("calibrate", "--model", "minilm", "--texts", str(tmp_path / "ref.jsonl"), "--out", str(calib),
-         "--far", str(FAR))
+         "--far", str(FAR), "--voters", "eigentrack,hidden_mahalanobis,llmcheck_hidden,token_mahalanobis,token_probe")
     _cli("score", "--model", "minilm", "--calibration", str(calib), "--texts", str(tmp_path / "held.jsonl"),
          "--out", str(tmp_path / "scores.jsonl"))
     offline = {r["id"]: r for r in map(json.loads, (tmp_path / "scores.jsonl").read_text().splitlines())}

@@ -152,9 +152,9 @@ def _demo_calibration(far: float) -> Path:
     from eigenwatch.monitor.offline.calibrate import ALL_DETECTORS, OFFLINE_VERSION
 
     ref = demo_reference()
-    # A file made by another version (other detectors, another format) is not reused.
-    key = hashlib.sha256(json.dumps([ref, far, OFFLINE_VERSION, sorted(ALL_DETECTORS), _version()]).encode()
-                         ).hexdigest()[:12]
+    # A file made by other code (other detectors, another voter rule, another format) is not reused.
+    key = hashlib.sha256(json.dumps([ref, far, OFFLINE_VERSION, sorted(ALL_DETECTORS), _version(), _code_id()]
+                                    ).encode()).hexdigest()[:12]
     out = cache_root() / "demo" / f"minilm-{key}.json"
     if out.exists():
         say(f"\n[1/3] calibration: {out} (cached; made by `eigenwatch calibrate` on {len(ref)} passages)")
@@ -174,6 +174,21 @@ def _demo_calibration(far: float) -> Path:
         os.replace(part, out)
     say(f"  wrote {out}")
     return out
+
+
+def _code_id() -> str:
+    """A hash of the installed eigenwatch sources (kernels, hooks, monitor): the version
+    number alone stays the same across an editable install's changes."""
+    import eigenwatch.hooks
+    import eigenwatch.kernels
+    import eigenwatch.monitor
+
+    h = hashlib.sha256()
+    for pkg in (eigenwatch.kernels, eigenwatch.hooks, eigenwatch.monitor):
+        for root in pkg.__path__:
+            for f in sorted(Path(root).rglob("*.py")):
+                h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def _version() -> str:

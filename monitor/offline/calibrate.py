@@ -37,7 +37,7 @@ import numpy as np
 
 from eigenwatch.kernels.descriptors import DESCRIPTOR_NAMES
 from eigenwatch.monitor import calibration as calib
-from eigenwatch.monitor.combined import Combined, combined_voters, corruption_weights
+from eigenwatch.monitor.combined import SUPERVISED, Combined, combined_voters, corruption_weights
 from eigenwatch.monitor.eigentrack import EigenTrack, RiskModelError
 from eigenwatch.monitor.llmcheck import RIDGE, LLMCheckHidden, middle_layer
 from eigenwatch.monitor.mahalanobis import (DescriptorMahalanobis, HiddenMahalanobis, TokenMahalanobis,
@@ -80,6 +80,23 @@ def parse_far(text: str) -> list[float]:
     return fars
 
 
+def parse_voters(text: str, fitted) -> list[str] | None:
+    """--voters: None for 'auto' (combined_voters' rule), else the named detectors, each one
+    `calibrate` fitted (a detector it could not fit here is named with the reason to look for)."""
+    if text == "auto":
+        return None
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    unknown = [x for x in names if x not in ALL_DETECTORS]
+    missing = [x for x in names if x in ALL_DETECTORS and x not in fitted]
+    if not names or unknown:
+        raise OfflineError(f"--voters: expected 'auto' or comma-separated detectors among "
+                           f"{', '.join(sorted(ALL_DETECTORS))}, got {text!r}")
+    if missing:
+        raise OfflineError(f"--voters: {', '.join(missing)} could not be fitted by this calibration (see the log "
+                           f"above); fitted: {', '.join(sorted(fitted))}")
+    return sorted(set(names))
+
+
 def tap_settings(args) -> Tap:
     return Tap(parse_layers(args.layers), args.window, args.stride, args.proj_dim)
 
@@ -88,6 +105,7 @@ def calibrate(args) -> int:
     check_out(args.out, example="calibration.json")  # before the run, not after it
     tap = tap_settings(args)
     fars = parse_far(args.far)
+    parse_voters(args.voters, ALL_DETECTORS)  # a misspelt name fails now, not after the extraction
     tap.check()
     if not 0 < args.calib_fraction < 1:
         raise OfflineError("--calib-fraction: expected a number in (0, 1)")
@@ -176,11 +194,21 @@ def calibrate(args) -> int:
     if eigentrack is not None:
         detectors[eigentrack.name] = eigentrack
     cal_scores = {name: d.score(cal_feats) for name, d in detectors.items()}
-    voters = combined_voters(k for k in cal_scores if k not in ROW_FITTED)
+    # The candidates (one per source of evidence), their AUROCs on the corrupted copies, then the
+    # voters among them (the GRU stands down where the probe tells the copies apart better).
+    candidates = parse_voters(args.voters, cal_scores) or combined_voters(k for k in cal_scores if k not in ROW_FITTED)
     weights, corruption_auroc, auroc_by_kind = None, {}, {}
     if len(c_cal) >= 2:
         weights, corruption_auroc, auroc_by_kind = corruption_weights(
-            {k: cal_scores[k] for k in voters}, {k: detectors[k].score(c_cal) for k in voters}, kinds=cal_kinds)
+            {k: cal_scores[k] for k in candidates}, {k: detectors[k].score(c_cal) for k in candidates},
+            kinds=cal_kinds)
+    voters = candidates if args.voters != "auto" else combined_voters(candidates, corruption_auroc or None)
+    if weights is not None:
+        weights = {k: weights[k] for k in voters}
+    for k in sorted(set(candidates) - set(voters)):
+        log(f"calibrate: {k} does not vote: {SUPERVISED[0]} tells the corrupted copies apart better "
+            f"(AUROC {corruption_auroc[SUPERVISED[0]]:.3f} against {corruption_auroc[k]:.3f}); "
+            f"--voters names the voters yourself")
     if len(c_cal) < MIN_TEXTS_FOR_WEIGHTS or len(cal_feats) < MIN_TEXTS_FOR_WEIGHTS:
         weights = None
         log(f"calibrate: {len(cal_feats)} calibration texts and {len(c_cal)} corrupted copies, fewer than "
@@ -353,6 +381,10 @@ def add_args(p) -> None:
                    help="share of reference texts held out for conformal calibration (default %(default)s)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the fit/calibration split, the corruptions and the GRU (default %(default)s)")
+    p.add_argument("--voters", default="auto",
+                   help="detectors of the combined score: 'auto' (one per source of evidence, README) or a "
+                        "comma-separated list of fitted detectors; the live sidecar computes token_mahalanobis, "
+                        "hidden_mahalanobis, llmcheck_hidden, token_probe and eigentrack (default %(default)s)")
     p.add_argument("--risk-model", default="auto",
                    help="EigenTrack GRU: 'auto' trains one on the reference texts vs corrupted copies (default), "
                         "a path loads one made by `eigenwatch train`, 'none' leaves it out")
