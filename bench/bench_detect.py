@@ -15,18 +15,20 @@ recipe, monitor/offline/texts.py, which is none of the shifts).
     .venv/bin/python bench/bench_detect.py --keep work/        # keep texts, CALIB.json and SCORES.jsonl
     .venv/bin/python bench/bench_detect.py --bound             # what re-weighting the combination could buy
     .venv/bin/python bench/bench_detect.py --throughput --models minilm   # `score` against the bare forward
-    .venv/bin/python bench/bench_detect.py --transfer --models minilm     # corpora A/B × sentences/paragraphs
+    .venv/bin/python bench/bench_detect.py --transfer --models minilm     # corpora A/B/C × sentences/paragraphs
+    .venv/bin/python bench/bench_detect.py --transfer --corpora C --models minilm   # only the never-tuned corpus
     .venv/bin/python bench/bench_detect.py --transfer --quick --models minilm   # the same, a few minutes
     .venv/bin/python bench/bench_detect.py --transfer --bound --models minilm   # + what re-weighting could buy
 
---transfer measures transfer, not tuning: two in-distribution corpora (A:
-CPython's docs, what the project was tuned on; B: English man pages, never
+--transfer measures transfer, not tuning: three in-distribution corpora (A:
+CPython's docs, what the project was tuned on; B: English man pages, looked at
+when the rule of session 12 was chosen; C: Debian package descriptions, never
 tuned on), each cut into single sentences (8–20 words) and paragraphs (40–90
 words), shifts made in bench/detect_data.py (word_shuffle and content_swap
 keep the corpus's vocabulary). It prints, per corpus and regime, AUROC per
 detector per shift, the combined score, the best baseline and the mean over
 the vocabulary-preserving shifts; then picks a combination rule (which
-detectors' p-values to combine) on one corpus and reports it on the other.
+detectors' p-values to combine) on each corpus and reports it on the others.
 
 "baselines" are the anchors users compare against: LLM-Check's hidden score
 and the Mahalanobis distance of mean-pooled hidden states.
@@ -329,33 +331,34 @@ def print_transfer_table(title: str, res: dict, extra: dict[str, dict]) -> dict:
 
 
 def transfer(model: str, engine: str, work: Path, far: list[float], seed: int, quick: bool,
-             bound: bool = False) -> dict:
-    """Both corpora × both regimes: calibrate + score each, print the tables; then pick a
-    combination rule on each corpus (both regimes) and report it on the other."""
+             bound: bool = False, corpora: tuple[str, ...] = detect_data.CORPORA) -> dict:
+    """The corpora × both regimes: calibrate + score each, print the tables; then pick a
+    combination rule on each corpus (both regimes) and report it on the others."""
     sizes = dict(n_ref=150, n_eval=150, n_shift=50) if quick else dict(n_ref=300, n_eval=350, n_shift=100)
-    print(f"\n== {model} ({engine} engine): transfer, corpora {'/'.join(detect_data.CORPORA)} × "
+    print(f"\n== {model} ({engine} engine): transfer, corpora {'/'.join(corpora)} × "
           f"{'/'.join(detect_data.REGIMES)}, {sizes} ==")
-    runs: dict[str, dict[str, dict]] = {c: {} for c in detect_data.CORPORA}
+    runs: dict[str, dict[str, dict]] = {c: {} for c in corpora}
     for regime in detect_data.REGIMES:
-        for corpus in detect_data.CORPORA:
+        for corpus in corpora:
             files = detect_data.build_transfer(work / "data", corpus, regime, seed, **sizes)
             runs[corpus][regime] = calibrate_and_score(model, engine, files, detect_data.TRANSFER_SHIFTS, work,
                                                        f"{corpus}-{regime}", far)
-    dets = sorted(runs["A"]["sentence"]["neg"][0]["detectors"])
+    dets = sorted(runs[corpora[0]][detect_data.REGIMES[0]]["neg"][0]["detectors"])
     rules = {}
-    for corpus in detect_data.CORPORA:
+    for corpus in corpora:
         rule, slack = pick_rule(runs[corpus], dets)
         rules[corpus] = rule
         print(f"   rule picked on corpus {corpus} (both regimes, check slack there {slack:+.3f}): harmonic mean of "
               + ", ".join(rule["detectors"]))
     out = {"rules": rules, "tables": {}}
     for regime in detect_data.REGIMES:
-        for corpus in detect_data.CORPORA:
-            other = [c for c in detect_data.CORPORA if c != corpus][0]
+        for corpus in corpora:
+            others = [c for c in corpora if c != corpus]
             res = runs[corpus][regime]
-            extra = {f"rule_{other}": rule_aucs(rules[other], res)}
+            extra = {f"rule_{o}": rule_aucs(rules[o], res) for o in others}
+            picked = "; ".join(f"rule_{o}: picked on corpus {o}" for o in others)
             out["tables"][f"{corpus}-{regime}"] = print_transfer_table(
-                f"corpus {corpus}, {regime}s (rule_{other}: picked on corpus {other})", res, extra)
+                f"corpus {corpus}, {regime}s" + (f" ({picked})" if others else ""), res, extra)
             if bound:
                 wb = weight_bound(res["cal"]["calibration_scores"], res["neg"], res["by"],
                                   shifts=[s for s in detect_data.TRANSFER_SHIFTS if s in res["by"]], min_vocab=0.90,
@@ -468,9 +471,11 @@ def main() -> None:
                          "batched scores against one text per forward")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of --throughput (default %(default)s)")
     ap.add_argument("--transfer", action="store_true",
-                    help="instead: both corpora (A: CPython docs, B: man pages) in both regimes (sentences, "
-                         "paragraphs), the transfer shifts, and a combination rule picked on each corpus "
-                         "reported on the other")
+                    help="instead: the corpora (--corpora) in both regimes (sentences, paragraphs), the "
+                         "transfer shifts, and a combination rule picked on each corpus reported on the others")
+    ap.add_argument("--corpora", default=",".join(detect_data.CORPORA),
+                    help="--transfer: which in-distribution corpora (A: CPython docs, B: man pages, C: Debian "
+                         "package descriptions; default %(default)s)")
     ap.add_argument("--quick", action="store_true",
                     help="with --transfer: 150 reference, 150 held-out and 50 texts per shift (a few minutes "
                          "on MiniLM)")
@@ -478,13 +483,18 @@ def main() -> None:
                     help="work in this folder and keep it: the texts, CALIB.json and SCORES.jsonl per model")
     args = ap.parse_args()
     far = [float(f) for f in args.far.split(",")]
+    corpora = tuple(c.strip() for c in args.corpora.split(",") if c.strip())
+    if not corpora or any(c not in detect_data.CORPORA for c in corpora):
+        ap.error(f"--corpora: expected comma-separated corpora among {', '.join(detect_data.CORPORA)}, "
+                 f"got {args.corpora!r}")
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp) if args.keep is None else args.keep
         work.mkdir(parents=True, exist_ok=True)
         if args.transfer:
             for model in args.models.split(","):
-                results[model] = transfer(model, args.engine, work, far, args.seed, args.quick, args.bound)
+                results[model] = transfer(model, args.engine, work, far, args.seed, args.quick, args.bound,
+                                          corpora)
             if args.json:
                 args.json.write_text(json.dumps(results, indent=1))
             return

@@ -30,7 +30,11 @@ word_shuffle and content_swap (every content word replaced, in order, by the
 content words of another text of the same corpus; function words stay) keep
 the corpus's vocabulary; word_salad (random English words of both corpora),
 garbled, foreign (translated man pages, /usr/share/man/<lang>), legal and code
-do not.
+do not. A third corpus, C — the long descriptions of the installed Debian
+packages (/var/lib/dpkg/status), product prose of another kind again — was
+added after the combination rule of session 12 was chosen on A and B, to be
+reported and never tuned on (`--corpora C`). It is smaller: its paragraph
+regime uses the same 300:350 split scaled to the chunks it has.
 
 `eigenwatch calibrate` learns its GRU, its token probe (token_probe) and the
 weights of the combined score from corrupted copies of the reference texts (monitor/offline/texts.py: word drops,
@@ -227,7 +231,10 @@ def build(out_dir: str | Path, seed: int = 0, n_ref: int = 300, n_eval: int = 35
 # corpora the rules are picked on / reported on, two text-length regimes, and
 # shifts that include the two that keep the vocabulary of the corpus.
 
-CORPORA = ("A", "B")  # A: CPython's docs (above, what the project was tuned on); B: English man pages (never tuned on)
+# A: CPython's docs (above, what the project was tuned on); B: English man pages (reported, then looked at
+# when choosing the rule of session 12); C: Debian package descriptions (never tuned on).
+CORPORA = ("A", "B", "C")
+MIN_REFERENCE = 150  # a corpus too small for this many reference texts in a regime is refused
 REGIMES = ("sentence", "paragraph")  # 8–20 words; 40–90 words
 TRANSFER_SHIFTS = ("word_shuffle", "content_swap", "word_salad", "garbled", "foreign", "legal", "code")
 VOCAB_KEPT = ("word_shuffle", "content_swap")  # the corpus's own words, order or meaning broken
@@ -340,7 +347,31 @@ def _corpus_paragraphs_uncached(corpus: str) -> list[str]:
             raise SystemExit(f"corpus B: only {len(paras)} English man-page paragraphs under /usr/share/man "
                              "(man-db's pages missing?); install manpages or run without --transfer")
         return paras
+    if corpus == "C":
+        paras = dpkg_descriptions()
+        if len(paras) < 100:
+            raise SystemExit(f"corpus C: only {len(paras)} package descriptions in /var/lib/dpkg/status "
+                             "(not a Debian system?); run --transfer with --corpora A,B")
+        return paras
     raise ValueError(f"corpus: expected one of {', '.join(CORPORA)}, got {corpus!r}")
+
+
+def dpkg_descriptions(status: str = "/var/lib/dpkg/status") -> list[str]:
+    """The long descriptions of the installed Debian packages (the indented lines under
+    `Description:`, "." paragraph marks dropped), of at least 20 words; each once (library
+    packages often repeat their source package's text)."""
+    try:
+        text = Path(status).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return []
+    out = set()
+    for block in text.split("\n\n"):
+        m = re.search(r"^Description: .*\n((?:[ \t].*(?:\n|$))*)", block, re.M)
+        if m:
+            body = _clean(" ".join(l.strip() for l in m.group(1).splitlines() if l.strip() != "."))
+            if len(body.split()) >= 20:
+                out.add(body)
+    return sorted(out)
 
 
 def texts_of(corpus: str, regime: str, seed: int = 0) -> list[str]:
@@ -424,8 +455,15 @@ def build_transfer(out_dir: str | Path, corpus: str, regime: str, seed: int = 0,
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     texts = texts_of(corpus, regime, seed)
-    if len(texts) < n_ref + n_eval:
-        raise SystemExit(f"corpus {corpus} ({regime}): {len(texts)} texts, fewer than the {n_ref + n_eval} asked")
+    if len(texts) < n_ref + n_eval:  # a small corpus (C's paragraphs): the same split, scaled to what it has
+        scale = len(texts) / (n_ref + n_eval)
+        if int(n_ref * scale) < MIN_REFERENCE:
+            raise SystemExit(f"corpus {corpus} ({regime}): {len(texts)} texts, fewer than the {n_ref + n_eval} "
+                             f"asked and too few for {MIN_REFERENCE} reference texts")
+        n_ref, n_eval = int(n_ref * scale), len(texts) - int(n_ref * scale)
+        n_shift = min(n_shift, n_eval // 2)
+        warnings.warn(f"corpus {corpus} ({regime}): {len(texts)} texts; using {n_ref} reference and {n_eval} "
+                      f"held-out, {n_shift} per shift")
     ref, held = texts[:n_ref], texts[n_ref:n_ref + n_eval]
     files: dict[str, str] = {}
 
