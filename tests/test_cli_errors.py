@@ -65,6 +65,11 @@ def test_calibrate_voters_must_name_detectors_and_are_checked_before_the_run(fil
                "--voters", "token_mahalanobis,gru")
     _refused(out, "--voters: expected 'auto' or comma-separated detectors among", "eigentrack", "'token_mahalanobis,gru'")
     assert "text/s" not in out.stderr and not (tmp_path / "c.json").exists()
+    # layer_transition is fitted but cannot vote: `score --engine vllm` and the live tap have no rows for it
+    out = _cli("calibrate", "--model", "tiny", "--texts", files["texts"], "--out", tmp_path / "c.json",
+               "--voters", "layer_transition,token_probe")
+    _refused(out, "layer_transition reads per-token rows", "it cannot vote")
+    assert "text/s" not in out.stderr and not (tmp_path / "c.json").exists()
 
 
 def test_out_under_a_file_is_refused(files):

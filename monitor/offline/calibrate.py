@@ -86,11 +86,15 @@ def parse_voters(text: str, fitted) -> list[str] | None:
     if text == "auto":
         return None
     names = [x.strip() for x in text.split(",") if x.strip()]
-    unknown = [x for x in names if x not in ALL_DETECTORS]
-    missing = [x for x in names if x in ALL_DETECTORS and x not in fitted]
+    can_vote = sorted(set(ALL_DETECTORS) - set(ROW_FITTED))
+    unknown = [x for x in names if x not in can_vote]
+    missing = [x for x in names if x in can_vote and x not in fitted]
     if not names or unknown:
-        raise OfflineError(f"--voters: expected 'auto' or comma-separated detectors among "
-                           f"{', '.join(sorted(ALL_DETECTORS))}, got {text!r}")
+        rows = [x for x in unknown if x in ROW_FITTED]
+        raise OfflineError(f"--voters: expected 'auto' or comma-separated detectors among {', '.join(can_vote)}, "
+                           f"got {text!r}" + (f" ({', '.join(rows)} reads per-token rows, which only --engine hf "
+                                              "hands over and the live tap does not compute: it cannot vote)"
+                                              if rows else ""))
     if missing:
         raise OfflineError(f"--voters: {', '.join(missing)} could not be fitted by this calibration (see the log "
                            f"above); fitted: {', '.join(sorted(fitted))}")

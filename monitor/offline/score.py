@@ -121,6 +121,9 @@ def score(args) -> int:
             # Detectors that read per-token rows (layer_transition) need an engine that hands them
             # over (hf); under --engine vllm they are left out, never voters of the combined score.
             rowless = [n for n in detectors if n in ROW_FITTED and any("token_rows" not in f for f in feats)]
+            if set(rowless) & set(combined.names):  # a hand-made file: never p = 1 for a voter in silence
+                raise OfflineError(f"--calibration: its combined score uses {', '.join(set(rowless) & set(combined.names))}, "
+                                   f"which reads per-token rows only --engine hf hands over; score with --engine hf")
             for name in rowless:
                 log(f"eigenwatch score: {name} not scored: it reads per-token rows, which only --engine hf "
                     "hands over (the combined score does not use it)")
