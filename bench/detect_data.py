@@ -341,19 +341,13 @@ def _corpus_paragraphs(corpus: str) -> list[str]:
 def _corpus_paragraphs_uncached(corpus: str) -> list[str]:
     if corpus == "A":
         return _prose_paragraphs()
-    if corpus == "B":
-        paras = man_paragraphs()
-        if len(paras) < 200:
-            raise SystemExit(f"corpus B: only {len(paras)} English man-page paragraphs under /usr/share/man "
-                             "(man-db's pages missing?); install manpages or run without --transfer")
-        return paras
-    if corpus == "C":
-        paras = dpkg_descriptions()
-        if len(paras) < 100:
-            raise SystemExit(f"corpus C: only {len(paras)} package descriptions in /var/lib/dpkg/status "
-                             "(not a Debian system?); run --transfer with --corpora A,B")
-        return paras
-    raise ValueError(f"corpus: expected one of {', '.join(CORPORA)}, got {corpus!r}")
+    if corpus not in _LOCAL_CORPORA:
+        raise ValueError(f"corpus: expected one of {', '.join(CORPORA)}, got {corpus!r}")
+    load, least, missing = _LOCAL_CORPORA[corpus]
+    paras = load()
+    if len(paras) < least:
+        raise SystemExit(f"corpus {corpus}: only {len(paras)} {missing}")
+    return paras
 
 
 def dpkg_descriptions(status: str = "/var/lib/dpkg/status") -> list[str]:
@@ -491,6 +485,14 @@ def build_transfer(out_dir: str | Path, corpus: str, regime: str, seed: int = 0,
 
 
 _SOURCES: dict | None = None
+
+# The corpora read from this machine's files: (loader, fewest paragraphs, what to say when short).
+_LOCAL_CORPORA = {
+    "B": (lambda: man_paragraphs(), 200, "English man-page paragraphs under /usr/share/man (man-db's pages "
+          "missing?); install manpages or run --transfer with --corpora A"),
+    "C": (lambda: dpkg_descriptions(), 100, "package descriptions in /var/lib/dpkg/status (not a Debian "
+          "system?); run --transfer with --corpora A,B"),
+}
 
 
 if __name__ == "__main__":
