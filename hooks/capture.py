@@ -1,10 +1,11 @@
 """Per-request token sums at every tapped layer, for the offline detectors:
-the row count n, the row sum Σx [d] and the scatter XᵀX [d, d], float64 on
-the CPU. Both taps capture hidden states this one way (the vLLM worker's
-capture mode and the HF tap), so both engines feed the detectors the same
-numbers: the mean-pooled state is Σx/n, LLM-Check's hidden score and the
-token-level Gaussian come from the scatter (monitor/llmcheck.py,
-monitor/mahalanobis.py), and no request's rows are kept.
+the row count n, the row sum Σx [d], the scatter XᵀX [d, d] and the first
+LLMCHECK_ROWS rows [≤ 256, d], float64 on the CPU. Both taps capture hidden
+states this one way (the vLLM worker's capture mode and the HF tap), so both
+engines feed the detectors the same numbers: the mean-pooled state is Σx/n,
+the token-level Gaussian comes from the scatter (monitor/mahalanobis.py) and
+LLM-Check's hidden score from the first rows, as the live tap computes it
+(monitor/llmcheck.py, kernels/hidden_stats.py). No other rows are kept.
 
 Off in serving: only `eigenwatch calibrate / score / extract` turn it on.
 """
@@ -15,7 +16,9 @@ from collections import OrderedDict
 
 import torch
 
-# {layer: (rows, Σx [d], XᵀX [d, d])} of one request, numpy float64.
+from eigenwatch.kernels.hidden_stats import LLMCHECK_ROWS
+
+# {layer: (rows, Σx [d], XᵀX [d, d], first rows [min(rows, LLMCHECK_ROWS), d])} of one request, numpy float64.
 Sums = dict
 
 
@@ -23,11 +26,12 @@ class _Request:
     __slots__ = ("layers", "broken")
 
     def __init__(self):
-        self.layers: dict[int, list] = {}  # layer -> [rows, Σx, XᵀX] (torch float64, CPU)
+        self.layers: dict[int, list] = {}  # layer -> [rows, Σx, XᵀX, [first rows]] (torch float64, CPU)
         self.broken = False  # an update failed half-way: the sums are not trustworthy
 
     def result(self) -> Sums:
-        return {layer: (int(a[0]), a[1].numpy(), a[2].numpy()) for layer, a in sorted(self.layers.items())}
+        return {layer: (int(a[0]), a[1].numpy(), a[2].numpy(), torch.cat(a[3]).numpy())
+                for layer, a in sorted(self.layers.items())}
 
 
 class TokenSums:
@@ -55,8 +59,10 @@ class TokenSums:
                 x = rows[lo:hi]  # [m, d]
                 acc = req.layers.get(layer)
                 if acc is None:  # the first rows: the products themselves, no zeroed [d, d] to add into
-                    req.layers[layer] = [x.shape[0], x.sum(dim=0), x.T @ x]
+                    req.layers[layer] = [x.shape[0], x.sum(dim=0), x.T @ x, [x[:LLMCHECK_ROWS].clone()]]
                     continue
+                if acc[0] < LLMCHECK_ROWS:
+                    acc[3].append(x[:LLMCHECK_ROWS - acc[0]].clone())
                 acc[0] += x.shape[0]
                 acc[1].add_(x.sum(dim=0))
                 acc[2].addmm_(x.T, x)

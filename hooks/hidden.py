@@ -6,26 +6,27 @@ carries a few numbers (HiddenStats in monitor.proto), never the states:
 
 - token_sqdist: mean over its rows of d²(x_t)/p against the layer's token
   Gaussian (token_mahalanobis): every row is scored on the device as it passes,
-  O(p·r) per row (kernels/hidden_stats.RowSqdist), and summed per request;
+  O(p²) per row (kernels/hidden_stats.RowSqdist), and summed per request;
 - pooled_sqdist: d²(Σx/n)/p against the layer's pooled-state Gaussian
   (hidden_mahalanobis), from the request's running Σx [p] per layer;
 - llmcheck: LLM-Check's hidden score at the calibration's middle layer, from the
-  request's rows there while they are at most p (the n × n Gram), then from
-  their scatter XᵀX [p, p] (kernels/hidden_stats.llmcheck_rows / _scatter);
+  request's first LLMCHECK_ROWS (256) rows there, kept as they pass
+  (kernels/hidden_stats.llmcheck_rows; the offline capture keeps the same rows);
 - probe_logit: the token_probe detector's mean token logit at its layer,
   w·(Σx/n) + b from the same running Σx (kernels/hidden_stats.LinearProbe).
 
-Per step (inside the post-step work, batched over requests): one [N, p] × [p, r]
-product per layer and one index_add of the rows and their distances into the
-requests' slots; the middle layer's rows are copied per request (a Python step
-per request there, only while it is short of p rows or its scatter is updated).
+Per step (inside the post-step work, batched over requests and layers): one
+[L, N, p] × [L, p, p] product and one index_add each of the rows and their
+distances into the requests' slots, and one copy of the middle layer's rows
+that are among their request's first 256 into the requests' heads.
 The finishing math (one p-wide distance, one Cholesky) runs on the exporter's
 thread (HiddenPart.values), never in the forward. The request's other frames
 carry the running values of all but LLM-Check (the rows so far: two p-wide copies
 per frame), for the sidecar's running combined value during generation.
 
-Memory per tracked request: L·p + L float64 sums, plus min(n, p)·p float64 at
-the middle layer (p² once it holds p rows); `max_requests` bounds the requests.
+Memory per tracked request: L·p + L float64 sums, plus 256·p float32 at the
+middle layer (256 KB at p = 256, 4 MB at p = 4096); slots grow with the
+requests in flight, and `max_requests` bounds them.
 Equal to `eigenwatch score`'s values up to float64 rounding: the offline
 detectors compute the same numbers from the text's token sums (features.py).
 """
@@ -39,8 +40,8 @@ from itertools import repeat
 import numpy as np
 import torch
 
-from eigenwatch.kernels.hidden_stats import (LinearProbe, LowRankGaussian, RowSqdist, calibration_id,
-                                             llmcheck_rows, llmcheck_scatter, middle_layer)
+from eigenwatch.kernels.hidden_stats import (LLMCHECK_ROWS, LinearProbe, LowRankGaussian, RowSqdist,
+                                             calibration_id, llmcheck_rows, middle_layer)
 from eigenwatch.kernels.window_bank import Slots, host_index
 
 log = logging.getLogger("eigenwatch.hidden")
@@ -127,12 +128,8 @@ class HiddenPart:
             mean = self.total.cpu().numpy() / n
             pooled = float(g.sqdist(mean[None])[0]) / g.p
         llm = None
-        if self.mid is not None:
-            kind, data = self.mid
-            if kind == "rows":
-                llm = llmcheck_rows(data.cpu().numpy())
-            else:
-                llm = llmcheck_scatter(n, self.total.cpu().numpy(), data.cpu().numpy())
+        if self.mid is not None:  # the request's first LLMCHECK_ROWS rows at LLM-Check's layer
+            llm = llmcheck_rows(self.mid.cpu().numpy())
         probe = self.cal.probe
         logit = probe.mean_logit(self.total.cpu().numpy() / n) if probe is not None and probe.layer == self.layer \
             else None
@@ -149,41 +146,59 @@ class HiddenStatsTap:
         self.slots = Slots(max_requests)
         self.slot_of: dict[str, int] = {}
         self.n = np.zeros(0, dtype=np.int64)  # [S] rows per slot (every tapped layer sees the same rows)
-        self.sq = None  # [S, L] float64: Σ_t d²(x_t)/p per layer (0 where a layer has no token Gaussian)
-        self.total = None  # [S, L, p] float64: Σx per layer
-        self.mid: dict[int, list] = {}  # slot -> [rows chunks] (≤ p rows), or ["scatter", XᵀX [p, p]]
-        self._g = None  # per layer a RowSqdist on the rows' device (layers with a token Gaussian)
+        self.sq = None  # [L, S] float64: Σ_t d²(x_t)/p per layer (0 where a layer has no token Gaussian)
+        self.total = None  # [L, S, p] float64: Σx per layer
+        self.head = None  # [S, LLMCHECK_ROWS, p] float32: each request's first rows at LLM-Check's layer
+        # One RowSqdist for the layers with a token Gaussian, built here (on the CPU, at load)
+        # and moved to the rows' device with the first rows; _gi: their places in self.layers
+        # (a tensor there; None when every layer has one).
+        have = [i for i, l in enumerate(self.layers) if l in cal.token]
+        widths = {cal.token[self.layers[i]].p for i in have}
+        if len(widths) > 1:
+            raise ValueError(f"EIGENWATCH_CALIBRATION: token Gaussians of widths {sorted(widths)}; "
+                             "recalibrate on one model")
+        self._g = RowSqdist([cal.token[self.layers[i]] for i in have], "cpu") if have else None
+        self._have = have
+        self._gi = None
+        self.mid_i = self.li.get(cal.llm_layer)
         self.untracked = 0
         self.refused: set[str] = set()  # ids refused at the limit: never started later with rows missing
 
     def _ensure(self, slot: int, like: torch.Tensor) -> None:
         if self.total is None:
             L, p = len(self.layers), like.shape[-1]
-            self.sq = torch.zeros((0, L), dtype=torch.float64, device=like.device)
-            self.total = torch.zeros((0, L, p), dtype=torch.float64, device=like.device)
-            self._g = {}
-            for l in self.layers:
-                g = self.cal.token.get(l)
-                if g is not None:
-                    if g.p != p:
-                        raise ValueError(f"EIGENWATCH_CALIBRATION: layer {l}'s token Gaussian is {g.p} wide, "
-                                         f"the model's rows are {p}: recalibrate on this model")
-                    self._g[l] = RowSqdist(g, like.device)
+            self.sq = torch.zeros((L, 0), dtype=torch.float64, device=like.device)
+            self.total = torch.zeros((L, 0, p), dtype=torch.float64, device=like.device)
+            self.head = torch.zeros((0, LLMCHECK_ROWS if self.mid_i is not None else 0, p), dtype=torch.float32,
+                                    device=like.device)
+            for i in self._have:
+                g = self.cal.token[self.layers[i]]
+                if g.p != p:
+                    raise ValueError(f"EIGENWATCH_CALIBRATION: layer {self.layers[i]}'s token Gaussian is {g.p} "
+                                     f"wide, the model's rows are {p}: recalibrate on this model")
+            if self._g is not None:
+                self._g.to(like.device)
+                self._gi = None if len(self._have) == L else torch.tensor(self._have, device=like.device)
             probe = self.cal.probe
             if probe is not None and len(probe.w) != p:
                 raise ValueError(f"EIGENWATCH_CALIBRATION: the token probe is {len(probe.w)} wide, the model's rows "
                                  f"are {p}: recalibrate on this model")
-        if slot >= self.total.shape[0]:
-            grow = max(slot + 1, 2 * self.total.shape[0], 8)
-            k = grow - self.total.shape[0]
-            self.sq = torch.cat([self.sq, self.sq.new_zeros((k,) + self.sq.shape[1:])])
-            self.total = torch.cat([self.total, self.total.new_zeros((k,) + self.total.shape[1:])])
+        if slot >= self.total.shape[1]:
+            grow = max(slot + 1, 2 * self.total.shape[1], 8)
+            k = grow - self.total.shape[1]
+            L, p = self.total.shape[0], self.total.shape[2]
+            self.sq = torch.cat([self.sq, self.sq.new_zeros((L, k))], dim=1)
+            self.total = torch.cat([self.total, self.total.new_zeros((L, k, p))], dim=1)
+            self.head = torch.cat([self.head, self.head.new_zeros((k,) + self.head.shape[1:])])
             self.n = np.concatenate([self.n, np.zeros(k, dtype=np.int64)])
 
     def add_step(self, rows: dict[int, torch.Tensor], items: list[tuple[str, int, int]]) -> None:
         """rows {layer: [N, p]} of one step, items (engine id, lo, hi) of the tracked requests."""
         if not items or not rows:
             return
+        if any(l not in rows for l in self.layers):  # every tapped layer gives rows every step, or none
+            raise RuntimeError(f"hidden-state statistics need rows of every tapped layer {list(self.layers)} "
+                               f"in each step, got layers {sorted(rows)}")
         n = len(items)
         ids, lo, hi = zip(*items)
         lo = np.fromiter(lo, np.int64, n)
@@ -212,38 +227,28 @@ class HiddenStatsTap:
         row_slot = host_index(np.repeat(slot, lens), like.device)
         pos_t = host_index(pos, like.device)
         self.n[slot] += lens
-        for l, x in rows.items():
-            li = self.li.get(l)
-            if li is None:
-                continue
-            xs = x.index_select(0, pos_t).double()  # [M, p]
-            self.total[:, li].index_add_(0, row_slot, xs)
-            g = self._g.get(l)
-            if g is not None:
-                self.sq[:, li].index_add_(0, row_slot, g(xs))
-            if l == self.cal.llm_layer:
-                self._mid_rows(xs, slot, lens)
-
-    def _mid_rows(self, xs: torch.Tensor, slot: np.ndarray, lens: np.ndarray) -> None:
-        # xs is this step's own float64 copy (index_select made it). In a decode-only step each
-        # request keeps a view of its row: the step's rows stay one tensor, all of it owned by
-        # requests. With a prefill chunk among them, views would keep the chunk alive as long
-        # as the longest of the others: there each request copies its rows.
-        decode_only = xs.shape[0] == len(slot)
-        over = (self.n[slot] > xs.shape[1]).tolist()  # more rows than width: the scatter is smaller
-        for s, part, big in zip(slot.tolist(), xs.split(lens.tolist()), over):
-            if not decode_only:
-                part = part.clone()
-            acc = self.mid.get(s)
-            if acc is None:
-                acc = self.mid[s] = []
-            elif isinstance(acc[0], str):  # ["scatter", XᵀX]
-                acc[1].addmm_(part.T, part)
-                continue
-            acc.append(part)
-            if big:
-                X = torch.cat(acc)
-                self.mid[s] = ["scatter", X.T @ X]
+        # All layers at once: a few ops per step, not a few per layer (a decode step is
+        # ~5 ms on the tiny Llama, and each op costs µs). float64 for the sums.
+        # (The rows are float32 as captured; a float32 copy is exact.)
+        x32 = torch.stack([rows[l].index_select(0, pos_t) for l in self.layers]).float()  # [L, M, p]
+        self.total.index_add_(1, row_slot, x32.double())
+        if self._g is not None:
+            if self._gi is None:
+                self.sq.index_add_(1, row_slot, self._g(x32))  # [L, M]
+            else:
+                d2 = self._g(x32.index_select(0, self._gi))  # [G, M]
+                for j, i in enumerate(self._gi.tolist()):
+                    self.sq[i].index_add_(0, row_slot, d2[j])
+        if self.mid_i is not None:
+            # Each row's place among its request's rows: those before LLMCHECK_ROWS go to
+            # the request's head, all of this step's in one copy (float32, as captured).
+            at = np.repeat(self.n[slot] - lens, lens) + (np.arange(len(pos)) - np.repeat(starts, lens))
+            keep = at < LLMCHECK_ROWS
+            if keep.any():
+                dev = like.device
+                pick = host_index(np.flatnonzero(keep), dev)
+                src = x32[self.mid_i].index_select(0, pick)
+                self.head.index_put_((row_slot.index_select(0, pick), host_index(at[keep], dev)), src)
 
     def finish(self, engine_id: str) -> dict[int, HiddenPart] | None:
         """The request ended: its parts per layer (None if it was not tracked); its slot is freed."""
@@ -254,10 +259,8 @@ class HiddenStatsTap:
         n = int(self.n[s])
         parts = None
         if n > 0:
-            mid = self.mid.get(s)
-            if mid:
-                mid = ("scatter", mid[1]) if isinstance(mid[0], str) else ("rows", torch.cat(mid))
-            parts = {l: HiddenPart(self.cal, l, n, self.sq[s, i].clone(), self.total[s, i].clone(),
+            mid = self.head[s, :min(n, LLMCHECK_ROWS)].clone() if self.mid_i is not None else None
+            parts = {l: HiddenPart(self.cal, l, n, self.sq[i, s].clone(), self.total[i, s].clone(),
                                    mid if l == self.cal.llm_layer else None)
                      for i, l in enumerate(self.layers)}
         self._release(s)
@@ -272,9 +275,8 @@ class HiddenStatsTap:
 
     def _release(self, s: int) -> None:
         self.n[s] = 0
-        self.sq[s].zero_()
-        self.total[s].zero_()
-        self.mid.pop(s, None)
+        self.sq[:, s].zero_()
+        self.total[:, s].zero_()
         self.slots.release(s)
 
     def attach_running(self, seeds) -> None:
@@ -285,8 +287,8 @@ class HiddenStatsTap:
             i = self.li.get(seed.layer)
             if s is None or i is None or seed.final:
                 continue
-            seed.hidden = HiddenPart(self.cal, seed.layer, int(self.n[s]), self.sq[s, i].clone(),
-                                     self.total[s, i].clone(), None)
+            seed.hidden = HiddenPart(self.cal, seed.layer, int(self.n[s]), self.sq[i, s].clone(),
+                                     self.total[i, s].clone(), None)
 
     def before_step(self, finished, pending: list) -> int:
         """Finished requests hand their parts to their final frame seeds in `pending`;

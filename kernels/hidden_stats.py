@@ -6,14 +6,15 @@ score's hidden-state voters: one place for the math the offline detectors
 - `LowRankGaussian`: mean m, Σ⁻¹ = (1/a)(I − U diag(w) Uᵀ) with w = bλ/(a + bλ)
   (a shrunk covariance a·I + b·U diag(λ) Uᵀ, U [p, r] orthonormal, r ≤ 256). Its
   state is the JSON the calibration file stores. Squared distance of a row:
-  d²(x) = (‖z‖² − Σ_k w_k (u_kᵀ z)²) / a, z = x − m: O(p·r) per row, so the tap
-  scores every token on the device without a p × p matrix.
-- `RowSqdist` (torch): that distance for a batch of rows, float64 where digits
-  cancel and float32 for the bulk of the projections.
-- `llmcheck_scatter` / `llmcheck_rows`: LLM-Check's hidden score (Sriramanan et
-  al., 2024) of a text's rows at one layer, from its sums (offline) or from the
-  rows themselves (the tap keeps ≤ p rows: then the n × n Gram is the cheaper
-  matrix with the same non-zero eigenvalues).
+  d²(x) = (‖z‖² − Σ_k w_k (u_kᵀ z)²) / a, z = x − m: O(p·r) per row (the tap's
+  RowSqdist: O(p²) as one product), so the tap scores every token on the device
+  without inverting a p × p matrix.
+- `RowSqdist` (torch): that distance for a batch of rows (at several layers in
+  one call), as one float32 sum of squares that loses no digits.
+- `llmcheck_rows` / `llmcheck_scatter`: LLM-Check's hidden score (Sriramanan et
+  al., 2024) of a text's first LLMCHECK_ROWS rows at one layer (both the tap and
+  the offline capture keep those rows), through the n × n Gram while n ≤ p, or
+  from the rows' sums.
 - `LinearProbe`: a linear head on one layer's token states (the token_probe
   detector, monitor/token_probe.py); its mean logit over a text's rows is the
   head applied to the rows' mean, so the tap needs only the Σx it already keeps.
@@ -30,6 +31,14 @@ import json
 import numpy as np
 
 RIDGE = 1e-3  # LLM-Check's ridge on σ²
+# LLM-Check reads a text's first LLMCHECK_ROWS rows at its layer. A whole request's
+# rows would cost the tap min(n, p)·p numbers per request and, past p rows, a p × p
+# scatter update per request per step: 134 MB and a 4096² rank-1 update per decode
+# token at p = 4096 (an 8B model). The first 256 keep it at 256·p float32 per
+# request and one copy per step. MiniLM reads at most 256 tokens anyway; on the
+# tiny Llama 58 of bench/bench_detect.py's 1,450 texts are longer, and its
+# AUROCs moved by ≤ 0.003 (README).
+LLMCHECK_ROWS = 256
 
 
 def middle_layer(layers) -> int:
@@ -125,49 +134,65 @@ class LinearProbe:
 
 
 class RowSqdist:
-    """torch: d²(x_t)/p of batches of rows against one `LowRankGaussian`, on the
-    rows' device -> [N] float64, ≥ 0. The tap calls it on every token it keeps.
+    """torch: d²(x_t)/p of batches of rows against `LowRankGaussian`s of one width,
+    on the rows' device, float64 and ≥ 0. One Gaussian: rows [N, p] -> [N]. Several
+    (the tap's layers, one call per step): rows [G, N, p] -> [G, N], Gaussian g
+    scoring x[g]. The tap calls it on every token it keeps.
 
-    d² = Σ_k (1 − w_k)/a·(u_kᵀz)² + (‖z‖² − ‖Uᵀz‖²)/a, z = x − m: the same
-    number as `LowRankGaussian.sqdist`, written so that no large terms cancel
-    where it matters. The centring runs in float64 (a dimension with a large
-    mean and a small spread keeps its digits), and so do the projections on the
-    few directions whose variance is over `hi_cond` times the isotropic part a
-    (w_k > 0.99: on MiniLM 2–7 of 256 per layer); the rest of the projections, the
-    bulk of the O(p·r) work, run in float32, about twice as fast on a CPU. Their
-    rounding errors are weighted by 1 − w_k ≥ 1/hi_cond, and the residual
-    ‖z‖² − ‖Uᵀz‖² (only when r < p) loses what the float64 directions
-    remove exactly. Against the float64 reference, spectra with condition
-    numbers up to 4·10⁵: ≤ 1.2e-5 relative per row (tests/test_hidden_stats.py,
-    5 draws of each spectrum; the residual's float32 rounding is most of it);
-    all in float64, (‖z‖² − Σ w_k (u_kᵀz)²)/a with float32 projections lost up
-    to 2% on the same rows.
+    d²·a = Σ_k (1 − w_k)(u_kᵀz)² + ‖Vᵀz‖², z = x − m, V an orthonormal basis of
+    the directions U leaves out (p − r of them; none when r = p): the same number
+    as `LowRankGaussian.sqdist`, as one sum of squares, so nothing cancels. With
+    the weights folded in it is ‖zB‖² for B = [U·diag(√(1 − w)), V] [p, p]: one
+    product, in float32. The mean is subtracted in two float32 parts (m rounded,
+    then the rounding's remainder): where x is near m (a dimension with a large
+    mean and a small spread) the first difference is exact, so z keeps its
+    digits as if centred in float64. Against the float64 reference, spectra with
+    condition numbers up to 4·10⁵: ≤ 1e-6 relative per row (tests/
+    test_hidden_stats.py). Two earlier forms: ‖z‖² − ‖Uᵀz‖² for the left-out
+    directions lost up to 1.1e-5 (with float64 centring and float64 for the
+    widest directions); (‖z‖² − Σ w_k (u_kᵀz)²)/a with float32 projections up to
+    2%. At p = 384, r = 256 the product has p columns instead of r, and the call
+    still takes under half the time of the first form on 4,096 rows: the float64
+    passes over [N, p] cost more than the product (bench: README, "What it costs").
     """
 
-    def __init__(self, g: "LowRankGaussian", device, hi_cond: float = 100.0):
+    def __init__(self, gs, device):
         import torch
 
-        w = g.weights()
-        hi = (g.a + g.b * g.lam) / g.a > hi_cond  # [r]
+        self.single = isinstance(gs, LowRankGaussian)
+        gs = [gs] if self.single else list(gs)
+        p = gs[0].p
+        if any(g.p != p for g in gs):
+            raise ValueError(f"RowSqdist: Gaussians of widths {sorted({g.p for g in gs})}; one call needs one width")
+        B = np.zeros((len(gs), p, p))  # zero columns where a Gaussian has fewer (r < p and no V: n < p rows)
+        for i, g in enumerate(gs):
+            r = g.U.shape[1]
+            B[i, :, :r] = g.U * np.sqrt(1.0 - g.weights())
+            if r < p:  # the left-out directions, weight 1
+                B[i, :, r:] = np.linalg.qr(g.U, mode="complete")[0][:, r:]
+        mean = np.stack([g.mean for g in gs])  # [G, p]
+        m_hi = mean.astype(np.float32)
+        self.B = torch.as_tensor(B, dtype=torch.float32, device=device)  # [G, p, p]
+        self.m_hi = torch.as_tensor(m_hi, device=device)[:, None]  # [G, 1, p] float32
+        self.m_lo = torch.as_tensor((mean - m_hi).astype(np.float32), device=device)[:, None]  # the remainder
+        self.scale = torch.as_tensor([g.a * g.p for g in gs], dtype=torch.float64, device=device)[:, None]  # [G, 1]
 
-        def t(v, dtype=torch.float64):
-            return torch.as_tensor(np.ascontiguousarray(v), dtype=dtype, device=device)
-
-        self.mean = t(g.mean)  # [p]
-        self.U_hi, self.s_hi = t(g.U[:, hi]), t(1.0 - w[hi])  # [p, k], [k] float64
-        self.U_lo, self.s_lo = t(g.U[:, ~hi], torch.float32), t(1.0 - w[~hi])  # [p, r − k] float32, [r − k]
-        self.full = g.U.shape[1] >= g.p  # U spans every direction: the residual is 0
-        self.a, self.p = float(g.a), int(g.p)
+    def to(self, device) -> "RowSqdist":
+        """The same distances on another device (the bases are built once, on the CPU:
+        a complete QR per Gaussian, 80 ms at p = 384, kept out of the first forward)."""
+        for name in ("B", "m_hi", "m_lo", "scale"):
+            setattr(self, name, getattr(self, name).to(device))
+        return self
 
     def __call__(self, x):
-        z = x.double() - self.mean  # [N, p]
-        ph = z @ self.U_hi  # [N, k]
-        pl = (z.float() @ self.U_lo).double()  # [N, r − k]
-        ph2, pl2 = ph * ph, pl * pl
-        d2 = ph2 @ self.s_hi + pl2 @ self.s_lo  # [N]
-        if not self.full:
-            d2 += ((z * z).sum(dim=1) - ph2.sum(dim=1) - pl2.sum(dim=1)).clamp_min_(0.0)
-        return (d2 / self.a).clamp_min_(0.0) / self.p
+        import torch
+
+        if self.single:
+            x = x[None]  # [1, N, p]
+        z = (x.float() - self.m_hi).sub_(self.m_lo)  # [G, N, p] float32, a new tensor
+        d2 = torch.linalg.vector_norm(torch.bmm(z, self.B), dim=2).double().square_()  # [G, N] a·d²
+        d2 = d2.div_(self.scale)
+        return d2[0] if self.single else d2
 
 
 def llmcheck_scatter(count: int, total, scatter, ridge: float = RIDGE) -> float:

@@ -1,19 +1,20 @@
 """LLM-Check's hidden score (Sriramanan et al., 2024) and its detector (numpy only).
 
 At the middle tapped layer (tapped layers sorted, index len//2), Z = H − mean
-over tokens of the text's T×d hidden-state matrix H, σ_i its singular values
-(i = 1..min(T, d)), and
+over tokens of the T×d matrix H of the text's first T ≤ 256 hidden states
+(kernels/hidden_stats.LLMCHECK_ROWS: what the live tap can keep per request),
+σ_i its singular values (i = 1..min(T, d)), and
 
     score = mean_i ½·log(σ_i² + 1e-3)
 
-the mean log singular value with a 1e-3 ridge on σ². Computed from the
-text's token sums (n, Σx, XᵀX; hooks/capture.py), which both engines capture
-alike: the centred scatter C = XᵀX − n·μμᵀ (μ = Σx/n) is ZᵀZ, whose top
-min(n, d) eigenvalues are the σ_i². (Z has rank ≤ T − 1, so for T ≤ d one term
-is ½·log 1e-3, the same for every text of that length.) The detector: the
-two-sided robust deviation |s − median| / (1.4826·MAD) from the reference.
-The score itself is computed in kernels/hidden_stats.py, which the live tap
-shares (re-exported here).
+the mean log singular value with a 1e-3 ridge on σ². Both engines capture
+those rows alike (hooks/capture.py), and so does the live tap: through the
+T × T Gram Z Zᵀ while T ≤ d (its eigenvalues are the σ_i²), else the centred
+scatter ZᵀZ. (Z has rank ≤ T − 1, so for T ≤ d one term is ½·log 1e-3, the
+same for every text of that length.) The detector: the two-sided robust
+deviation |s − median| / (1.4826·MAD) from the reference. The score itself is
+computed in kernels/hidden_stats.py, which the live tap shares (re-exported
+here).
 """
 
 from __future__ import annotations

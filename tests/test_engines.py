@@ -179,6 +179,7 @@ def test_token_sums_are_exact_bounded_and_mark_failures():
 
     from eigenwatch.hooks._vllm_worker import _VllmTap, external_request_id
     from eigenwatch.hooks.capture import TokenSums
+    from eigenwatch.kernels.hidden_stats import LLMCHECK_ROWS
 
     sums = TokenSums(max_done=2)
     x = torch.randn(9, 5)
@@ -191,12 +192,23 @@ def test_token_sums_are_exact_bounded_and_mark_failures():
     assert list(sums.done) == ["b-0000000b", "c-0000000c"] and sums.evicted == 1
     got = sums.pop(["b", "c-0000000c", "a", "zzz"], alias=external_request_id)
     assert set(got) == {"b", "c-0000000c"} and got["c-0000000c"] is None
-    n, s, S = got["b"][2]
+    n, s, S, head = got["b"][2]
     rows = x[3:7].double().numpy()
     assert n == 4 and s.dtype == np.float64
     np.testing.assert_allclose(s, rows.sum(0), rtol=1e-12)
     np.testing.assert_allclose(S, rows.T @ rows, rtol=1e-12)
+    np.testing.assert_array_equal(head, rows)
     assert len(sums) == 0
+
+    # LLM-Check's rows stop at LLMCHECK_ROWS, across chunks that straddle it; the sums go on
+    long = torch.randn(LLMCHECK_ROWS + 40, 5)
+    sums = TokenSums()
+    for lo, hi in ((0, 100), (100, LLMCHECK_ROWS + 7), (LLMCHECK_ROWS + 7, LLMCHECK_ROWS + 40)):
+        sums.add(1, long[lo:hi], [("e-0000000e", 0, hi - lo)])
+    n, s, _, head = sums.pop(["e-0000000e"])["e-0000000e"][1]
+    assert n == LLMCHECK_ROWS + 40
+    np.testing.assert_array_equal(head, long[:LLMCHECK_ROWS].double().numpy())
+    np.testing.assert_allclose(s, long.double().sum(0).numpy(), rtol=1e-12)
 
     tap = _VllmTap.__new__(_VllmTap)  # only the capture half: no worker, no exporter
     tap.sums, tap.hook_errors, tap._logged = TokenSums(), 0, set()

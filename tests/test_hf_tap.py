@@ -46,8 +46,9 @@ def test_hf_frames_match_hidden_states(tiny, n_tokens, window, stride):
         if layer == model.config.num_hidden_layers - 1:
             continue  # transformers applies the final norm to the last hidden state
         rows = hidden[layer + 1][0].double().numpy()
-        n, total, scatter = sums[layer]
+        n, total, scatter, head = sums[layer]
         assert n == n_tokens
+        np.testing.assert_allclose(head, rows[:256], rtol=1e-6, atol=1e-6 * np.abs(rows).max())  # LLM-Check's rows
         np.testing.assert_allclose(total, rows.sum(0), rtol=1e-6, atol=1e-6 * np.abs(rows).max())
         np.testing.assert_allclose(scatter, rows.T @ rows, rtol=1e-6, atol=1e-6 * np.abs(rows.T @ rows).max())
         for f in mine:
@@ -105,8 +106,8 @@ def test_a_batch_of_texts_gives_each_text_what_its_own_forward_gives(tiny):
             np.testing.assert_allclose(f.eigenvalues, w.eigenvalues, rtol=1e-4, atol=1e-4 * w.eigenvalues[0])
             np.testing.assert_allclose(f.descriptors, w.descriptors, rtol=1e-3, atol=1e-4)
         for layer in batched.layers:
-            n, total, scatter = sums[layer]
-            assert n == w_sums[layer][0]
+            n, total, scatter, head = sums[layer]
+            assert n == w_sums[layer][0] and head.shape == w_sums[layer][3].shape
             np.testing.assert_allclose(total, w_sums[layer][1], rtol=1e-5, atol=1e-5 * np.abs(w_sums[layer][1]).max())
             np.testing.assert_allclose(scatter, w_sums[layer][2], rtol=1e-5,
                                        atol=1e-5 * np.abs(w_sums[layer][2]).max())

@@ -162,7 +162,8 @@ def _demo_calibration(far: float) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     say(f"\n[1/3] calibrating on {len(ref)} passages of Python's documentation (`eigenwatch calibrate`, "
         "once; about a minute here, its log goes to the log file)")
-    with tempfile.TemporaryDirectory() as tmp:
+    # Next to the cache file: os.replace below cannot cross file systems.
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".calibrating-") as tmp:
         texts = Path(tmp) / "reference.jsonl"
         texts.write_text("".join(json.dumps({"id": f"ref{i}", "text": t}) + "\n" for i, t in enumerate(ref)))
         part = Path(tmp) / "calib.json"

@@ -39,6 +39,7 @@ from eigenwatch.kernels.descriptors import DESCRIPTOR_NAMES
 from eigenwatch.monitor import calibration as calib
 from eigenwatch.monitor.combined import SUPERVISED, Combined, combined_voters, corruption_weights
 from eigenwatch.monitor.eigentrack import EigenTrack, RiskModelError
+from eigenwatch.kernels.hidden_stats import LLMCHECK_ROWS
 from eigenwatch.monitor.llmcheck import RIDGE, LLMCheckHidden, middle_layer
 from eigenwatch.monitor.mahalanobis import (DescriptorMahalanobis, HiddenMahalanobis, TokenMahalanobis,
                                             TokenMoments)
@@ -250,7 +251,7 @@ def calibrate(args) -> int:
         "n_fit": len(fit_feats),
         "n_calibration": n_cal,
         "split_seed": args.seed,
-        "llmcheck": {"layer": middle_layer(tapped), "ridge": RIDGE},
+        "llmcheck": {"layer": middle_layer(tapped), "ridge": RIDGE, "rows": LLMCHECK_ROWS},
         "detectors": {name: d.state() for name, d in detectors.items()},
         "combined": combined.state(),
         # every detector's scores on the calibration texts (the combined keeps its voters'):

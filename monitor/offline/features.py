@@ -25,7 +25,7 @@ import numpy as np
 
 from eigenwatch.kernels.descriptors import INDEX
 from eigenwatch.monitor.eigentrack import frames_to_sequence
-from eigenwatch.monitor.llmcheck import llmcheck_scatter, middle_layer
+from eigenwatch.monitor.llmcheck import llmcheck_rows, middle_layer
 from eigenwatch.monitor.spectral_spike import relative
 from eigenwatch.monitor.tokenrows import FEATURE as TOKEN_ROWS
 from eigenwatch.monitor.tokenrows import keep_rows
@@ -59,11 +59,11 @@ def frame_features(frames, layers: tuple[int, ...]) -> dict | None:
 
 
 def sum_features(sums: dict, layers: tuple[int, ...], token=None) -> dict:
-    """pooled, llmcheck and (with `token`) token_maha from {layer: (n, Σx, XᵀX)}."""
+    """pooled, llmcheck and (with `token`) token_maha from {layer: (n, Σx, XᵀX, first rows)}."""
     out = {"pooled": {l: sums[l][1] / sums[l][0] for l in layers},
-           "llmcheck": llmcheck_scatter(*sums[middle_layer(layers)])}
+           "llmcheck": llmcheck_rows(sums[middle_layer(layers)][3])}
     if token is not None:
-        vals = {l: token.observe(l, *sums[l]) for l in layers}
+        vals = {l: token.observe(l, *sums[l][:3]) for l in layers}
         vals = {l: v for l, v in vals.items() if v is not None}
         if vals:
             out["token_maha"] = vals
@@ -75,7 +75,7 @@ def _problem(ids, frames, sums, layers) -> str | None:
         return "the tap produced no frames"
     if not sums or any(l not in sums for l in layers):
         return "the tap captured no hidden states for some layer"
-    if not all(np.isfinite(s).all() and np.isfinite(S).all() for _, s, S in (sums[l] for l in layers)):
+    if not all(np.isfinite(s).all() and np.isfinite(S).all() for _, s, S, _ in (sums[l] for l in layers)):
         return "NaN/Inf activations"
     rows = [int(sums[l][0]) for l in layers]
     if any(n != len(ids) for n in rows):
