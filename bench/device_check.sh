@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks, as one device run (H100/H200): the window-spectra kernels,
 # compiled on CUDA against float64 references, their GPU table, the tap's cost
-# per CUDA-graph decode step (bench_decode_gpu.py) and the Sparton GPU cases.
+# per CUDA-graph decode step (bench_decode_gpu.py), the Sparton GPU cases and
+# the live hidden-state statistics' RowSqdist (bench_hidden.py).
 #
 # The device machine has torch, triton and numpy but no pytest; carry its
 # wheels (run once here, in the repo root):
@@ -24,3 +25,5 @@ echo "== bench/bench_decode_gpu.py (the tap's cost per decode step, CUDA graphs 
 timeout 300 python3 bench/bench_decode_gpu.py
 echo "== bench/bench_sparton.py (GPU cases)"
 timeout 240 python3 bench/bench_sparton.py --rounds 5
+echo "== bench/bench_hidden.py (the live statistics' RowSqdist on CUDA against float64; p = 4096 as an 8B model)"
+timeout 120 python3 bench/bench_hidden.py --device cuda --p 4096,384 --rows 64,4096 --repeats 10

@@ -157,7 +157,14 @@ class RowSqdist:
     projections up to 2%. Against the first form (float64 centring and residual, per layer), one
     run on 3 layers × 4,096 rows: 0.47× the time at p = r = 256, 0.63× at
     p = 384, r = 256, where V's 128 columns make the product p × p; 0.41× and
-    0.73× on 3 × 64 rows (a decode step).
+    0.73× on 3 × 64 rows (a decode step). Past p = 2r the product with V would
+    be the larger one (p = 4096, r = 256: 16× the work of Uᵀz), so there the
+    left-out part is ‖z − U Uᵀz‖², from one product with [U·diag(√(1 − w)), U]
+    [p, 2r] and one with Uᵀ: 3·p·r per row. The residual is formed, not taken
+    as ‖z‖² − ‖Uᵀz‖², which cancels when z lies almost inside U's span: on
+    bench/bench_hidden.py --p 4096, 2.8e-4 as a difference, 1.1e-6 formed (and
+    6.5× the float64 reference's time through V, 1.1–1.6× this way, one CPU
+    thread against numpy's BLAS).
     """
 
     def __init__(self, gs, device):
@@ -168,12 +175,22 @@ class RowSqdist:
         p = gs[0].p
         if any(g.p != p for g in gs):
             raise ValueError(f"RowSqdist: Gaussians of widths {sorted({g.p for g in gs})}; one call needs one width")
-        B = np.zeros((len(gs), p, p))  # zero columns where a Gaussian has fewer (r < p and no V: n < p rows)
+        rmax = max(g.U.shape[1] for g in gs)
+        # V would make the product p × p; past p = 2r (an 8B model: p = 4096, r = 256) that
+        # is more than U and U scaled together, and the left-out part is ‖z‖² − ‖Uᵀz‖².
+        self.resid = p > 2 * rmax
+        B = np.zeros((len(gs), p, 2 * rmax if self.resid else p))  # zero columns where a Gaussian has fewer
         for i, g in enumerate(gs):
             r = g.U.shape[1]
             B[i, :, :r] = g.U * np.sqrt(1.0 - g.weights())
-            if r < p:  # the left-out directions, weight 1
+            if self.resid:
+                B[i, :, rmax:rmax + r] = g.U
+            elif r < p:  # the left-out directions, weight 1
                 B[i, :, r:] = np.linalg.qr(g.U, mode="complete")[0][:, r:]
+        self.rmax = rmax
+        # [G, r, p]: Uᵀ, to take Uᵀz back out of z (resid)
+        self.Ut = torch.as_tensor(B[:, :, rmax:].transpose(0, 2, 1).copy(), dtype=torch.float32, device=device) \
+            if self.resid else None
         mean = np.stack([g.mean for g in gs])  # [G, p]
         m_hi = mean.astype(np.float32)
         self.B = torch.as_tensor(B, dtype=torch.float32, device=device)  # [G, p, p]
@@ -184,8 +201,9 @@ class RowSqdist:
     def to(self, device) -> "RowSqdist":
         """The same distances on another device (the bases are built once, on the CPU:
         a complete QR per Gaussian, 80 ms at p = 384, kept out of the first forward)."""
-        for name in ("B", "m_hi", "m_lo", "scale"):
-            setattr(self, name, getattr(self, name).to(device))
+        for name in ("B", "Ut", "m_hi", "m_lo", "scale"):
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name).to(device))
         return self
 
     def __call__(self, x):
@@ -194,7 +212,15 @@ class RowSqdist:
         if self.single:
             x = x[None]  # [1, N, p]
         z = (x.float() - self.m_hi).sub_(self.m_lo)  # [G, N, p] float32, a new tensor
-        d2 = torch.linalg.vector_norm(torch.bmm(z, self.B), dim=2).double().square_()  # [G, N] a·d²
+        y = torch.bmm(z, self.B)
+
+        def sq(t):  # [G, N] float64 squared norms of the last dimension
+            return torch.linalg.vector_norm(t, dim=2).double().square_()
+
+        if self.resid:  # a·d² = ‖scaled Uᵀz‖² + ‖z − U Uᵀz‖²: the residual itself, not a difference of norms
+            d2 = sq(y[..., :self.rmax]) + sq(z.sub_(torch.bmm(y[..., self.rmax:], self.Ut)))
+        else:
+            d2 = sq(y)  # [G, N] a·d²
         d2 = d2.div_(self.scale)
         return d2[0] if self.single else d2
 

@@ -126,11 +126,12 @@ def test_row_sqdist_matches_the_float64_reference():
 
 
 @pytest.mark.parametrize("p,n,scale", [(384, 5000, 30.0), (256, 3000, 100.0), (383, 200, 10.0), (64, 1000, 1000.0),
-                                       (300, 20000, 3.0)])
+                                       (300, 20000, 3.0), (300, 60, 30.0)])
 def test_row_sqdist_keeps_its_digits_on_ill_conditioned_spectra(p, n, scale):
     """Token Gaussians whose covariance spans 5 decades, with a dimension of large mean and small
     spread (a "massive activation") and one of large spread: full rank (r = p), low rank from
-    moments (p > 256 keeps 256 directions) and from fewer rows than dimensions (n < p). Against
+    moments (p > 256 keeps 256 directions) and from fewer rows than dimensions (n < p; with
+    n < p/2 the left-out part is formed as z − U Uᵀz instead of projected on V). Against
     LowRankGaussian.sqdist in float64 on the same float32 rows: ≤ 2e-6 relative per row (measured
     up to 8.4e-7 over 3 draws of each spectrum). Earlier forms: ‖z‖² − ‖Uᵀz‖² for the left-out
     directions reached 1.1e-5; the plain (‖z‖² − Σ w_k (u_kᵀz)²)/a with float32 projections is
@@ -147,6 +148,7 @@ def test_row_sqdist_keeps_its_digits_on_ill_conditioned_spectra(p, n, scale):
     X = rows(n)
     g = ShrinkageGaussian.from_moments(n, X.sum(0), X.T @ X) if n > p else ShrinkageGaussian().fit(X)
     assert (g.a + g.b * g.lam.max()) / g.a > 700  # the spectrum is as awkward as intended
+    assert RowSqdist(g, torch.device("cpu")).resid == (p > 2 * g.U.shape[1])
     Y = rows(500).astype(np.float32)
     ref = g.sqdist(Y.astype(np.float64)) / p
     got = RowSqdist(g, torch.device("cpu"))(torch.from_numpy(Y)).numpy()
@@ -172,6 +174,13 @@ def test_row_sqdist_of_several_gaussians_in_one_call_equals_each_alone():
     for i, g in enumerate(gs):
         alone = RowSqdist(g, torch.device("cpu"))(torch.from_numpy(Y[i])).numpy()
         np.testing.assert_allclose(both[i], alone, rtol=1e-12)
+        np.testing.assert_allclose(both[i], g.sqdist(Y[i].astype(np.float64)) / p, rtol=2e-6)
+    # ranks under p/2 (the left-out part formed as z − U Uᵀz), of different ranks in one call
+    low = [ShrinkageGaussian().fit(rng.standard_normal((m, p)) * np.geomspace(0.1, 10, p)) for m in (12, 16)]
+    call = RowSqdist(low, torch.device("cpu"))
+    assert call.resid
+    both = call(torch.from_numpy(Y[:2])).numpy()
+    for i, g in enumerate(low):
         np.testing.assert_allclose(both[i], g.sqdist(Y[i].astype(np.float64)) / p, rtol=2e-6)
     # a float64 input is left as it was
     y64 = torch.from_numpy(Y[0].astype(np.float64))
