@@ -7,7 +7,9 @@
   with a dimension of large mean and small spread.
 - hooks/hidden.HiddenStatsTap.add_step (when eigenwatch is installed: not on a
   bare GPU checkout): ms per prefill step and per decode step of R requests,
-  before and past LLMCHECK_ROWS rows per request.
+  before and past LLMCHECK_ROWS rows per request; and the exporter's finishing
+  math for their final frames (hooks/hidden.part_values), batched against one
+  frame at a time.
 
     python bench/bench_hidden.py [--p 256,384] [--rows 64,4096] [--layers 3] [--requests 64] [--device auto]
 
@@ -83,7 +85,7 @@ def bench_kernel(args, device, sync) -> None:
 
 def bench_tap(args) -> None:
     try:
-        from eigenwatch.hooks.hidden import HiddenCalibration, HiddenStatsTap
+        from eigenwatch.hooks.hidden import HiddenCalibration, HiddenStatsTap, part_values
         from eigenwatch.kernels.hidden_stats import LinearProbe
     except ImportError as exc:
         print(f"HiddenStatsTap: skipped ({exc}; install eigenwatch to time the tap's step)")
@@ -103,17 +105,30 @@ def bench_tap(args) -> None:
             tap.finish(rid)
         prompt = 64
         pre = {l: torch.randn(R * prompt, p) for l in layers}
-        t = time.perf_counter()
-        tap.add_step(pre, [(f"r{i}", i * prompt, (i + 1) * prompt) for i in range(R)])
-        t_pre = 1e3 * (time.perf_counter() - t)
-        decode = [(f"r{i}", i, i + 1) for i in range(R)]
+        t_pre = []
+        for rep in range(5):  # the last round's requests stay for the decode steps
+            t = time.perf_counter()
+            tap.add_step(pre, [(f"r{rep}.{i}", i * prompt, (i + 1) * prompt) for i in range(R)])
+            t_pre.append(time.perf_counter() - t)
+            if rep < 4:
+                for i in range(R):
+                    tap.finish(f"r{rep}.{i}")
+        decode = [(f"r4.{i}", i, i + 1) for i in range(R)]
         before, past = [], []
         for step in range(LLMCHECK_ROWS + 64 - prompt):
             t = time.perf_counter()
             tap.add_step(one, decode)
             (before if prompt + step < LLMCHECK_ROWS else past).append(time.perf_counter() - t)
-        print(f"  p={p}: prefill {R}×{prompt} rows {t_pre:7.2f} ms; decode step {1e3 * statistics.median(before):6.3f} ms "
-              f"(< {LLMCHECK_ROWS} rows each), {1e3 * statistics.median(past):6.3f} ms (past {LLMCHECK_ROWS})")
+        print(f"  p={p}: prefill {R}×{prompt} rows {1e3 * statistics.median(t_pre):7.2f} ms; decode step "
+              f"{1e3 * statistics.median(before):6.3f} ms (< {LLMCHECK_ROWS} rows each), "
+              f"{1e3 * statistics.median(past):6.3f} ms (past {LLMCHECK_ROWS})")
+        # The exporter's finishing math for R requests' final frames at every layer: one batch
+        # (what it runs) against one call per frame.
+        parts = [part for i in range(R) for part in tap.finish(f"r4.{i}").values()]
+        t_batch = timed(lambda: part_values(parts), 5, lambda: None)
+        t_each = timed(lambda: [part.values() for part in parts], 5, lambda: None)
+        print(f"  p={p}: finishing {len(parts)} frames ({R} requests, {LLMCHECK_ROWS} rows each for LLM-Check): "
+              f"batched {t_batch:7.2f} ms, one by one {t_each:7.2f} ms")
 
 
 def main() -> None:

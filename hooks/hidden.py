@@ -16,13 +16,16 @@ carries a few numbers (HiddenStats in monitor.proto), never the states:
   w·(Σx/n) + b from the same running Σx (kernels/hidden_stats.LinearProbe).
 
 Per step (inside the post-step work, batched over requests and layers): one
-[L, N, p] × [L, p, p] product and one index_add each of the rows and their
-distances into the requests' slots, and one copy of the middle layer's rows
-that are among their request's first 256 into the requests' heads.
-The finishing math (one p-wide distance, one Cholesky) runs on the exporter's
-thread (HiddenPart.values), never in the forward. The request's other frames
-carry the running values of all but LLM-Check (the rows so far: two p-wide copies
-per frame), for the sidecar's running combined value during generation.
+[L, N, p] × [L, p, p] product for the distances, the rows summed per request
+in float32 (centred on the calibration's mean, so the sums keep their digits)
+and added into the requests' float64 slots, one index_add of the distances,
+and one copy of the middle layer's rows that are among their request's first
+256 into the requests' heads. The finishing math (the pooled distances and
+probe logits of all the frames the exporter is sending, one product each; a
+Cholesky per request for LLM-Check) runs on the exporter's thread
+(`part_values`), never in the forward. The request's other frames carry the
+running values of all but LLM-Check (the rows so far: two p-wide copies per
+frame), for the sidecar's running combined value during generation.
 
 Memory per tracked request: L·p + L float64 sums, plus 256·p float32 at the
 middle layer (256 KB at p = 256, 4 MB at p = 4096); slots grow with the
@@ -110,30 +113,54 @@ def load_hidden_calibration(path: str, tap_layers: tuple[int, ...], window: int,
 
 
 class HiddenPart:
-    """One request's sums at one layer, handed to its final frame seed; `values()`
-    (the exporter's thread) turns them into (rows, token_sqdist, pooled_sqdist,
-    llmcheck or None, calibration id, probe_logit or None)."""
+    """One request's sums at one layer, handed to its final frame seed;
+    `part_values` (the exporter's thread) turns them into (rows, token_sqdist,
+    pooled_sqdist, llmcheck or None, calibration id, probe_logit or None).
+    `total` is Σ(x − center), `center` [p] float64 the tap's centre for the layer."""
 
-    __slots__ = ("cal", "layer", "rows", "sq", "total", "mid")
+    __slots__ = ("cal", "layer", "rows", "sq", "total", "center", "mid")
 
-    def __init__(self, cal: HiddenCalibration, layer: int, rows: int, sq, total, mid):
-        self.cal, self.layer, self.rows, self.sq, self.total, self.mid = cal, layer, rows, sq, total, mid
+    def __init__(self, cal: HiddenCalibration, layer: int, rows: int, sq, total, center, mid):
+        self.cal, self.layer, self.rows, self.sq, self.total, self.center, self.mid = (
+            cal, layer, rows, sq, total, center, mid)
 
     def values(self) -> tuple:
-        n = self.rows
-        token = float(self.sq.cpu()) / n if self.layer in self.cal.token else float("nan")
-        g = self.cal.pooled.get(self.layer)
-        pooled = float("nan")
-        if g is not None:
-            mean = self.total.cpu().numpy() / n
-            pooled = float(g.sqdist(mean[None])[0]) / g.p
-        llm = None
-        if self.mid is not None:  # the request's first LLMCHECK_ROWS rows at LLM-Check's layer
-            llm = llmcheck_rows(self.mid.cpu().numpy())
-        probe = self.cal.probe
-        logit = probe.mean_logit(self.total.cpu().numpy() / n) if probe is not None and probe.layer == self.layer \
-            else None
-        return n, token, pooled, llm, self.cal.id, logit
+        return part_values([self])[0]
+
+
+def part_values(parts: list[HiddenPart]) -> list[tuple]:
+    """`HiddenPart.values` of many parts: per calibration and layer, one copy of their
+    sums to the host, one [R, p] product for the pooled distances and one for the
+    probe's logits. One call per part repeated those per frame: in the MiniLM worker
+    (512 texts × 3 layers per call) the finishing math took as many profiler samples
+    as the per-step statistics, on the cores the forward runs on. LLM-Check's
+    Cholesky stays per request (batched with padding it was slower)."""
+    out: list = [None] * len(parts)
+    groups: dict = {}
+    for i, part in enumerate(parts):
+        groups.setdefault((id(part.cal), part.layer), []).append(i)
+    for idx in groups.values():
+        cal, layer = parts[idx[0]].cal, parts[idx[0]].layer
+        n = np.array([parts[i].rows for i in idx], dtype=np.float64)  # [R]
+        token = np.full(len(idx), np.nan)
+        if layer in cal.token:
+            token = torch.stack([parts[i].sq for i in idx]).cpu().numpy() / n
+        g, probe = cal.pooled.get(layer), cal.probe
+        if probe is not None and probe.layer != layer:
+            probe = None
+        pooled, logit = np.full(len(idx), np.nan), [None] * len(idx)
+        if g is not None or probe is not None:
+            mean = torch.stack([parts[i].total for i in idx]).cpu().numpy() / n[:, None]  # [R, p] of x − center
+            mean += parts[idx[0]].center
+            if g is not None:
+                pooled = g.sqdist(mean) / g.p
+            if probe is not None:
+                logit = (mean @ probe.w + probe.b).tolist()
+        for j, i in enumerate(idx):
+            mid = parts[i].mid  # the request's first LLMCHECK_ROWS rows at LLM-Check's layer
+            llm = llmcheck_rows(mid.cpu().numpy()) if mid is not None else None
+            out[i] = (parts[i].rows, float(token[j]), float(pooled[j]), llm, cal.id, logit[j])
+    return out
 
 
 class HiddenStatsTap:
@@ -147,7 +174,7 @@ class HiddenStatsTap:
         self.slot_of: dict[str, int] = {}
         self.n = np.zeros(0, dtype=np.int64)  # [S] rows per slot (every tapped layer sees the same rows)
         self.sq = None  # [L, S] float64: Σ_t d²(x_t)/p per layer (0 where a layer has no token Gaussian)
-        self.total = None  # [L, S, p] float64: Σx per layer
+        self.total = None  # [L, S, p] float64: Σ(x − center) per layer
         self.head = None  # [S, LLMCHECK_ROWS, p] float32: each request's first rows at LLM-Check's layer
         # One RowSqdist for the layers with a token Gaussian, built here (on the CPU, at load)
         # and moved to the rows' device with the first rows; _gi: their places in self.layers
@@ -160,6 +187,15 @@ class HiddenStatsTap:
         self._g = RowSqdist([cal.token[self.layers[i]] for i in have], "cpu") if have else None
         self._have = have
         self._gi = None
+        # A row's sum goes in as x − center, with the layer's centre the token Gaussian's
+        # mean rounded to float32 (else the pooled one's; else 0): each step's rows are
+        # summed per request in float32 (a float64 scatter of every row cost as much as
+        # the distances), and centred, their float32 sum keeps ~7 digits of what the
+        # pooled distance and the probe read, Σx/n − m, also where a dimension's mean is
+        # large against its spread. center_np [L, p] float64 (the same numbers), _center
+        # [L, p] float32 on the rows' device; both set with the first rows.
+        self.center_np = None
+        self._center = None
         self.mid_i = self.li.get(cal.llm_layer)
         self.untracked = 0
         self.refused: set[str] = set()  # ids refused at the limit: never started later with rows missing
@@ -171,11 +207,17 @@ class HiddenStatsTap:
             self.total = torch.zeros((L, 0, p), dtype=torch.float64, device=like.device)
             self.head = torch.zeros((0, LLMCHECK_ROWS if self.mid_i is not None else 0, p), dtype=torch.float32,
                                     device=like.device)
-            for i in self._have:
-                g = self.cal.token[self.layers[i]]
-                if g.p != p:
-                    raise ValueError(f"EIGENWATCH_CALIBRATION: layer {self.layers[i]}'s token Gaussian is {g.p} "
-                                     f"wide, the model's rows are {p}: recalibrate on this model")
+            center = np.zeros((L, p), dtype=np.float32)
+            for i, l in enumerate(self.layers):
+                for kind, g in (("token", self.cal.token.get(l)), ("pooled", self.cal.pooled.get(l))):
+                    if g is not None and g.p != p:
+                        raise ValueError(f"EIGENWATCH_CALIBRATION: layer {l}'s {kind} Gaussian is {g.p} "
+                                         f"wide, the model's rows are {p}: recalibrate on this model")
+                g = self.cal.token.get(l) or self.cal.pooled.get(l)
+                if g is not None:
+                    center[i] = g.mean
+            self.center_np = center.astype(np.float64)
+            self._center = torch.from_numpy(center).to(like.device)  # [L, p]
             if self._g is not None:
                 self._g.to(like.device)
                 self._gi = None if len(self._have) == L else torch.tensor(self._have, device=like.device)
@@ -221,34 +263,53 @@ class HiddenStatsTap:
             return
         lo, hi, slot = lo[keep], hi[keep], slot[keep]
         lens = hi - lo
-        # Stream positions of the kept rows and each one's slot, built without a Python loop.
+        n_req, M = len(slot), int(lens.sum())
+        # Stream positions of the kept rows, built without a Python loop; a plain
+        # slice when they are one run (every request tracked, the usual case).
         starts = np.cumsum(lens) - lens
-        pos = np.repeat(lo - starts, lens) + np.arange(int(lens.sum()))
-        row_slot = host_index(np.repeat(slot, lens), like.device)
-        pos_t = host_index(pos, like.device)
+        pos = np.repeat(lo - starts, lens) + np.arange(M)
+        dev = like.device
+        run = M > 0 and bool((np.diff(pos) == 1).all())  # one slice of the step's rows
+        pos_t = None if run else host_index(pos, dev)
+        row_req = host_index(np.repeat(np.arange(n_req), lens), dev)  # [M]: each row's place in items
+        slot_t = host_index(slot, dev)
         self.n[slot] += lens
         # All layers at once: a few ops per step, not a few per layer (a decode step is
-        # ~5 ms on the tiny Llama, and each op costs µs). float64 for the sums.
-        # (The rows are float32 as captured; a float32 copy is exact.)
-        x32 = torch.stack([rows[l].index_select(0, pos_t) for l in self.layers]).float()  # [L, M, p]
-        self.total.index_add_(1, row_slot, x32.double())
-        if self._g is not None:
-            if self._gi is None:
-                self.sq.index_add_(1, row_slot, self._g(x32))  # [L, M]
-            else:
-                d2 = self._g(x32.index_select(0, self._gi))  # [G, M]
-                for j, i in enumerate(self._gi.tolist()):
-                    self.sq[i].index_add_(0, row_slot, d2[j])
+        # ~5 ms on the tiny Llama, and each op costs µs). xc = x − center, written once
+        # ([L, M, p] float32; a float32 copy of the rows is exact); each request's rows of
+        # this step summed in float32 ([L, R, p]), then added into its float64 sums.
+        L, p = len(self.layers), like.shape[-1]
+        xc = torch.empty((L, M, p), dtype=torch.float32, device=dev)
+        for i, l in enumerate(self.layers):
+            src = rows[l][int(pos[0]):int(pos[0]) + M] if run else rows[l].index_select(0, pos_t)
+            torch.sub(src, self._center[i], out=xc[i])
+        if M == n_req:  # one row each (decode): the rows are their sums
+            self.total.index_add_(1, slot_t, xc.double())
+        else:
+            step = xc.new_zeros((L, n_req, p))
+            step.index_add_(1, row_req, xc)
+            self.total.index_add_(1, slot_t, step.double())
         if self.mid_i is not None:
             # Each row's place among its request's rows: those before LLMCHECK_ROWS go to
             # the request's head, all of this step's in one copy (float32, as captured).
-            at = np.repeat(self.n[slot] - lens, lens) + (np.arange(len(pos)) - np.repeat(starts, lens))
+            at = np.repeat(self.n[slot] - lens, lens) + (np.arange(M) - np.repeat(starts, lens))
             keep = at < LLMCHECK_ROWS
             if keep.any():
-                dev = like.device
-                pick = host_index(np.flatnonzero(keep), dev)
-                src = x32[self.mid_i].index_select(0, pick)
-                self.head.index_put_((row_slot.index_select(0, pick), host_index(at[keep], dev)), src)
+                pick = np.flatnonzero(keep)
+                src = rows[self.layers[self.mid_i]].index_select(0, host_index(pos[pick], dev))
+                pick = host_index(pick, dev)
+                self.head.index_put_((slot_t.index_select(0, row_req.index_select(0, pick)),
+                                      host_index(at[keep], dev)), src.float())
+        if self._g is not None:
+            # The token Gaussians' means rounded to float32 are the centres of their layers,
+            # so the distances start from xc (overwritten: the sums are taken).
+            row_slot = slot_t.index_select(0, row_req)
+            if self._gi is None:
+                self.sq.index_add_(1, row_slot, self._g(xc, centred=True))  # [L, M]
+            else:
+                d2 = self._g(xc.index_select(0, self._gi), centred=True)  # [G, M]
+                for j, i in enumerate(self._gi.tolist()):
+                    self.sq[i].index_add_(0, row_slot, d2[j])
 
     def finish(self, engine_id: str) -> dict[int, HiddenPart] | None:
         """The request ended: its parts per layer (None if it was not tracked); its slot is freed."""
@@ -261,7 +322,7 @@ class HiddenStatsTap:
         if n > 0:
             mid = self.head[s, :min(n, LLMCHECK_ROWS)].clone() if self.mid_i is not None else None
             parts = {l: HiddenPart(self.cal, l, n, self.sq[i, s].clone(), self.total[i, s].clone(),
-                                   mid if l == self.cal.llm_layer else None)
+                                   self.center_np[i], mid if l == self.cal.llm_layer else None)
                      for i, l in enumerate(self.layers)}
         self._release(s)
         return parts
@@ -288,7 +349,7 @@ class HiddenStatsTap:
             if s is None or i is None or seed.final:
                 continue
             seed.hidden = HiddenPart(self.cal, seed.layer, int(self.n[s]), self.sq[i, s].clone(),
-                                     self.total[i, s].clone(), None)
+                                     self.total[i, s].clone(), self.center_np[i], None)
 
     def before_step(self, finished, pending: list) -> int:
         """Finished requests hand their parts to their final frame seeds in `pending`;

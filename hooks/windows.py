@@ -32,6 +32,7 @@ from eigenwatch.kernels.gram import spectra, spectra_np
 from eigenwatch.kernels.window_bank import Slots, WindowBank, host_index
 
 from .frames import Frame
+from .hidden import part_values
 
 log = logging.getLogger("eigenwatch.tap")
 
@@ -201,16 +202,24 @@ class WindowTap:
         )
 
 
-def hidden_values(seed: FrameSeed) -> tuple | None:
-    """The seed's hidden-state statistics (hooks/hidden.py), computed here, on the
-    exporter's thread; None when it has none or they cannot be computed (logged)."""
-    if seed.hidden is None:
-        return None
+def hidden_values(seeds: list[FrameSeed]) -> list[tuple | None]:
+    """The seeds' hidden-state statistics (hooks/hidden.py), computed here, on the
+    exporter's thread, all of them at once; None for a seed that has none or whose
+    statistics cannot be computed (logged: a bad number costs its own statistics,
+    never the frame or another request's)."""
+    have = [s for s in seeds if s.hidden is not None]
+    if not have:
+        return [None] * len(seeds)
     try:
-        return seed.hidden.values()
-    except Exception:  # a bad number must cost the statistics, never the frame
-        log.debug("eigenwatch: hidden-state statistics of %s failed", seed.request_id, exc_info=True)
-        return None
+        got = dict(zip(map(id, have), part_values([s.hidden for s in have])))
+    except Exception:  # find the one that failed: each alone
+        got = {}
+        for s in have:
+            try:
+                got[id(s)] = s.hidden.values()
+            except Exception:
+                log.debug("eigenwatch: hidden-state statistics of %s failed", s.request_id, exc_info=True)
+    return [got.get(id(s)) for s in seeds]
 
 
 def to_frames(seeds: list[FrameSeed], model: str) -> tuple[list[Frame], list[tuple[FrameSeed, str]]]:
@@ -238,6 +247,7 @@ def to_frames(seeds: list[FrameSeed], model: str) -> tuple[list[Frame], list[tup
         eigs, row_sq, ok = eigs.double().cpu().numpy(), row_sq.double().cpu().numpy(), ok.cpu().numpy()
     dims = np.array([s.dim for s in seeds], dtype=np.int64)
     desc, why = describe_windows(eigs, row_sq, ok, valid, dims)
+    hidden = hidden_values(seeds)
     frames = []
     for i, s in enumerate(seeds):
         if why[i] is None:
@@ -245,6 +255,6 @@ def to_frames(seeds: list[FrameSeed], model: str) -> tuple[list[Frame], list[tup
                 request_id=s.request_id, engine_request_id=s.engine_request_id, model=model, layer=s.layer,
                 step=s.step, token_count=s.token_count, skipped_tokens=s.skipped_tokens, window=s.valid,
                 dim=s.dim, eigenvalues=eigs[i, : s.valid].astype(np.float32), descriptors=desc[i], final=s.final,
-                signature=s.signature, hidden=hidden_values(s),
+                signature=s.signature, hidden=hidden[i],
             ))
     return frames, [(seeds[i], why[i]) for i in range(len(seeds)) if why[i] is not None]

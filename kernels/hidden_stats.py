@@ -206,12 +206,16 @@ class RowSqdist:
                 setattr(self, name, getattr(self, name).to(device))
         return self
 
-    def __call__(self, x):
+    def __call__(self, x, centred: bool = False):
+        """x [G, N, p] (or [N, p] for one Gaussian) -> d²/p, [G, N] (or [N]) float64.
+        centred: x is float32 and already x − m_hi (m rounded to float32: the tap sums
+        the same centred rows), and is overwritten; otherwise x is left as it is."""
         import torch
 
         if self.single:
             x = x[None]  # [1, N, p]
-        z = (x.float() - self.m_hi).sub_(self.m_lo)  # [G, N, p] float32, a new tensor
+        # [G, N, p] float32: z = x − m in two parts (see the class docstring)
+        z = x.sub_(self.m_lo) if centred else (x.float() - self.m_hi).sub_(self.m_lo)
         y = torch.bmm(z, self.B)
 
         def sq(t):  # [G, N] float64 squared norms of the last dimension
