@@ -265,15 +265,19 @@ class FrameExporter:
         return out
 
     def _gram_batch(self, chunk: list) -> monitor_pb2.FrameBatch:
-        plain = [(s, cov) for s, cov in chunk if s.signature is None and s.hidden is None]
+        # The sidecar applies a batch's Frame messages before its column blocks: a request
+        # with a signature or statistics on any of its frames here sends all of them as
+        # Frame messages, in order (frames.rich_requests).
+        rich_ids = wire.rich_requests(s for s, _ in chunk)
+        plain = [(s, cov) for s, cov in chunk if s.engine_request_id not in rich_ids]
+        rich = [(s, cov) for s, cov in chunk if s.engine_request_id in rich_ids]
         covs = {id(s): cov for s, cov in plain}
-        rich = [s for s, _ in chunk if s.signature is not None or s.hidden is not None]
-        hidden = dict(zip(map(id, rich), hidden_values(rich)))  # all of them at once
+        hidden = hidden_values([s for s, _ in rich])  # all of them at once
         frames = [monitor_pb2.Frame(
             request_id=s.request_id, engine_request_id=s.engine_request_id, model=self.model, layer=s.layer,
             step=s.step, token_count=s.token_count, skipped_tokens=s.skipped_tokens, window=s.valid, dim=s.dim,
             final=s.final, centred_gram=cov.tobytes(), signature=wire.sparse_terms(s.signature),
-            hidden=wire.hidden_stats(hidden[id(s)])) for s, cov in chunk if s.signature is not None or s.hidden is not None]
+            hidden=wire.hidden_stats(h)) for (s, cov), h in zip(rich, hidden)]
         blocks = wire.column_blocks(
             self.model, [s for s, _ in plain], [s.valid for s, _ in plain],
             lambda w, group: {"centred_grams": b"".join(covs[id(s)].tobytes() for s in group)})

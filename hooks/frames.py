@@ -38,7 +38,8 @@ class Frame:
     final: bool  # the request's last frame
     names: tuple[str, ...] = DESCRIPTOR_NAMES  # what `descriptors` holds, in order
     signature: tuple | None = None  # (ids, weights) of the request's lexical signature, final frame only
-    # (rows, token_sqdist, pooled_sqdist, llmcheck or None, calibration id): hooks/hidden.py, final frames only
+    # (rows, token_sqdist, pooled_sqdist, llmcheck or None, calibration id, probe_logit or None): hooks/hidden.py,
+    # on final frames and, as the running value, on a step's last frame per request and layer
     hidden: tuple | None = None
 
     def descriptor(self, name: str) -> float:
@@ -140,14 +141,27 @@ def column_blocks(model: str, items, windows, values) -> list[monitor_pb2.FrameC
     return out
 
 
+def rich_requests(items) -> set[str]:
+    """The engine ids of the requests with a signature or hidden-state statistics on any of
+    these frames (or seeds). All of such a request's frames in a batch go as Frame messages:
+    the sidecar applies a batch's Frame messages first, then its column blocks, so a request
+    split between the two would reach it out of order (a final frame before the windows
+    that preceded it, when the exporter merges steps; a running value before a plain window
+    of the same step)."""
+    return {it.engine_request_id for it in items if it.signature is not None or it.hidden is not None}
+
+
 def batch(frames: list[Frame], stats: monitor_pb2.TapStats | None = None) -> monitor_pb2.FrameBatch:
     """One FrameBatch message (this version's descriptor names) for a step's frames, column by
-    column (FrameColumns, one block per model and window size); a frame with a signature or
-    hidden-state statistics, or other descriptor names, goes as a Frame message."""
+    column (FrameColumns, one block per model and window size); the frames of a request with
+    a signature or hidden-state statistics on any of them (`rich_requests`), or of other
+    descriptor names, go as Frame messages, in their order."""
     plain: dict[str, list[Frame]] = {}
     rest = []
+    rich = rich_requests(f for f in frames if f.names == DESCRIPTOR_NAMES)
+    rich |= {f.engine_request_id for f in frames if f.names != DESCRIPTOR_NAMES}
     for f in frames:
-        if f.signature is None and f.hidden is None and f.names == DESCRIPTOR_NAMES:
+        if f.engine_request_id not in rich:
             plain.setdefault(f.model, []).append(f)
         else:
             rest.append(f)

@@ -342,12 +342,18 @@ class HiddenStatsTap:
 
     def attach_running(self, seeds) -> None:
         """This step's (non-final) frame seeds get the running statistics of their request:
-        the rows so far, without LLM-Check (a Cholesky per frame is not worth a running value)."""
-        for seed in seeds:
+        the rows so far, without LLM-Check (a Cholesky per frame is not worth a running value).
+        Only the step's last seed per request and layer: the sums are the step's, so its
+        earlier seeds would carry the same numbers, which the sidecar would overwrite (a
+        MiniLM text's prompt gives two or three frames per layer in one step)."""
+        seen = set()
+        for seed in reversed(seeds):
+            key = (seed.engine_request_id, seed.layer)
             s = self.slot_of.get(seed.engine_request_id)
             i = self.li.get(seed.layer)
-            if s is None or i is None or seed.final:
+            if s is None or i is None or seed.final or key in seen:
                 continue
+            seen.add(key)
             seed.hidden = HiddenPart(self.cal, seed.layer, int(self.n[s]), self.sq[i, s].clone(),
                                      self.total[i, s].clone(), self.center_np[i], None)
 

@@ -393,7 +393,9 @@ def test_running_values_cover_the_rows_so_far(tmp_path):
         tap.add_step(rows, [("g", 0, m)])
     seeds = [FrameSeed("g", "g", l, 0, 12, 0, False, torch.zeros(2, 2), 2, P, 1.0) for l in LAYERS]
     seeds.append(FrameSeed("other", "other", 1, 0, 12, 0, False, torch.zeros(2, 2), 2, P, 1.0))  # not tracked
-    tap.attach_running(seeds)
+    earlier = FrameSeed("g", "g", 3, 0, 8, 0, False, torch.zeros(2, 2), 2, P, 1.0)  # the same step, an earlier window
+    tap.attach_running([earlier] + seeds)
+    assert earlier.hidden is None  # the step's last seed of the layer carries the step's sums
     for seed, got in zip(seeds[:3], hidden_values(seeds)[:3]):
         want = _offline(np.concatenate(seen[seed.layer]), token, pooled, seed.layer, None,
                         TokenProbe.from_state(dets["token_probe"]))

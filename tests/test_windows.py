@@ -379,6 +379,30 @@ def test_frame_descriptor_lookup_by_name():
     assert fr.descriptor("window") == 8 and fr.descriptor("gamma") == pytest.approx(7 / 16)
 
 
+def test_a_request_with_a_signature_or_statistics_sends_all_its_frames_in_order():
+    """The sidecar applies a batch's Frame messages before its column blocks, so a request
+    whose final frame carries a signature (or whose last running frame carries statistics)
+    sends every frame of it in that batch as a Frame message, in order; others go as columns."""
+    from eigenwatch.hooks.frames import batch
+
+    tap, seeds = make_tap(window=4, stride=2)
+    for r in ("a", "b", "c"):
+        tap.begin(r)
+        tap.add_layer(1, rows_for(hash(r) % 7, 7, 4), [(r, 0, 7)], step=0)
+        tap.finish(r, step=1)
+    frames = frames_of(seeds, "mdl")
+    for f in frames:
+        if f.request_id == "a" and f.final:
+            f.signature = (np.array([3]), np.array([1.0]))
+        if f.request_id == "c" and f.token_count == 6:  # a running value on its last window of the step
+            f.hidden = (6, 1.0, 1.0, None, "cal", None)
+    msg = batch(frames)
+    assert [(f.engine_request_id, f.token_count) for f in msg.frames] == \
+        [(f.engine_request_id, f.token_count) for f in frames if f.engine_request_id in ("a", "c")]
+    assert [f.token_count for f in msg.frames if f.engine_request_id == "a"] == [2, 4, 6, 7]
+    assert {e for block in msg.columns for e in block.engine_request_ids} == {"b"}
+
+
 # --------------------------------------------------------------------------- constructor
 
 
