@@ -53,3 +53,19 @@ def test_demo_tiny_generation_path(tmp_path):
     table = text.split("per-request table")[1]
     assert "ordinary" in table and "gibberish" in table and "(no report)" not in table
     assert "eigenwatch_frames_ingested_total" in text
+
+
+def test_old_demo_calibrations_are_pruned(tmp_path):
+    """Each eigenwatch version or source change calibrates anew (~15 MB); only the newest
+    three stay in the cache, whatever else the folder holds."""
+    import os
+
+    from eigenwatch.monitor.cli.demo import _prune_calibrations
+
+    for i in range(5):
+        f = tmp_path / f"minilm-{i:012x}.json"
+        f.write_text("{}")
+        os.utime(f, (1000 + i, 1000 + i))
+    (tmp_path / "notes.txt").write_text("kept")
+    _prune_calibrations(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"minilm-{i:012x}.json" for i in (2, 3, 4)] + ["notes.txt"]

@@ -174,7 +174,21 @@ def _demo_calibration(far: float) -> Path:
             raise RuntimeError("eigenwatch calibrate failed (its messages are in the log file)")
         os.replace(part, out)
     say(f"  wrote {out}")
+    _prune_calibrations(out.parent)
     return out
+
+
+def _prune_calibrations(folder: Path, keep: int = 3) -> None:
+    """Keep the `keep` newest demo calibrations (~15 MB each): every new eigenwatch
+    version or source change writes its own, and the older ones are never read again."""
+    files = []
+    for f in folder.glob("minilm-*.json"):
+        try:
+            files.append((f.stat().st_mtime, f))
+        except OSError:  # removed meanwhile
+            continue
+    for _, f in sorted(files, reverse=True)[keep:]:
+        f.unlink(missing_ok=True)
 
 
 def _code_id() -> str:
