@@ -23,9 +23,9 @@ and one copy of the middle layer's rows that are among their request's first
 256 into the requests' heads. The finishing math (the pooled distances and
 probe logits of all the frames the exporter is sending, one product each; a
 Cholesky per request for LLM-Check) runs on the exporter's thread
-(`part_values`), never in the forward. The request's other frames carry the
-running values of all but LLM-Check (the rows so far: two p-wide copies per
-frame), for the sidecar's running combined value during generation.
+(`part_values`), never in the forward. A step's last frame per request and
+layer carries the running values of all but LLM-Check (the rows so far: two
+p-wide copies), for the sidecar's running combined value during generation.
 
 Memory per tracked request: L·p + L float64 sums, plus 256·p float32 at the
 middle layer (256 KB at p = 256, 4 MB at p = 4096); slots grow with the
