@@ -15,6 +15,13 @@ and 256, measured side by side in one run:
                    and their eigensolve (kernels/gram.py, Triton Jacobi), the
                    eigenvalues copied to pinned host memory asynchronously;
                    amortised over a stride
+  + statistics     + post-step, and the combined score's live hidden-state
+                   statistics (hooks/hidden.HiddenStatsTap.add_step, the tap's
+                   own code): every request's row at every tapped layer
+                   scored against a rank-256 token Gaussian (RowSqdist,
+                   p = 4096: the residual form), summed per request, and
+                   copied into its LLM-Check head while it has < 256 rows
+                   (--no-hidden leaves it out)
 
 Times are medians of CUDA-event-timed windows of `stride` steps, in ms per
 step; ratios against `graph`. One window of post-step work first runs under
@@ -22,7 +29,7 @@ torch.cuda.set_sync_debug_mode("error"), and the first host synchronisation
 it hits is printed (the goal: none). Needs torch and triton (no vLLM, no eigenwatch install: bench/_source.py
 imports the kernels from this checkout). Without CUDA it says so and exits 0.
 
-    python bench/bench_decode_gpu.py [--batches 8 64 256] [--context 512] [--layers 32]
+    python bench/bench_decode_gpu.py [--batches 8 64 256] [--context 512] [--layers 32] [--no-hidden]
 """
 
 from __future__ import annotations
@@ -105,6 +112,33 @@ def _per_step_ms(run_window, windows: int, stride: int) -> float:
     return statistics.median(times[2:])
 
 
+def hidden_step(taps: tuple[int, ...], rows: dict, batch: int, seed: int = 0):
+    """HiddenStatsTap.add_step for `batch` requests decoding one row each at `taps`
+    (rows {layer: [B, d]}, the aux buffers the graph writes), against synthetic rank-256
+    token and pooled Gaussians, LLM-Check at the middle tap and a probe: a callable per step."""
+    import numpy as np
+
+    _source.ensure_hooks()
+    from eigenwatch.hooks.hidden import HiddenCalibration, HiddenStatsTap
+    from eigenwatch.kernels.hidden_stats import LinearProbe, LowRankGaussian
+
+    rng = np.random.default_rng(seed)
+    d = next(iter(rows.values())).shape[-1]
+    r = min(256, d)
+
+    def gaussian():
+        U = np.linalg.qr(rng.standard_normal((d, r)))[0]
+        return LowRankGaussian.from_state({"mean": rng.standard_normal(d).tolist(), "a": 0.05, "b": 0.95,
+                                           "shrinkage": 0.05, "lam": np.geomspace(50, 0.05, r).tolist(),
+                                           "U": U.tolist(), "p": d})
+
+    cal = HiddenCalibration("bench", taps, {l: gaussian() for l in taps}, {l: gaussian() for l in taps},
+                            taps[len(taps) // 2], "bench", LinearProbe(taps[0], rng.standard_normal(d), 0.0))
+    tap = HiddenStatsTap(cal, max_requests=batch)
+    items = [(f"r{i}", i, i + 1) for i in range(batch)]
+    return lambda: tap.add_step(rows, items)
+
+
 def bench_batch(batch: int, args) -> list[str]:
     from eigenwatch.kernels import backend
     from eigenwatch.kernels.gram import spectra
@@ -120,6 +154,7 @@ def bench_batch(batch: int, args) -> list[str]:
     host = torch.empty(len(taps) * batch, args.window, dtype=torch.float32, pin_memory=True)
     for _ in range(args.window):  # fill the windows once: steady state
         bank.append(slots, model.aux.float())
+    stats = hidden_step(taps, {l: model.aux[i] for i, l in enumerate(taps)}, batch) if args.hidden else None
 
     def post_step(step: int):
         bank.append(slots, model.aux)  # [L, B, d] bf16 rows, fp32 in the ring
@@ -128,19 +163,21 @@ def bench_batch(batch: int, args) -> list[str]:
             eigs, _, _ = spectra(grams.view(-1, args.window, args.window), args.window, 1.0 / HIDDEN)
             host.copy_(eigs.float(), non_blocking=True)
 
-    def window(graph, tap: bool):
+    def window(graph, tap: bool, hidden: bool = False):
         for s in range(1, args.stride + 1):
             graph.replay()
             if tap:
                 post_step(s)
+            if hidden:
+                stats()
 
-    for _ in range(2):  # warm-up (Triton compiles here)
-        window(with_aux, True)
+    for _ in range(2):  # warm-up (Triton compiles here; the statistics' slots and bases are set up)
+        window(with_aux, True, stats is not None)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")  # a host sync in the per-step path raises
     sync = "none"
     try:
-        window(with_aux, True)
+        window(with_aux, True, stats is not None)
     except RuntimeError as exc:  # reported, then timed anyway
         sync = str(exc).splitlines()[0][:160]
     finally:
@@ -149,9 +186,13 @@ def bench_batch(batch: int, args) -> list[str]:
     base = _per_step_ms(lambda: window(plain, False), args.windows, args.stride)
     aux = _per_step_ms(lambda: window(with_aux, False), args.windows, args.stride)
     full = _per_step_ms(lambda: window(with_aux, True), args.windows, args.stride)
+    hidden = ""
+    if stats is not None:
+        with_stats = _per_step_ms(lambda: window(with_aux, True, True), args.windows, args.stride)
+        hidden = f" | + statistics {with_stats:7.3f} ms ({with_stats / base:.4f})"
     triton = backend.use_triton(dev)
     return [f"  batch {batch:4d}: graph {base:7.3f} ms | graph + aux {aux:7.3f} ms ({aux / base:.4f}) | "
-            f"+ post-step {full:7.3f} ms ({full / base:.4f})  [triton kernels: {triton}; host sync in the "
+            f"+ post-step {full:7.3f} ms ({full / base:.4f}){hidden}  [triton kernels: {triton}; host sync in the "
             f"post-step path: {sync}]"]
 
 
@@ -163,6 +204,8 @@ def main() -> int:
     p.add_argument("--window", type=int, default=32)
     p.add_argument("--stride", type=int, default=16)
     p.add_argument("--windows", type=int, default=20, help="timed windows of `stride` steps (default %(default)s)")
+    p.add_argument("--no-hidden", dest="hidden", action="store_false",
+                   help="leave out the live hidden-state statistics' column")
     args = p.parse_args()
     if not torch.cuda.is_available():
         print("bench_decode_gpu: no CUDA device here, nothing measured (run it unchanged on a CUDA host)")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks, as one device run (H100/H200): the window-spectra kernels,
 # compiled on CUDA against float64 references, their GPU table, the tap's cost
-# per CUDA-graph decode step (bench_decode_gpu.py), the Sparton GPU cases and
+# per CUDA-graph decode step with and without the live statistics (bench_decode_gpu.py), the Sparton GPU cases and
 # the live hidden-state statistics' RowSqdist (bench_hidden.py).
 #
 # The device machine has torch, triton and numpy but no pytest; carry its
